@@ -1,0 +1,73 @@
+"""``python -m client``: classify images and list models from the command line."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Callable
+from pathlib import Path
+
+import grpc
+from classifier.v1 import classifier_pb2 as pb
+
+from client.api import DEFAULT_TARGET, ClassifierClient
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog="python -m client", description="Talk to a classifyd daemon.")
+    parser.add_argument("--target", default=DEFAULT_TARGET, help=f"host:port (default: {DEFAULT_TARGET})")
+    parser.add_argument("--timeout", type=float, default=30.0, help="per-call deadline in seconds")
+    commands = parser.add_subparsers(dest="command", required=True)
+    classify = commands.add_parser("classify", help="classify image files")
+    classify.add_argument("images", nargs="+", type=Path)
+    classify.add_argument("--model", default="", help="model name (default: the daemon's default model)")
+    classify.add_argument("--top-k", type=int, default=0, help="predictions per image (default: the model's)")
+    classify.add_argument("--version", type=int, default=0, help="pin a version (default: newest ready)")
+    classify.add_argument("--target", default=argparse.SUPPRESS, help="host:port")
+    models = commands.add_parser("models", help="list models and their versions")
+    models.add_argument("--target", default=argparse.SUPPRESS, help="host:port")
+    return parser.parse_args(argv)
+
+
+def classify(client: ClassifierClient, args: argparse.Namespace) -> None:
+    for path in args.images:
+        response = client.classify(path, model=args.model, top_k=args.top_k, version=args.version,
+                                   timeout=args.timeout)
+        print(f"{path}: {response.model} v{response.version} (batch {response.batch_size})")
+        for p in response.predictions:
+            print(f"  {p.score:7.4f}  {p.index:>5}  {p.label}")
+
+
+def list_models(client: ClassifierClient, args: argparse.Namespace) -> None:
+    for info in client.list_models(timeout=args.timeout):
+        mark = " (default)" if info.is_default else ""
+        print(f"{info.name}{mark}: {info.architecture}, {info.num_labels} labels, input "
+              f"{info.input.height}x{info.input.width}x{info.input.channels} {info.input.color}, "
+              f"device {info.device}, max batch {info.max_batch_size}")
+        for v in info.versions:
+            error = f": {v.error}" if v.error else ""
+            print(f"  version {v.version}: {pb.VersionInfo.State.Name(v.state)}{error}")
+
+
+COMMANDS: dict[str, Callable[[ClassifierClient, argparse.Namespace], None]] = {
+    "classify": classify,
+    "models": list_models,
+}
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    try:
+        with ClassifierClient(args.target) as client:
+            COMMANDS[args.command](client, args)
+    except grpc.RpcError as exc:
+        print(f"error: {exc.code().name}: {exc.details()}", file=sys.stderr)
+        return 1
+    except OSError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

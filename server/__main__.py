@@ -1,0 +1,65 @@
+"""``python -m server``: run the classifyd daemon."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import signal
+import sys
+from pathlib import Path
+
+from server.app import Daemon, ServerConfig
+
+log = logging.getLogger("classifyd")
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog="python -m server", description="Serve image classifiers over gRPC.")
+    parser.add_argument("--models-dir", type=Path, default=Path("models"), help="model repository (default: models)")
+    parser.add_argument("--host", default="127.0.0.1", help="address to listen on (default: 127.0.0.1)")
+    parser.add_argument("--port", type=int, default=50051, help="port (0 = any free port; default: 50051)")
+    parser.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N (default: auto)")
+    parser.add_argument("--max-batch-size", type=int, default=32,
+                        help="batch cap for models whose manifest sets none (default: 32)")
+    parser.add_argument("--max-delay-ms", type=float, default=0.0,
+                        help="how long a partial batch may wait, for models whose manifest sets none (default: 0)")
+    parser.add_argument("--grace-seconds", type=float, default=10.0,
+                        help="on SIGTERM/SIGINT, time in-flight requests get to finish (default: 10)")
+    parser.add_argument("--log-level", default="INFO")
+    args = parser.parse_args(argv)
+    if args.max_batch_size < 1:
+        parser.error("--max-batch-size must be at least 1")
+    if args.max_delay_ms < 0:
+        parser.error("--max-delay-ms must be >= 0")
+    return args
+
+
+async def serve(args: argparse.Namespace) -> None:
+    """Run until SIGTERM or SIGINT, then stop gracefully."""
+    config = ServerConfig(models_dir=args.models_dir, host=args.host, port=args.port, device=args.device,
+                          max_batch_size=args.max_batch_size, max_delay_ms=args.max_delay_ms)
+    daemon = Daemon(config)
+    await daemon.start()
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    await stop.wait()
+    log.info("stopping: finishing in-flight requests (grace %.1f s)", args.grace_seconds)
+    await daemon.stop(args.grace_seconds)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    try:
+        asyncio.run(serve(args))
+    except (FileNotFoundError, OSError, ValueError) as exc:
+        log.error("%s", exc)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,387 @@
+"""A generic asyncio dynamic batcher.
+
+Callers ``await batcher.submit(item)`` one item at a time; a single worker
+task groups the waiting items into batches and hands each batch to an async
+handler, then resolves every caller's future with its own entry of the result.
+
+Modelled on Ray Serve's ``python/ray/serve/batching.py`` (one future per
+request, the batching delay counted from the first item of a batch, cancelled
+requests skipped, a handler error fanned out to every caller of its batch), but
+as a plain object with explicit ``start()`` / ``aclose()``: no global state, no
+``__del__``, and an injectable :class:`Clock` so tests control time.
+
+Stdlib only on purpose: the gRPC layer and the torch model live elsewhere.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from collections import deque
+from collections.abc import Awaitable, Callable, Sequence
+from dataclasses import dataclass
+from typing import Generic, Protocol, TypeVar
+
+__all__ = [
+    "Batched",
+    "Batcher",
+    "BatcherClosed",
+    "BatcherError",
+    "Clock",
+    "DeadlineExpired",
+    "Handler",
+    "QueueFull",
+    "SystemClock",
+]
+
+T = TypeVar("T")
+R = TypeVar("R")
+
+logger = logging.getLogger(__name__)
+
+
+class Clock(Protocol):
+    """Time source of a :class:`Batcher` (injectable so tests need no real sleeps)."""
+
+    def now(self) -> float:
+        """Return monotonic seconds; never blocks."""
+        ...
+
+    async def sleep(self, seconds: float) -> None:
+        """Block the calling task for ``seconds`` of this clock's time."""
+        ...
+
+
+class SystemClock:
+    """The real clock: :func:`time.monotonic` and :func:`asyncio.sleep`."""
+
+    def now(self) -> float:
+        """Return ``time.monotonic()``."""
+        return time.monotonic()
+
+    async def sleep(self, seconds: float) -> None:
+        """Block the calling task for ``seconds`` of wall time."""
+        await asyncio.sleep(seconds)
+
+
+class BatcherError(Exception):
+    """Base class of the errors a :class:`Batcher` raises itself."""
+
+
+class QueueFull(BatcherError):
+    """``submit`` found ``max_queue`` items already waiting."""
+
+
+class DeadlineExpired(BatcherError):
+    """The item's deadline passed before its batch was formed; it was never computed."""
+
+
+class BatcherClosed(BatcherError):
+    """The batcher is closing: no new items, and undrained items are dropped."""
+
+
+@dataclass(frozen=True)
+class Batched(Generic[R]):
+    """One item's result, with the batching metadata callers report as metrics."""
+
+    value: R
+    batch_size: int
+    """Number of items in the batch that computed this value."""
+    queue_s: float
+    """Clock time from ``submit`` to the dispatch of its batch."""
+    compute_s: float
+    """Clock time the handler call took."""
+
+
+Handler = Callable[[list[T]], Awaitable[Sequence[R | BaseException]]]
+"""Computes a batch: one result per item, in order; an exception instance fails that item alone."""
+
+
+@dataclass(eq=False)
+class _Entry(Generic[T, R]):
+    value: T
+    future: asyncio.Future[Batched[R]]
+    submitted: float
+    deadline: float | None
+
+
+def _check_batch_size(value: int) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ValueError(f"max_batch_size must be an int >= 1, got {value!r}")
+    return value
+
+
+def _check_delay(value: float) -> float:
+    # `not value >= 0` also rejects NaN, which would make every window endless.
+    if isinstance(value, bool) or not isinstance(value, int | float) or not value >= 0:
+        raise ValueError(f"max_delay_s must be a number >= 0, got {value!r}")
+    return float(value)
+
+
+def _settable(exc: BaseException) -> BaseException:
+    """Wrap what a Future cannot carry faithfully, so the caller still sees a failure."""
+    # A Future refuses StopIteration, and a CancelledError would look like the
+    # caller's own cancellation.
+    if isinstance(exc, StopIteration | asyncio.CancelledError):
+        wrapped = RuntimeError(f"handler returned {type(exc).__name__} as a result")
+        wrapped.__cause__ = exc
+        return wrapped
+    return exc
+
+
+class Batcher(Generic[T, R]):
+    """Groups concurrently submitted items into batches for one async handler.
+
+    A single worker task (created by :meth:`start`) waits for the first item,
+    takes every item already waiting up to ``max_batch_size`` and, when
+    ``max_delay_s > 0`` and the batch is not full, keeps collecting until the
+    first item's submit time plus ``max_delay_s``. Batches are computed one at a
+    time, so items arriving during a computation make up the next batch.
+    """
+
+    def __init__(
+        self,
+        handler: Handler[T, R],
+        *,
+        max_batch_size: int,
+        max_delay_s: float = 0.0,
+        max_queue: int | None = None,
+        clock: Clock | None = None,
+        name: str = "batcher",
+    ) -> None:
+        """Configure the batcher; nothing runs until :meth:`start`.
+
+        Raises ValueError for ``max_batch_size < 1``, ``max_delay_s < 0`` or
+        ``max_queue < 1``.
+        """
+        if max_queue is not None and (isinstance(max_queue, bool) or not isinstance(max_queue, int) or max_queue < 1):
+            raise ValueError(f"max_queue must be None or an int >= 1, got {max_queue!r}")
+        self._handler = handler
+        self._max_batch_size = _check_batch_size(max_batch_size)
+        self._max_delay_s = _check_delay(max_delay_s)
+        self._max_queue = max_queue
+        self._clock: Clock = clock if clock is not None else SystemClock()
+        self._name = name
+        self._queue: deque[_Entry[T, R]] = deque()
+        # Set on every change the worker may be waiting for: an arrival, a
+        # configure() or aclose().
+        self._wakeup = asyncio.Event()
+        self._worker: asyncio.Task[None] | None = None
+        self._closing = False
+
+    @property
+    def name(self) -> str:
+        """The name used in error messages and logs."""
+        return self._name
+
+    @property
+    def queue_depth(self) -> int:
+        """Items waiting for a batch (the batch being computed is not counted)."""
+        return len(self._queue)
+
+    @property
+    def max_batch_size(self) -> int:
+        """Largest number of items passed to one handler call."""
+        return self._max_batch_size
+
+    @property
+    def max_delay_s(self) -> float:
+        """How long a batch that is not full may wait, from its first item's submit."""
+        return self._max_delay_s
+
+    @property
+    def closed(self) -> bool:
+        """True once :meth:`aclose` has started."""
+        return self._closing
+
+    def start(self) -> None:
+        """Start the worker task on the running loop; returns at once.
+
+        Idempotent while running. Raises RuntimeError outside a running loop
+        and BatcherClosed after :meth:`aclose` started.
+        """
+        if self._closing:
+            raise BatcherClosed(f"{self._name}: cannot start a closed batcher")
+        if self._worker is None:
+            self._worker = asyncio.get_running_loop().create_task(self._run(), name=f"{self._name}-worker")
+
+    def configure(self, *, max_batch_size: int | None = None, max_delay_s: float | None = None) -> None:
+        """Change the batching limits; they apply from the next batch formed.
+
+        Never blocks; raises ValueError for invalid values (then nothing changes).
+        """
+        size = self._max_batch_size if max_batch_size is None else _check_batch_size(max_batch_size)
+        delay = self._max_delay_s if max_delay_s is None else _check_delay(max_delay_s)
+        self._max_batch_size, self._max_delay_s = size, delay
+        # A batch that is still collecting may now be full.
+        self._wakeup.set()
+
+    async def submit(self, item: T, *, deadline: float | None = None) -> Batched[R]:
+        """Queue ``item`` and block until its batch has been computed.
+
+        ``deadline`` is absolute, in the clock's time: if it has passed when the
+        batch is formed the item is dropped with DeadlineExpired. Raises
+        QueueFull (at once) when ``max_queue`` items are already waiting,
+        BatcherClosed after :meth:`aclose` started, or whatever exception the
+        handler raised for this item's batch or returned for this item.
+        Cancelling the caller withdraws the item, or discards its result if it
+        is already being computed. Items submitted before :meth:`start` wait
+        for it.
+        """
+        if self._closing:
+            raise BatcherClosed(f"{self._name}: batcher is closed")
+        if self._max_queue is not None and len(self._queue) >= self._max_queue:
+            raise QueueFull(f"{self._name}: queue is full ({len(self._queue)} waiting, max_queue={self._max_queue})")
+        future: asyncio.Future[Batched[R]] = asyncio.get_running_loop().create_future()
+        entry = _Entry(item, future, self._clock.now(), deadline)
+        self._queue.append(entry)
+        self._wakeup.set()
+        try:
+            return await future
+        except asyncio.CancelledError:
+            # Free the slot now so queue_depth and max_queue stay truthful.
+            self._discard(entry)
+            raise
+
+    async def aclose(self, *, drain: bool = True) -> None:
+        """Stop the batcher; blocks until the worker has finished. Idempotent.
+
+        New submits raise BatcherClosed from the moment this is called. With
+        ``drain=True`` the waiting items are still computed; with
+        ``drain=False`` they fail with BatcherClosed and only the batch already
+        being computed completes. Cancelling the caller of aclose does not
+        cancel the worker.
+        """
+        self._closing = True
+        if not drain or self._worker is None:
+            # Without a worker nothing would ever resolve them.
+            self._fail_queued(BatcherClosed(f"{self._name}: batcher closed before the item was computed"))
+        self._wakeup.set()
+        if self._worker is not None:
+            await asyncio.shield(self._worker)
+
+    def _discard(self, entry: _Entry[T, R]) -> None:
+        # ValueError: it was already taken into a batch.
+        with contextlib.suppress(ValueError):
+            self._queue.remove(entry)
+
+    def _fail_queued(self, exc: BaseException) -> None:
+        while self._queue:
+            future = self._queue.popleft().future
+            if not future.done():
+                future.set_exception(exc)
+
+    async def _run(self) -> None:
+        while await self._wait_for_batch():
+            now = self._clock.now()
+            batch = self._take(now)
+            try:
+                await self._dispatch(batch, now)
+            except Exception as exc:
+                # Only a batcher bug gets here; its callers must not hang on it.
+                logger.exception("%s: delivering a batch failed", self._name)
+                self._fail_all(batch, exc)
+
+    async def _wait_for_batch(self) -> bool:
+        """Block until a batch may be taken; False once closing with nothing left."""
+        while not self._queue:
+            if self._closing:
+                return False
+            self._wakeup.clear()
+            await self._wakeup.wait()
+        if self._max_delay_s > 0 and not self._closing:
+            try:
+                await self._collect_until(self._queue[0].submitted + self._max_delay_s)
+            except Exception:
+                # A faulty clock must not strand the waiting callers: dispatch now.
+                logger.exception("%s: waiting for the batch delay failed", self._name)
+        return True
+
+    def _batch_ready(self) -> bool:
+        return self._closing or len(self._queue) >= self._max_batch_size or not self._queue
+
+    async def _collect_until(self, until: float) -> None:
+        remaining = until - self._clock.now()
+        if remaining <= 0 or self._batch_ready():
+            return
+        # One timer for the whole window; arrivals only re-check fullness.
+        timer = asyncio.ensure_future(self._clock.sleep(remaining))
+        try:
+            while not timer.done() and not self._batch_ready():
+                self._wakeup.clear()
+                arrival = asyncio.ensure_future(self._wakeup.wait())
+                try:
+                    await asyncio.wait({timer, arrival}, return_when=asyncio.FIRST_COMPLETED)
+                finally:
+                    arrival.cancel()
+        finally:
+            if not timer.done():
+                timer.cancel()
+        if timer.done() and not timer.cancelled() and (error := timer.exception()) is not None:
+            raise error
+
+    def _take(self, now: float) -> list[_Entry[T, R]]:
+        """Pop up to max_batch_size live items; expired ones fail without taking a slot."""
+        batch: list[_Entry[T, R]] = []
+        while self._queue and len(batch) < self._max_batch_size:
+            entry = self._queue.popleft()
+            if entry.future.done():
+                continue  # its caller went away
+            if entry.deadline is not None and entry.deadline <= now:
+                entry.future.set_exception(DeadlineExpired(f"{self._name}: deadline passed while queued"))
+                continue
+            batch.append(entry)
+        return batch
+
+    async def _dispatch(self, batch: list[_Entry[T, R]], dispatched: float) -> None:
+        """Compute one batch and resolve its futures; raises only if the worker is cancelled."""
+        if not batch:
+            return
+        try:
+            results = await self._handler([entry.value for entry in batch])
+        except asyncio.CancelledError as exc:
+            task = asyncio.current_task()
+            if task is not None and task.cancelling():
+                for entry in batch:
+                    entry.future.cancel()
+                raise
+            # The handler's own cancellation (e.g. of an inner task) is just a
+            # failure; re-raising it would kill the worker.
+            self._fail_all(batch, RuntimeError(f"{self._name}: handler was cancelled"), cause=exc)
+            return
+        except Exception as exc:
+            # Not an error of the batcher: every caller gets it and reports it.
+            logger.debug("%s: handler failed a batch of %d", self._name, len(batch), exc_info=True)
+            self._fail_all(batch, exc)
+            return
+        self._deliver(batch, results, dispatched, self._clock.now() - dispatched)
+
+    def _deliver(
+        self, batch: list[_Entry[T, R]], results: Sequence[R | BaseException], dispatched: float, compute_s: float
+    ) -> None:
+        try:
+            count = len(results)
+        except TypeError:
+            count = -1
+        if count != len(batch):
+            got = f"{count} results" if count >= 0 else f"a {type(results).__name__} without len()"
+            self._fail_all(batch, RuntimeError(f"{self._name}: handler returned {got} for a batch of {len(batch)}"))
+            return
+        for entry, result in zip(batch, results, strict=True):
+            if entry.future.done():
+                continue  # caller cancelled during compute: drop the result silently
+            if isinstance(result, BaseException):
+                entry.future.set_exception(_settable(result))
+            else:
+                meta = Batched(result, len(batch), dispatched - entry.submitted, compute_s)
+                entry.future.set_result(meta)
+
+    @staticmethod
+    def _fail_all(batch: list[_Entry[T, R]], exc: BaseException, cause: BaseException | None = None) -> None:
+        if cause is not None:
+            exc.__cause__ = cause
+        for entry in batch:
+            if not entry.future.done():
+                entry.future.set_exception(exc)

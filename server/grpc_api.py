@@ -1,0 +1,215 @@
+"""The gRPC edge: protobuf in, domain calls, protobuf out.
+
+Servicer methods only translate; :class:`ErrorInterceptor` maps domain errors
+to precise status codes in one place.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable
+from typing import Any
+
+import grpc
+from classifier.v1 import classifier_pb2 as pb
+from classifier.v1 import classifier_pb2_grpc as pb_grpc
+from grpc_health.v1 import health, health_pb2
+
+from server import errors
+from server.manager import ModelManager, ModelRecord
+from server.preprocess import RawTensor
+from server.service import ClassifierService, ClassifyCall, ClassifyResult
+
+log = logging.getLogger("classifyd.grpc")
+
+STATUS_FOR_ERROR: dict[type[errors.ClassifydError], grpc.StatusCode] = {
+    errors.InvalidInput: grpc.StatusCode.INVALID_ARGUMENT,
+    errors.ModelNotFound: grpc.StatusCode.NOT_FOUND,
+    errors.ModelUnavailable: grpc.StatusCode.UNAVAILABLE,
+    errors.Overloaded: grpc.StatusCode.RESOURCE_EXHAUSTED,
+    errors.DeadlineExpired: grpc.StatusCode.DEADLINE_EXCEEDED,
+    errors.InferenceFailed: grpc.StatusCode.INTERNAL,
+}
+_DTYPE_NAMES = {pb.Tensor.UINT8: "uint8", pb.Tensor.FLOAT32: "float32"}
+
+
+def status_for(exc: BaseException) -> tuple[grpc.StatusCode, str]:
+    """The status code and message a failed request gets."""
+    for kind, code in STATUS_FOR_ERROR.items():
+        if isinstance(exc, kind):
+            return code, str(exc)
+    return grpc.StatusCode.INTERNAL, f"internal error: {type(exc).__name__}: {exc}"
+
+
+class ErrorInterceptor(grpc.aio.ServerInterceptor):
+    """Turns exceptions escaping unary handlers into status codes; unexpected ones are logged as INTERNAL."""
+
+    async def intercept_service(self, continuation: Callable[[Any], Awaitable[Any]],
+                                handler_call_details: grpc.HandlerCallDetails) -> Any:
+        handler = await continuation(handler_call_details)
+        if handler is None or handler.unary_unary is None:
+            return handler
+        inner = handler.unary_unary
+
+        async def unary(request: Any, context: grpc.aio.ServicerContext) -> Any:
+            try:
+                return await inner(request, context)
+            except errors.ClassifydError as exc:
+                code, message = status_for(exc)
+            except Exception as exc:
+                log.exception("unexpected error in %s", handler_call_details.method)
+                code, message = status_for(exc)
+            return await context.abort(code, message)
+
+        return grpc.unary_unary_rpc_method_handler(
+            unary, request_deserializer=handler.request_deserializer, response_serializer=handler.response_serializer
+        )
+
+
+def call_from_request(request: pb.ClassifyRequest, deadline: float | None) -> ClassifyCall:
+    """Translate a ClassifyRequest. Raises InvalidInput when no input is set."""
+    which = request.WhichOneof("input")
+    if which == "image":
+        payload: bytes | RawTensor = request.image
+    elif which == "tensor":
+        tensor = request.tensor
+        dtype = _DTYPE_NAMES.get(tensor.dtype, pb.Tensor.DType.Name(tensor.dtype) if tensor.dtype in
+                                 pb.Tensor.DType.values() else str(tensor.dtype))
+        payload = RawTensor(dtype, tuple(tensor.shape), tensor.data)
+    else:
+        raise errors.InvalidInput("empty input: set either 'image' (encoded bytes) or 'tensor'")
+    return ClassifyCall(request.model, payload, request.version, request.top_k, deadline)
+
+
+def response_from_result(result: ClassifyResult, request_id: str) -> pb.ClassifyResponse:
+    """Translate a ClassifyResult."""
+    return pb.ClassifyResponse(
+        predictions=[pb.Prediction(index=p.index, label=p.label, score=p.score) for p in result.predictions],
+        model=result.model,
+        version=result.version,
+        request_id=request_id,
+        batch_size=result.batch_size,
+        queue_us=round(result.queue_s * 1e6),
+        compute_us=round(result.compute_s * 1e6),
+        preprocess_us=round(result.preprocess_s * 1e6),
+    )
+
+
+def model_info(record: ModelRecord, device: str) -> pb.ModelInfo:
+    """Describe a model from the manager's record."""
+    manifest = record.latest_manifest()
+    serving = record.serving()
+    info = pb.ModelInfo(
+        name=record.name,
+        versions=[
+            pb.VersionInfo(version=v.version, state=v.state.value, error=v.error)
+            for v in sorted(record.versions.values(), key=lambda v: -v.version)
+        ],
+        device=device,
+    )
+    if manifest:
+        spec = manifest.input
+        info.num_labels = manifest.num_classes
+        info.input.CopyFrom(pb.InputSpec(height=spec.height, width=spec.width, channels=spec.channels,
+                                         color=spec.color))
+        info.is_default = manifest.is_default
+        info.architecture = manifest.architecture
+        info.default_top_k = manifest.top_k
+    if serving and serving.loaded:
+        info.max_batch_size = serving.loaded.max_batch_size
+        info.max_delay_ms = serving.loaded.max_delay_ms
+    return info
+
+
+def _deadline(context: grpc.aio.ServicerContext) -> float | None:
+    remaining = context.time_remaining()
+    return None if remaining is None else time.monotonic() + remaining
+
+
+class ClassifierServicer(pb_grpc.ClassifierServicer):
+    """classifier.v1.Classifier, translating to :class:`ClassifierService` calls."""
+
+    def __init__(self, service: ClassifierService, manager: ModelManager) -> None:
+        self._service = service
+        self._manager = manager
+
+    async def Classify(self, request: pb.ClassifyRequest, context: grpc.aio.ServicerContext) -> pb.ClassifyResponse:
+        result = await self._service.classify(call_from_request(request, _deadline(context)))
+        return response_from_result(result, request.request_id)
+
+    async def ClassifyStream(self, request_iterator: AsyncIterator[pb.ClassifyRequest],
+                             context: grpc.aio.ServicerContext) -> AsyncIterator[pb.ClassifyResponse]:
+        """Requests are computed concurrently; responses go out as they complete (order not kept)."""
+        done: asyncio.Queue[pb.ClassifyResponse | None] = asyncio.Queue()
+        pending: set[asyncio.Task[None]] = set()
+
+        async def answer(request: pb.ClassifyRequest) -> None:
+            await done.put(await self._stream_answer(request, _deadline(context)))
+
+        async def read_all() -> None:
+            async for request in request_iterator:
+                task = asyncio.create_task(answer(request))
+                pending.add(task)
+                task.add_done_callback(pending.discard)
+            await asyncio.gather(*list(pending))
+            await done.put(None)
+
+        reader = asyncio.create_task(read_all())
+        try:
+            while (response := await done.get()) is not None:
+                yield response
+            await reader
+        finally:
+            reader.cancel()
+            for task in list(pending):
+                task.cancel()
+
+    async def _stream_answer(self, request: pb.ClassifyRequest, deadline: float | None) -> pb.ClassifyResponse:
+        try:
+            result = await self._service.classify(call_from_request(request, deadline))
+        except Exception as exc:
+            if not isinstance(exc, errors.ClassifydError):
+                log.exception("unexpected error in ClassifyStream")
+            code, message = status_for(exc)
+            return pb.ClassifyResponse(request_id=request.request_id, error=pb.Error(code=code.value[0],
+                                                                                      message=message))
+        return response_from_result(result, request.request_id)
+
+    async def ListModels(self, request: pb.ListModelsRequest, context: grpc.aio.ServicerContext) \
+            -> pb.ListModelsResponse:
+        device = str(self._manager.settings.device)
+        return pb.ListModelsResponse(models=[model_info(r, device) for r in self._manager.models()])
+
+    async def GetModel(self, request: pb.GetModelRequest, context: grpc.aio.ServicerContext) -> pb.ModelInfo:
+        return model_info(self._manager.get(request.model), str(self._manager.settings.device))
+
+
+class HealthReporter:
+    """Keeps grpc.health.v1 in step with the manager: "" for the server, one service name per model."""
+
+    def __init__(self, servicer: health.aio.HealthServicer, manager: ModelManager) -> None:
+        self._servicer = servicer
+        self._manager = manager
+        self._tasks: set[asyncio.Task[None]] = set()
+
+    def model_changed(self, name: str) -> None:
+        """Manager listener: schedule the status update (the health servicer's setters are async)."""
+        task = asyncio.get_running_loop().create_task(self.update(name))
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    async def update(self, name: str) -> None:
+        record = self._manager.get(name)
+        serving = record.serving() is not None
+        status = health_pb2.HealthCheckResponse.SERVING if serving else health_pb2.HealthCheckResponse.NOT_SERVING
+        await self._servicer.set(name, status)
+
+    async def set_overall(self, serving: bool) -> None:
+        status = health_pb2.HealthCheckResponse.SERVING if serving else health_pb2.HealthCheckResponse.NOT_SERVING
+        await self._servicer.set("", status)
+        for record in self._manager.models():
+            if not serving:
+                await self._servicer.set(record.name, status)
+

@@ -1,0 +1,116 @@
+"""A loaded model version and the dedicated thread its forward passes run on.
+
+Everything here that touches torch blocks: call it through
+:class:`InferenceThread` (forward passes, warm-up) or a loader thread.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from typing import TypeVar
+
+import numpy as np
+import torch
+from torch import nn
+
+from server.manifest import Manifest
+
+T = TypeVar("T")
+
+
+class InferenceThread:
+    """One dedicated thread for every torch forward pass.
+
+    Running warm-up and all inference on a single thread avoids the per-call
+    cost torch pays when its work hops between threads (see docs/architecture.md).
+    """
+
+    def __init__(self) -> None:
+        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="classifyd-infer")
+
+    async def run(self, fn: Callable[..., T], *args: object) -> T:
+        """Run ``fn(*args)`` on the inference thread and await its result."""
+        return await asyncio.get_running_loop().run_in_executor(self._executor, fn, *args)
+
+    def shutdown(self) -> None:
+        """Wait for the running call, then stop the thread."""
+        self._executor.shutdown(wait=True)
+
+
+def pick_device(requested: str) -> torch.device:
+    """``auto`` → CUDA when available, else CPU; ``cpu``/``cuda``/``cuda:N`` as given."""
+    if requested == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = torch.device(requested)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError("--device cuda was given but torch sees no CUDA device")
+    return device
+
+
+class OutputShapeError(RuntimeError):
+    """The model returned something other than one row of logits per image."""
+
+
+@dataclass(eq=False)
+class LoadedVersion:
+    """One model version, in eval mode on its device, ready for forward passes."""
+
+    name: str
+    version: int
+    manifest: Manifest
+    module: nn.Module
+    device: torch.device
+    max_batch_size: int
+    max_delay_ms: float
+
+    def __post_init__(self) -> None:
+        spec = self.manifest.input
+        shape = (1, spec.channels, 1, 1)
+        self._mean = torch.tensor(spec.mean, dtype=torch.float32, device=self.device).view(shape)
+        self._inv_std = (1.0 / torch.tensor(spec.std, dtype=torch.float32, device=self.device)).view(shape)
+        self._lock = threading.Lock()
+
+    @property
+    def labels(self) -> tuple[str, ...]:
+        return self.manifest.labels
+
+    def predict(self, arrays: Sequence[np.ndarray]) -> np.ndarray:
+        """Class probabilities, one row per ``H x W x C`` input array. Blocks; raises OutputShapeError."""
+        with self._lock, torch.inference_mode():
+            batch = self._to_tensor(arrays)
+            logits = self.module(batch)
+            self._check_output(logits, len(arrays))
+            return torch.softmax(logits.float(), dim=1).cpu().numpy()
+
+    def warm_up(self) -> None:
+        """Run one batch of ``max_batch_size`` blank images: catches shape errors and OOM before serving."""
+        spec = self.manifest.input
+        blank = np.zeros((spec.height, spec.width, spec.channels), dtype=np.uint8)
+        self.predict([blank] * self.max_batch_size)
+
+    def _to_tensor(self, arrays: Sequence[np.ndarray]) -> torch.Tensor:
+        if all(a.dtype == np.uint8 for a in arrays):
+            stacked = torch.from_numpy(np.stack(arrays)).to(self.device, non_blocking=True)
+            batch = stacked.permute(0, 3, 1, 2).float().div_(255.0)
+        else:
+            floats = [a.astype(np.float32) / 255.0 if a.dtype == np.uint8 else a for a in arrays]
+            batch = torch.from_numpy(np.stack(floats)).to(self.device).permute(0, 3, 1, 2)
+        return batch.sub_(self._mean).mul_(self._inv_std).contiguous() if batch.is_contiguous() else \
+            ((batch - self._mean) * self._inv_std).contiguous()
+
+    def _check_output(self, logits: object, count: int) -> None:
+        expected = (count, self.manifest.num_classes)
+        if not isinstance(logits, torch.Tensor) or tuple(logits.shape) != expected:
+            got = tuple(logits.shape) if isinstance(logits, torch.Tensor) else type(logits).__name__
+            raise OutputShapeError(f"model returned {got}; expected one row of {expected[1]} logits per image "
+                                   f"{expected}")
+
+    def release(self) -> None:
+        """Drop the module so its memory (GPU memory included) can be returned."""
+        self.module = nn.Identity()
+        if self.device.type == "cuda":
+            torch.cuda.empty_cache()

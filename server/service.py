@@ -1,0 +1,218 @@
+"""The classification service: domain calls in, predictions out.
+
+Ties together the model manager (which version serves), the preprocessing
+pool (decode and resize, off the event loop), one dynamic batcher per model
+and the inference thread (forward passes). It knows nothing of gRPC: callers
+get :mod:`server.errors` exceptions, which the edge maps to status codes.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import time
+from collections import defaultdict
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+
+import numpy as np
+
+from server import batcher as batching
+from server.errors import (
+    ClassifydError,
+    DeadlineExpired,
+    InferenceFailed,
+    InvalidInput,
+    ModelUnavailable,
+    Overloaded,
+)
+from server.manager import ModelManager
+from server.manifest import InputSpec
+from server.preprocess import MAX_PIXELS, RawTensor, preprocess
+from server.runtime import InferenceThread, LoadedVersion
+
+log = logging.getLogger("classifyd.service")
+
+
+@dataclass(frozen=True)
+class ClassifyCall:
+    """One classification request, already free of protobuf."""
+
+    model: str
+    payload: bytes | RawTensor
+    version: int = 0
+    top_k: int = 0
+    deadline: float | None = None  # time.monotonic() seconds
+
+
+@dataclass(frozen=True)
+class Prediction:
+    index: int
+    label: str
+    score: float
+
+
+@dataclass(frozen=True)
+class ClassifyResult:
+    """Predictions with the facts of how they were computed."""
+
+    predictions: list[Prediction]
+    model: str
+    version: int
+    batch_size: int
+    queue_s: float
+    compute_s: float
+    preprocess_s: float
+
+
+@dataclass(eq=False)
+class _Item:
+    """A preprocessed request waiting in a model's batcher."""
+
+    array: np.ndarray
+    spec: InputSpec
+    payload: bytes | RawTensor
+    version: int
+
+
+@dataclass(frozen=True)
+class _Computed:
+    version: LoadedVersion
+    probabilities: np.ndarray
+
+
+class ClassifierService:
+    """Classifies requests with dynamic batching per model."""
+
+    def __init__(self, manager: ModelManager, inference: InferenceThread, *, preprocess_workers: int | None = None,
+                 max_pixels: int = MAX_PIXELS) -> None:
+        self._manager = manager
+        self._inference = inference
+        self._max_pixels = max_pixels
+        workers = preprocess_workers or max(2, os.cpu_count() or 2)
+        self._pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="classifyd-pre")
+        self._batchers: dict[str, batching.Batcher[_Item, _Computed]] = {}
+
+    async def classify(self, call: ClassifyCall) -> ClassifyResult:
+        """Preprocess, batch and compute one request.
+
+        Raises ModelNotFound, ModelUnavailable, InvalidInput, Overloaded, DeadlineExpired or InferenceFailed.
+        """
+        version = self._manager.resolve(call.model, call.version)
+        top_k = _check_top_k(call.top_k, version)
+        started = time.perf_counter()
+        array = await self._preprocess(call.payload, version.manifest.input)
+        preprocess_s = time.perf_counter() - started
+        item = _Item(array, version.manifest.input, call.payload, call.version)
+        batched = await self._submit(self._batcher_for(version), item, call.deadline)
+        computed = batched.value
+        return ClassifyResult(
+            predictions=_top_k(computed.probabilities, computed.version.labels, top_k),
+            model=computed.version.name,
+            version=computed.version.version,
+            batch_size=batched.batch_size,
+            queue_s=batched.queue_s,
+            compute_s=batched.compute_s,
+            preprocess_s=preprocess_s,
+        )
+
+    async def _preprocess(self, payload: bytes | RawTensor, spec: InputSpec) -> np.ndarray:
+        loop = asyncio.get_running_loop()
+        return await loop.run_in_executor(self._pool, preprocess, payload, spec, self._max_pixels)
+
+    async def _submit(self, batcher: batching.Batcher[_Item, _Computed], item: _Item,
+                      deadline: float | None) -> batching.Batched[_Computed]:
+        try:
+            return await batcher.submit(item, deadline=deadline)
+        except batching.QueueFull as exc:
+            raise Overloaded(str(exc)) from None
+        except batching.DeadlineExpired:
+            raise DeadlineExpired("deadline passed while the request waited in the queue; it was not computed") \
+                from None
+        except batching.BatcherClosed:
+            raise ModelUnavailable("the server is shutting down") from None
+
+    def _batcher_for(self, version: LoadedVersion) -> batching.Batcher[_Item, _Computed]:
+        """The model's batcher, created on first use and kept in step with the serving version's limits."""
+        batcher = self._batchers.get(version.name)
+        if batcher is None:
+            batcher = batching.Batcher(
+                lambda items, name=version.name: self._run_batch(name, items),
+                max_batch_size=version.max_batch_size,
+                max_delay_s=version.max_delay_ms / 1000.0,
+                name=f"model {version.name}",
+            )
+            batcher.start()
+            self._batchers[version.name] = batcher
+        elif batcher.max_batch_size != version.max_batch_size or batcher.max_delay_s != version.max_delay_ms / 1e3:
+            batcher.configure(max_batch_size=version.max_batch_size, max_delay_s=version.max_delay_ms / 1000.0)
+        return batcher
+
+    async def _run_batch(self, name: str, items: list[_Item]) -> list[_Computed | BaseException]:
+        """Compute a batch. Versions are resolved now, so a swap takes effect between batches."""
+        results: list[_Computed | BaseException] = [ModelUnavailable("not computed")] * len(items)
+        groups: dict[int, list[int]] = defaultdict(list)
+        versions: dict[int, LoadedVersion] = {}
+        for position, item in enumerate(items):
+            try:
+                version = self._manager.resolve(name, item.version)
+            except ClassifydError as exc:
+                results[position] = exc
+                continue
+            versions[version.version] = version
+            groups[version.version].append(position)
+        for number, positions in groups.items():
+            await self._run_group(versions[number], [items[p] for p in positions], positions, results)
+        return results
+
+    async def _run_group(self, version: LoadedVersion, items: list[_Item], positions: list[int],
+                         results: list[_Computed | BaseException]) -> None:
+        try:
+            arrays = await self._arrays_for(version, items)
+            probabilities = await self._inference.run(version.predict, arrays)
+        except ClassifydError as exc:
+            failure: BaseException = exc
+        except Exception as exc:
+            log.exception("model %s version %d: batch of %d failed", version.name, version.version, len(items))
+            failure = InferenceFailed(f"model {version.name} version {version.version} failed on this batch: "
+                                      f"{type(exc).__name__}: {exc}")
+        else:
+            for position, row in zip(positions, probabilities, strict=True):
+                results[position] = _Computed(version, row)
+            return
+        for position in positions:
+            results[position] = failure
+
+    async def _arrays_for(self, version: LoadedVersion, items: list[_Item]) -> list[np.ndarray]:
+        """Input arrays for ``version``; an item preprocessed for another input spec (a swap) is redone."""
+        spec = version.manifest.input
+        arrays = []
+        for item in items:
+            arrays.append(item.array if item.spec == spec else await self._preprocess(item.payload, spec))
+        return arrays
+
+    def batcher_depth(self, name: str) -> int:
+        """Requests waiting in the model's queue (0 if it has none yet)."""
+        batcher = self._batchers.get(name)
+        return batcher.queue_depth if batcher else 0
+
+    async def aclose(self, *, drain: bool = True) -> None:
+        """Finish (drain=True) or fail queued requests, then stop the batchers and the preprocessing pool."""
+        await asyncio.gather(*(b.aclose(drain=drain) for b in self._batchers.values()))
+        self._pool.shutdown(wait=True)
+
+
+def _check_top_k(top_k: int, version: LoadedVersion) -> int:
+    labels = len(version.labels)
+    if top_k < 0:
+        raise InvalidInput(f"top_k must be >= 0, got {top_k}")
+    if top_k > labels:
+        raise InvalidInput(f"top_k = {top_k} is larger than the {labels} labels of model {version.name}")
+    return top_k or version.manifest.top_k
+
+
+def _top_k(probabilities: np.ndarray, labels: tuple[str, ...], k: int) -> list[Prediction]:
+    best = np.argpartition(-probabilities, k - 1)[:k] if k < len(probabilities) else np.arange(len(probabilities))
+    best = best[np.argsort(-probabilities[best], kind="stable")]
+    return [Prediction(int(i), labels[i], float(probabilities[i])) for i in best]

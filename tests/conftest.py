@@ -1,0 +1,41 @@
+"""Shared fixtures: a real daemon over a temporary model repository."""
+
+from __future__ import annotations
+
+import shutil
+from collections.abc import Iterator
+from pathlib import Path
+
+import grpc
+import pytest
+
+from tests.kit import REPO, DaemonThread, running_daemon, write_model
+
+DIGIT_LABELS = ["零", "一", "二", "三", "四", "五", "六", "七", "八", "九"]
+
+
+def build_test_repository(root: Path) -> Path:
+    """The default digits model plus small test models, each exercising one behaviour."""
+    shutil.copytree(REPO / "models" / "digits", root / "digits")
+    write_model(root, "wide", manifest={"input": {"color": "RGB", "size": 64, "resize": 64},
+                                        "model_args": {"width": 48}, "batching": {"max_batch_size": 16}})
+    write_model(root, "gated", architecture="classifyd:test_gated",
+                manifest={"input": {"color": "L", "size": 8, "resize": 8}, "batching": {"max_batch_size": 4}})
+    write_model(root, "patient", manifest={"input": {"color": "L", "size": 8, "resize": 8},
+                                           "batching": {"max_batch_size": 64, "max_delay_ms": 600000}})
+    broken = write_model(root, "broken", manifest={"input": {"color": "L", "size": 8, "resize": 8}})
+    (broken / "model.safetensors").write_bytes(b"this is not a safetensors file")
+    return root
+
+
+@pytest.fixture(scope="module")
+def daemon(tmp_path_factory: pytest.TempPathFactory) -> Iterator[DaemonThread]:
+    root = build_test_repository(tmp_path_factory.mktemp("models"))
+    with running_daemon(root) as running:
+        yield running
+
+
+@pytest.fixture
+def channel(daemon: DaemonThread) -> Iterator[grpc.Channel]:
+    with grpc.insecure_channel(daemon.target) as chan:
+        yield chan
