@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+import time
 from collections.abc import Callable
 from pathlib import Path
 
@@ -26,6 +27,13 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     classify.add_argument("--target", default=argparse.SUPPRESS, help="host:port")
     models = commands.add_parser("models", help="list models and their versions")
     models.add_argument("--target", default=argparse.SUPPRESS, help="host:port")
+    watch = commands.add_parser("watch", help="print model events (loads, swaps, failures) until interrupted")
+    watch.add_argument("--model", default="", help="only this model")
+    watch.add_argument("--no-current", dest="current", action="store_false", help="skip the current state")
+    watch.add_argument("--target", default=argparse.SUPPRESS, help="host:port")
+    reload = commands.add_parser("reload", help="re-read a model from disk now")
+    reload.add_argument("model", nargs="?", default="", help="model name (default: the default model)")
+    reload.add_argument("--target", default=argparse.SUPPRESS, help="host:port")
     return parser.parse_args(argv)
 
 
@@ -49,9 +57,28 @@ def list_models(client: ClassifierClient, args: argparse.Namespace) -> None:
             print(f"  version {v.version}: {pb.VersionInfo.State.Name(v.state)}{error}")
 
 
+def watch(client: ClassifierClient, args: argparse.Namespace) -> None:
+    for event in client.watch_models(args.model, include_current=args.current):
+        stamp = time.strftime("%H:%M:%S", time.localtime(event.time_unix_ms / 1000))
+        serving = " (serving)" if event.serving else ""
+        reason = f": {event.reason}" if event.reason else ""
+        print(f"{stamp} {event.model} v{event.version} {pb.ModelEvent.Kind.Name(event.kind)}{serving}{reason}",
+              flush=True)
+
+
+def reload(client: ClassifierClient, args: argparse.Namespace) -> None:
+    info = client.reload_model(args.model, timeout=args.timeout)
+    print(f"{info.name}: serving version {info.serving_version or 'none'}")
+    for v in info.versions:
+        error = f": {v.error}" if v.error else ""
+        print(f"  version {v.version}: {pb.VersionInfo.State.Name(v.state)} (generation {v.generation}){error}")
+
+
 COMMANDS: dict[str, Callable[[ClassifierClient, argparse.Namespace], None]] = {
     "classify": classify,
     "models": list_models,
+    "watch": watch,
+    "reload": reload,
 }
 
 
@@ -63,6 +90,8 @@ def main(argv: list[str] | None = None) -> int:
     except grpc.RpcError as exc:
         print(f"error: {exc.code().name}: {exc.details()}", file=sys.stderr)
         return 1
+    except KeyboardInterrupt:
+        return 130
     except OSError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1

@@ -6,7 +6,7 @@ server's status code and message when a call fails.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import AsyncIterator, Iterator, Sequence
 from pathlib import Path
 
 import grpc
@@ -62,6 +62,15 @@ class ClassifierClient:
         """One model ('' = the default model)."""
         return self.stub.GetModel(pb.GetModelRequest(model=model), timeout=timeout)
 
+    def watch_models(self, model: str = "", *, include_current: bool = True) -> Iterator[pb.ModelEvent]:
+        """Model events as they happen (blocks between events); cancel by closing the client."""
+        request = pb.WatchModelsRequest(model=model, include_current=include_current)
+        yield from self.stub.WatchModels(request)
+
+    def reload_model(self, model: str = "", timeout: float | None = None) -> pb.ModelInfo:
+        """Re-read a model from disk now and return its state afterwards."""
+        return self.stub.ReloadModel(pb.ReloadModelRequest(model=model), timeout=timeout)
+
     def close(self) -> None:
         self._channel.close()
 
@@ -98,6 +107,16 @@ class AsyncClassifierClient:
     async def get_model(self, model: str = "", timeout: float | None = None) -> pb.ModelInfo:
         """One model ('' = the default model)."""
         return await self.stub.GetModel(pb.GetModelRequest(model=model), timeout=timeout)
+
+    async def watch_models(self, model: str = "", *, include_current: bool = True) -> AsyncIterator[pb.ModelEvent]:
+        """Model events as they happen."""
+        request = pb.WatchModelsRequest(model=model, include_current=include_current)
+        async for event in self.stub.WatchModels(request):
+            yield event
+
+    async def reload_model(self, model: str = "", timeout: float | None = None) -> pb.ModelInfo:
+        """Re-read a model from disk now and return its state afterwards."""
+        return await self.stub.ReloadModel(pb.ReloadModelRequest(model=model), timeout=timeout)
 
     async def close(self) -> None:
         await self._channel.close()

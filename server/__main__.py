@@ -24,21 +24,36 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         help="batch cap for models whose manifest sets none (default: 32)")
     parser.add_argument("--max-delay-ms", type=float, default=0.0,
                         help="how long a partial batch may wait, for models whose manifest sets none (default: 0)")
+    parser.add_argument("--max-queue", type=int, default=1024,
+                        help="requests that may wait per model before RESOURCE_EXHAUSTED, for models whose "
+                             "manifest sets none (default: 1024)")
     parser.add_argument("--grace-seconds", type=float, default=10.0,
                         help="on SIGTERM/SIGINT, time in-flight requests get to finish (default: 10)")
+    parser.add_argument("--no-watch", dest="watch", action="store_false",
+                        help="load the repository once at startup; do not watch it for changes")
+    parser.add_argument("--poll", action="store_true",
+                        help="watch by polling instead of inotify (for NFS and other network filesystems)")
+    parser.add_argument("--settle-seconds", type=float, default=1.0,
+                        help="a version's files must be unchanged this long before it is loaded (default: 1)")
     parser.add_argument("--log-level", default="INFO")
     args = parser.parse_args(argv)
     if args.max_batch_size < 1:
         parser.error("--max-batch-size must be at least 1")
+    if args.max_queue < 1:
+        parser.error("--max-queue must be at least 1")
     if args.max_delay_ms < 0:
         parser.error("--max-delay-ms must be >= 0")
+    if args.settle_seconds < 0:
+        parser.error("--settle-seconds must be >= 0")
     return args
 
 
 async def serve(args: argparse.Namespace) -> None:
     """Run until SIGTERM or SIGINT, then stop gracefully."""
     config = ServerConfig(models_dir=args.models_dir, host=args.host, port=args.port, device=args.device,
-                          max_batch_size=args.max_batch_size, max_delay_ms=args.max_delay_ms)
+                          max_batch_size=args.max_batch_size, max_delay_ms=args.max_delay_ms, max_queue=args.max_queue,
+                          watch=args.watch,
+                          poll=args.poll, settle_s=args.settle_seconds)
     daemon = Daemon(config)
     await daemon.start()
     stop = asyncio.Event()

@@ -21,6 +21,7 @@ from server.manager import ManagerSettings, ModelManager
 from server.preprocess import MAX_PIXELS
 from server.runtime import InferenceThread, pick_device
 from server.service import ClassifierService
+from server.watcher import RepositoryWatcher
 
 log = logging.getLogger("classifyd")
 MAX_MESSAGE_BYTES = 64 * 1024 * 1024
@@ -36,8 +37,13 @@ class ServerConfig:
     device: str = "auto"
     max_batch_size: int = 32
     max_delay_ms: float = 0.0
+    max_queue: int = 1024
     max_message_bytes: int = MAX_MESSAGE_BYTES
     max_pixels: int = MAX_PIXELS
+    watch: bool = True
+    poll: bool = False
+    settle_s: float = 1.0
+    rescan_s: float = 30.0
 
 
 class Daemon:
@@ -53,6 +59,7 @@ class Daemon:
             device=pick_device(config.device),
             default_max_batch_size=config.max_batch_size,
             default_max_delay_ms=config.max_delay_ms,
+            default_max_queue=config.max_queue,
         )
         self.manager = ModelManager(settings, self.inference)
         self.service = ClassifierService(self.manager, self.inference, max_pixels=config.max_pixels)
@@ -60,6 +67,7 @@ class Daemon:
         self.health_reporter = HealthReporter(self.health, self.manager)
         self.manager.add_listener(self.health_reporter.model_changed)
         self.server = self._build_server()
+        self.watcher: RepositoryWatcher | None = None
         self.port = 0
 
     def _build_server(self) -> grpc.aio.Server:
@@ -82,6 +90,10 @@ class Daemon:
         if self.port == 0:
             raise OSError(f"cannot listen on {address}")
         await self.server.start()
+        if self.config.watch:
+            self.watcher = RepositoryWatcher(self.manager, self.config.models_dir, settle_s=self.config.settle_s,
+                                             poll=self.config.poll, rescan_s=self.config.rescan_s)
+            await self.watcher.start()
         await self.health_reporter.set_overall(True)
         for record in self.manager.models():
             await self.health_reporter.update(record.name)
@@ -102,6 +114,8 @@ class Daemon:
     async def stop(self, grace: float | None = 5.0) -> None:
         """Report NOT_SERVING, finish in-flight requests within ``grace`` seconds, release everything."""
         await self.health_reporter.set_overall(False)
+        if self.watcher:
+            await self.watcher.aclose()
         await self.server.stop(grace)
         await self.service.aclose(drain=False)
         await self.manager.aclose()

@@ -113,6 +113,12 @@ def _check_batch_size(value: int) -> int:
     return value
 
 
+def _check_queue(value: int | None) -> int | None:
+    if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
+        raise ValueError(f"max_queue must be None or an int >= 1, got {value!r}")
+    return value
+
+
 def _check_delay(value: float) -> float:
     # `not value >= 0` also rejects NaN, which would make every window endless.
     if isinstance(value, bool) or not isinstance(value, int | float) or not value >= 0:
@@ -156,12 +162,10 @@ class Batcher(Generic[T, R]):
         Raises ValueError for ``max_batch_size < 1``, ``max_delay_s < 0`` or
         ``max_queue < 1``.
         """
-        if max_queue is not None and (isinstance(max_queue, bool) or not isinstance(max_queue, int) or max_queue < 1):
-            raise ValueError(f"max_queue must be None or an int >= 1, got {max_queue!r}")
         self._handler = handler
         self._max_batch_size = _check_batch_size(max_batch_size)
         self._max_delay_s = _check_delay(max_delay_s)
-        self._max_queue = max_queue
+        self._max_queue = _check_queue(max_queue)
         self._clock: Clock = clock if clock is not None else SystemClock()
         self._name = name
         self._queue: deque[_Entry[T, R]] = deque()
@@ -207,14 +211,21 @@ class Batcher(Generic[T, R]):
         if self._worker is None:
             self._worker = asyncio.get_running_loop().create_task(self._run(), name=f"{self._name}-worker")
 
-    def configure(self, *, max_batch_size: int | None = None, max_delay_s: float | None = None) -> None:
+    @property
+    def max_queue(self) -> int | None:
+        """Most items that may wait; None for no limit."""
+        return self._max_queue
+
+    def configure(self, *, max_batch_size: int | None = None, max_delay_s: float | None = None,
+                  max_queue: int | None = None) -> None:
         """Change the batching limits; they apply from the next batch formed.
 
         Never blocks; raises ValueError for invalid values (then nothing changes).
         """
         size = self._max_batch_size if max_batch_size is None else _check_batch_size(max_batch_size)
         delay = self._max_delay_s if max_delay_s is None else _check_delay(max_delay_s)
-        self._max_batch_size, self._max_delay_s = size, delay
+        queue = self._max_queue if max_queue is None else _check_queue(max_queue)
+        self._max_batch_size, self._max_delay_s, self._max_queue = size, delay, queue
         # A batch that is still collecting may now be full.
         self._wakeup.set()
 

@@ -7,6 +7,7 @@ to precise status codes in one place.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -18,7 +19,7 @@ from classifier.v1 import classifier_pb2_grpc as pb_grpc
 from grpc_health.v1 import health, health_pb2
 
 from server import errors
-from server.manager import ModelManager, ModelRecord
+from server.manager import ModelEvent, ModelManager, ModelRecord, VersionRecord, VersionState
 from server.preprocess import RawTensor
 from server.service import ClassifierService, ClassifyCall, ClassifyResult
 
@@ -103,11 +104,9 @@ def model_info(record: ModelRecord, device: str) -> pb.ModelInfo:
     serving = record.serving()
     info = pb.ModelInfo(
         name=record.name,
-        versions=[
-            pb.VersionInfo(version=v.version, state=v.state.value, error=v.error)
-            for v in sorted(record.versions.values(), key=lambda v: -v.version)
-        ],
+        versions=[version_info(v) for v in sorted(record.versions.values(), key=lambda v: -v.version)],
         device=device,
+        serving_version=serving.version if serving else 0,
     )
     if manifest:
         spec = manifest.input
@@ -121,6 +120,32 @@ def model_info(record: ModelRecord, device: str) -> pb.ModelInfo:
         info.max_batch_size = serving.loaded.max_batch_size
         info.max_delay_ms = serving.loaded.max_delay_ms
     return info
+
+
+def version_info(entry: VersionRecord) -> pb.VersionInfo:
+    """Describe one version."""
+    info = pb.VersionInfo(version=entry.version, state=entry.state.value, error=entry.error,
+                          generation=entry.generation)
+    if entry.validation_accuracy is not None:
+        info.validation_accuracy = entry.validation_accuracy
+    return info
+
+
+def event_message(event: ModelEvent) -> pb.ModelEvent:
+    """Translate a manager event."""
+    return pb.ModelEvent(model=event.model, version=event.version, kind=event.kind.value, reason=event.reason,
+                         time_unix_ms=round(event.time * 1000), serving=event.serving)
+
+
+def current_events(record: ModelRecord) -> list[pb.ModelEvent]:
+    """One event per known version, describing where it stands now."""
+    serving = record.serving()
+    kinds = {VersionState.LOADING: pb.ModelEvent.LOADING, VersionState.READY: pb.ModelEvent.READY,
+             VersionState.FAILED: pb.ModelEvent.FAILED, VersionState.UNLOADING: pb.ModelEvent.READY}
+    now = round(time.time() * 1000)
+    return [pb.ModelEvent(model=record.name, version=v.version, kind=kinds[v.state], reason=v.error,
+                          time_unix_ms=now, serving=serving is v)
+            for v in sorted(record.versions.values(), key=lambda v: v.version)]
 
 
 def _deadline(context: grpc.aio.ServicerContext) -> float | None:
@@ -185,6 +210,37 @@ class ClassifierServicer(pb_grpc.ClassifierServicer):
     async def GetModel(self, request: pb.GetModelRequest, context: grpc.aio.ServicerContext) -> pb.ModelInfo:
         return model_info(self._manager.get(request.model), str(self._manager.settings.device))
 
+    async def WatchModels(self, request: pb.WatchModelsRequest,
+                          context: grpc.aio.ServicerContext) -> AsyncIterator[pb.ModelEvent]:
+        """Events as they happen; the current state first when asked. Ends when the client goes away."""
+        events: asyncio.Queue[ModelEvent] = asyncio.Queue(maxsize=10_000)
+
+        def listener(event: ModelEvent) -> None:
+            if not request.model or event.model == request.model:
+                with contextlib.suppress(asyncio.QueueFull):  # a client that stopped reading loses old events
+                    events.put_nowait(event)
+
+        self._manager.add_listener(listener)
+        try:
+            if request.include_current:
+                records = [self._manager.get(request.model)] if request.model else self._manager.models()
+                for record in records:
+                    for message in current_events(record):
+                        yield message
+            while True:
+                yield event_message(await events.get())
+        finally:
+            self._manager.remove_listener(listener)
+
+    async def ReloadModel(self, request: pb.ReloadModelRequest, context: grpc.aio.ServicerContext) -> pb.ModelInfo:
+        name = request.model or self._manager.get("").name
+        if not name.isprintable() or "/" in name or name.startswith("."):
+            raise errors.InvalidInput(f"invalid model name {name!r}")
+        if not (self._manager.settings.models_dir / name).is_dir():
+            self._manager.get(name)  # raises NOT_FOUND for an unknown model
+        await self._manager.reconcile(name, force=True)
+        return model_info(self._manager.get(name), str(self._manager.settings.device))
+
 
 class HealthReporter:
     """Keeps grpc.health.v1 in step with the manager: "" for the server, one service name per model."""
@@ -194,15 +250,17 @@ class HealthReporter:
         self._manager = manager
         self._tasks: set[asyncio.Task[None]] = set()
 
-    def model_changed(self, name: str) -> None:
+    def model_changed(self, event: ModelEvent) -> None:
         """Manager listener: schedule the status update (the health servicer's setters are async)."""
-        task = asyncio.get_running_loop().create_task(self.update(name))
+        task = asyncio.get_running_loop().create_task(self.update(event.model))
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
 
     async def update(self, name: str) -> None:
-        record = self._manager.get(name)
-        serving = record.serving() is not None
+        try:
+            serving = self._manager.get(name).serving() is not None
+        except errors.ModelNotFound:
+            serving = False
         status = health_pb2.HealthCheckResponse.SERVING if serving else health_pb2.HealthCheckResponse.NOT_SERVING
         await self._servicer.set(name, status)
 

@@ -21,9 +21,9 @@ IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 
 _TOP_KEYS = {"architecture", "num_classes", "weights", "top_k", "default", "model_args", "input", "batching",
-             "description"}
+             "description", "keep_versions", "min_accuracy"}
 _INPUT_KEYS = {"color", "size", "resize", "crop", "mean", "std", "interpolation"}
-_BATCHING_KEYS = {"max_batch_size", "max_delay_ms"}
+_BATCHING_KEYS = {"max_batch_size", "max_delay_ms", "max_queue"}
 
 
 class ManifestError(ValueError):
@@ -60,6 +60,7 @@ class BatchingSpec:
 
     max_batch_size: int | None = None
     max_delay_ms: float | None = None
+    max_queue: int | None = None
 
 
 @dataclass(frozen=True)
@@ -73,6 +74,8 @@ class Manifest:
     weights: str | None
     top_k: int
     is_default: bool
+    keep_versions: int = 1
+    min_accuracy: float = 0.0
     model_args: dict[str, Any] = field(default_factory=dict)
     input: InputSpec = field(default_factory=InputSpec)
     batching: BatchingSpec = field(default_factory=BatchingSpec)
@@ -128,6 +131,12 @@ def parse_manifest(raw: dict[str, Any], path: Path, labels: tuple[str, ...]) -> 
     if not 1 <= top_k <= num_classes:
         raise ManifestError(path, f"must be between 1 and {num_classes}", "top_k")
     model_args = _get(raw, "model_args", dict, path, default={})
+    keep_versions = _get(raw, "keep_versions", int, path, default=1)
+    if keep_versions < 1:
+        raise ManifestError(path, "must be at least 1", "keep_versions")
+    min_accuracy = _get(raw, "min_accuracy", (int, float), path, default=0.0)
+    if not 0.0 <= min_accuracy <= 1.0:
+        raise ManifestError(path, "must be between 0.0 and 1.0", "min_accuracy")
     return Manifest(
         path=path,
         architecture=architecture,
@@ -136,6 +145,8 @@ def parse_manifest(raw: dict[str, Any], path: Path, labels: tuple[str, ...]) -> 
         weights=_get(raw, "weights", str, path),
         top_k=top_k,
         is_default=_get(raw, "default", bool, path, default=False),
+        keep_versions=keep_versions,
+        min_accuracy=float(min_accuracy),
         model_args=model_args,
         input=_parse_input(_get(raw, "input", dict, path, default={}), path),
         batching=_parse_batching(_get(raw, "batching", dict, path, default={}), path),
@@ -176,7 +187,10 @@ def _parse_batching(raw: dict[str, Any], path: Path) -> BatchingSpec:
     delay = _get(raw, "max_delay_ms", (int, float), path, key_prefix="batching.")
     if delay is not None and delay < 0:
         raise ManifestError(path, "must be >= 0", "batching.max_delay_ms")
-    return BatchingSpec(max_batch_size=size, max_delay_ms=None if delay is None else float(delay))
+    queue = _get(raw, "max_queue", int, path, key_prefix="batching.")
+    if queue is not None and queue < 1:
+        raise ManifestError(path, "must be at least 1", "batching.max_queue")
+    return BatchingSpec(max_batch_size=size, max_delay_ms=None if delay is None else float(delay), max_queue=queue)
 
 
 def _default_norm(channels: int) -> tuple[tuple[float, ...], tuple[float, ...]]:

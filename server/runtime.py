@@ -66,6 +66,7 @@ class LoadedVersion:
     device: torch.device
     max_batch_size: int
     max_delay_ms: float
+    max_queue: int = 1024
 
     def __post_init__(self) -> None:
         spec = self.manifest.input
@@ -73,6 +74,25 @@ class LoadedVersion:
         self._mean = torch.tensor(spec.mean, dtype=torch.float32, device=self.device).view(shape)
         self._inv_std = (1.0 / torch.tensor(spec.std, dtype=torch.float32, device=self.device)).view(shape)
         self._lock = threading.Lock()
+        self._leases = 0
+        self._idle = asyncio.Event()
+        self._idle.set()
+        self.released = False
+
+    def lease(self) -> None:
+        """Keep this version loaded until :meth:`unlease`; call on the event loop."""
+        self._leases += 1
+        self._idle.clear()
+
+    def unlease(self) -> None:
+        """Give back a lease taken with :meth:`lease`."""
+        self._leases -= 1
+        if self._leases == 0:
+            self._idle.set()
+
+    async def drained(self) -> None:
+        """Wait until no request holds a lease on this version."""
+        await self._idle.wait()
 
     @property
     def labels(self) -> tuple[str, ...]:
@@ -81,6 +101,8 @@ class LoadedVersion:
     def predict(self, arrays: Sequence[np.ndarray]) -> np.ndarray:
         """Class probabilities, one row per ``H x W x C`` input array. Blocks; raises OutputShapeError."""
         with self._lock, torch.inference_mode():
+            if self.released:
+                raise RuntimeError(f"model {self.name} version {self.version} was already released")
             batch = self._to_tensor(arrays)
             logits = self.module(batch)
             self._check_output(logits, len(arrays))
@@ -111,6 +133,8 @@ class LoadedVersion:
 
     def release(self) -> None:
         """Drop the module so its memory (GPU memory included) can be returned."""
-        self.module = nn.Identity()
+        with self._lock:
+            self.released = True
+            self.module = nn.Identity()
         if self.device.type == "cuda":
             torch.cuda.empty_cache()

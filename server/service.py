@@ -74,12 +74,18 @@ class _Item:
     spec: InputSpec
     payload: bytes | RawTensor
     version: int
+    admitted: LoadedVersion  # leased by the request: computes it if no other version can
 
 
 @dataclass(frozen=True)
 class _Computed:
     version: LoadedVersion
     probabilities: np.ndarray
+    batch_size: int
+
+    @property
+    def num_labels(self) -> int:
+        return len(self.version.labels)
 
 
 class ClassifierService:
@@ -100,18 +106,25 @@ class ClassifierService:
         Raises ModelNotFound, ModelUnavailable, InvalidInput, Overloaded, DeadlineExpired or InferenceFailed.
         """
         version = self._manager.resolve(call.model, call.version)
-        top_k = _check_top_k(call.top_k, version)
+        version.lease()  # the admitting version stays loaded until this request is answered
+        try:
+            return await self._classify(call, version)
+        finally:
+            version.unlease()
+
+    async def _classify(self, call: ClassifyCall, admitted: LoadedVersion) -> ClassifyResult:
+        top_k = _check_top_k(call.top_k, admitted)
         started = time.perf_counter()
-        array = await self._preprocess(call.payload, version.manifest.input)
+        array = await self._preprocess(call.payload, admitted.manifest.input)
         preprocess_s = time.perf_counter() - started
-        item = _Item(array, version.manifest.input, call.payload, call.version)
-        batched = await self._submit(self._batcher_for(version), item, call.deadline)
+        item = _Item(array, admitted.manifest.input, call.payload, call.version, admitted)
+        batched = await self._submit(self._batcher_for(admitted), item, call.deadline)
         computed = batched.value
         return ClassifyResult(
-            predictions=_top_k(computed.probabilities, computed.version.labels, top_k),
+            predictions=_top_k(computed.probabilities, computed.version.labels, min(top_k, computed.num_labels)),
             model=computed.version.name,
             version=computed.version.version,
-            batch_size=batched.batch_size,
+            batch_size=computed.batch_size,
             queue_s=batched.queue_s,
             compute_s=batched.compute_s,
             preprocess_s=preprocess_s,
@@ -136,38 +149,46 @@ class ClassifierService:
     def _batcher_for(self, version: LoadedVersion) -> batching.Batcher[_Item, _Computed]:
         """The model's batcher, created on first use and kept in step with the serving version's limits."""
         batcher = self._batchers.get(version.name)
+        limits = {"max_batch_size": version.max_batch_size, "max_delay_s": version.max_delay_ms / 1000.0,
+                  "max_queue": version.max_queue}
         if batcher is None:
-            batcher = batching.Batcher(
-                lambda items, name=version.name: self._run_batch(name, items),
-                max_batch_size=version.max_batch_size,
-                max_delay_s=version.max_delay_ms / 1000.0,
-                name=f"model {version.name}",
-            )
+            batcher = batching.Batcher(lambda items, name=version.name: self._run_batch(name, items),
+                                       name=f"model {version.name}", **limits)
             batcher.start()
             self._batchers[version.name] = batcher
-        elif batcher.max_batch_size != version.max_batch_size or batcher.max_delay_s != version.max_delay_ms / 1e3:
-            batcher.configure(max_batch_size=version.max_batch_size, max_delay_s=version.max_delay_ms / 1000.0)
+        elif (batcher.max_batch_size, batcher.max_delay_s, batcher.max_queue) != tuple(limits.values()):
+            batcher.configure(**limits)
         return batcher
 
     async def _run_batch(self, name: str, items: list[_Item]) -> list[_Computed | BaseException]:
         """Compute a batch. Versions are resolved now, so a swap takes effect between batches."""
         results: list[_Computed | BaseException] = [ModelUnavailable("not computed")] * len(items)
-        groups: dict[int, list[int]] = defaultdict(list)
-        versions: dict[int, LoadedVersion] = {}
+        groups: dict[LoadedVersion, list[int]] = defaultdict(list)
         for position, item in enumerate(items):
             try:
-                version = self._manager.resolve(name, item.version)
+                groups[self._version_for(name, item)].append(position)
             except ClassifydError as exc:
                 results[position] = exc
-                continue
-            versions[version.version] = version
-            groups[version.version].append(position)
-        for number, positions in groups.items():
-            await self._run_group(versions[number], [items[p] for p in positions], positions, results)
+        for version, positions in groups.items():
+            version.lease()
+            try:
+                await self._run_group(version, [items[p] for p in positions], positions, results)
+            finally:
+                version.unlease()
         return results
+
+    def _version_for(self, name: str, item: _Item) -> LoadedVersion:
+        """The version serving ``item`` now; the one it was admitted with if that is being retired."""
+        try:
+            return self._manager.resolve(name, item.version)
+        except ClassifydError:
+            if item.version in (0, item.admitted.version) and not item.admitted.released:
+                return item.admitted
+            raise
 
     async def _run_group(self, version: LoadedVersion, items: list[_Item], positions: list[int],
                          results: list[_Computed | BaseException]) -> None:
+        """One forward pass of one version over its share of the batch."""
         try:
             arrays = await self._arrays_for(version, items)
             probabilities = await self._inference.run(version.predict, arrays)
@@ -179,7 +200,7 @@ class ClassifierService:
                                       f"{type(exc).__name__}: {exc}")
         else:
             for position, row in zip(positions, probabilities, strict=True):
-                results[position] = _Computed(version, row)
+                results[position] = _Computed(version, row, len(items))
             return
         for position in positions:
             results[position] = failure

@@ -21,6 +21,9 @@ def build_test_repository(root: Path) -> Path:
                                         "model_args": {"width": 48}, "batching": {"max_batch_size": 16}})
     write_model(root, "gated", architecture="classifyd:test_gated",
                 manifest={"input": {"color": "L", "size": 8, "resize": 8}, "batching": {"max_batch_size": 4}})
+    write_model(root, "narrow", architecture="classifyd:test_gated",
+                manifest={"input": {"color": "L", "size": 8, "resize": 8},
+                          "batching": {"max_batch_size": 1, "max_queue": 2}})
     write_model(root, "patient", manifest={"input": {"color": "L", "size": 8, "resize": 8},
                                            "batching": {"max_batch_size": 64, "max_delay_ms": 600000}})
     broken = write_model(root, "broken", manifest={"input": {"color": "L", "size": 8, "resize": 8}})

@@ -143,6 +143,12 @@ class Gate:
         self.entered = threading.Semaphore(0)
         self.batches: list[int] = []
 
+    def close(self) -> None:
+        """Make forward passes block from now on, forgetting batches that entered before."""
+        self.open.clear()
+        self.entered = threading.Semaphore(0)
+        self.batches = []
+
 
 GATE = Gate()
 

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import threading
 
 import grpc
 import numpy as np
@@ -130,7 +129,7 @@ def test_bad_requests_get_precise_status_and_the_server_still_serves(
 def test_deadline_passed_while_queued_is_deadline_exceeded(channel: grpc.Channel) -> None:
     stub = pb_grpc.ClassifierStub(channel)
     request = tensor_request(np.zeros((8, 8), np.uint8), model="gated")
-    GATE.open.clear()
+    GATE.close()
     try:
         blocker = stub.Classify.future(request, timeout=60)
         assert GATE.entered.acquire(timeout=20)  # the first batch is now computing and holds the model
@@ -196,7 +195,7 @@ def test_health_answers_while_the_model_is_saturated(daemon: DaemonThread, chann
     stub = pb_grpc.ClassifierStub(channel)
     health = health_pb2_grpc.HealthStub(channel)
     request = tensor_request(np.zeros((8, 8), np.uint8), model="gated")
-    GATE.open.clear()
+    GATE.close()
     try:
         pending = [stub.Classify.future(request, timeout=60) for _ in range(40)]
         assert GATE.entered.acquire(timeout=20)  # the inference thread is busy, 39 requests queue behind it
@@ -213,8 +212,7 @@ def test_health_answers_while_the_model_is_saturated(daemon: DaemonThread, chann
 def test_server_keeps_serving_while_requests_are_cancelled(channel: grpc.Channel) -> None:
     stub = pb_grpc.ClassifierStub(channel)
     request = tensor_request(np.zeros((8, 8), np.uint8), model="gated")
-    GATE.open.clear()
-    done = threading.Event()
+    GATE.close()
     try:
         calls = [stub.Classify.future(request, timeout=60) for _ in range(8)]
         assert GATE.entered.acquire(timeout=20)
@@ -222,6 +220,28 @@ def test_server_keeps_serving_while_requests_are_cancelled(channel: grpc.Channel
             call.cancel()
     finally:
         GATE.open.set()
-        done.set()
     assert calls[0].result().predictions
     assert stub.Classify(request, timeout=20).predictions
+
+
+def test_full_queue_is_resource_exhausted_at_once(channel: grpc.Channel) -> None:
+    stub = pb_grpc.ClassifierStub(channel)
+    request = tensor_request(np.zeros((8, 8), np.uint8), model="narrow")
+    GATE.close()
+    try:
+        computing = stub.Classify.future(request, timeout=60)
+        assert GATE.entered.acquire(timeout=20)
+        queued = [stub.Classify.future(request, timeout=60) for _ in range(2)]
+        rejected = None
+        while rejected is None:  # an earlier request may still be preprocessing, so the queue fills a bit later
+            extra = stub.Classify.future(request, timeout=60)
+            try:
+                rejected = extra.exception(timeout=2)
+            except grpc.FutureTimeoutError:
+                queued.append(extra)
+        assert len(queued) <= 4
+        assert rejected.code() is grpc.StatusCode.RESOURCE_EXHAUSTED
+        assert "model narrow" in rejected.details() and "max_queue=2" in rejected.details()
+    finally:
+        GATE.open.set()
+    assert computing.result().predictions and all(f.result().predictions for f in queued)

@@ -98,7 +98,7 @@ class GetModelRequest(_message.Message):
     def __init__(self, model: _Optional[str] = ...) -> None: ...
 
 class ModelInfo(_message.Message):
-    __slots__ = ("name", "versions", "num_labels", "input", "device", "max_batch_size", "is_default", "architecture", "default_top_k", "max_delay_ms")
+    __slots__ = ("name", "versions", "num_labels", "input", "device", "max_batch_size", "is_default", "architecture", "default_top_k", "max_delay_ms", "serving_version")
     NAME_FIELD_NUMBER: _ClassVar[int]
     VERSIONS_FIELD_NUMBER: _ClassVar[int]
     NUM_LABELS_FIELD_NUMBER: _ClassVar[int]
@@ -109,6 +109,7 @@ class ModelInfo(_message.Message):
     ARCHITECTURE_FIELD_NUMBER: _ClassVar[int]
     DEFAULT_TOP_K_FIELD_NUMBER: _ClassVar[int]
     MAX_DELAY_MS_FIELD_NUMBER: _ClassVar[int]
+    SERVING_VERSION_FIELD_NUMBER: _ClassVar[int]
     name: str
     versions: _containers.RepeatedCompositeFieldContainer[VersionInfo]
     num_labels: int
@@ -119,7 +120,8 @@ class ModelInfo(_message.Message):
     architecture: str
     default_top_k: int
     max_delay_ms: float
-    def __init__(self, name: _Optional[str] = ..., versions: _Optional[_Iterable[_Union[VersionInfo, _Mapping]]] = ..., num_labels: _Optional[int] = ..., input: _Optional[_Union[InputSpec, _Mapping]] = ..., device: _Optional[str] = ..., max_batch_size: _Optional[int] = ..., is_default: _Optional[bool] = ..., architecture: _Optional[str] = ..., default_top_k: _Optional[int] = ..., max_delay_ms: _Optional[float] = ...) -> None: ...
+    serving_version: int
+    def __init__(self, name: _Optional[str] = ..., versions: _Optional[_Iterable[_Union[VersionInfo, _Mapping]]] = ..., num_labels: _Optional[int] = ..., input: _Optional[_Union[InputSpec, _Mapping]] = ..., device: _Optional[str] = ..., max_batch_size: _Optional[int] = ..., is_default: _Optional[bool] = ..., architecture: _Optional[str] = ..., default_top_k: _Optional[int] = ..., max_delay_ms: _Optional[float] = ..., serving_version: _Optional[int] = ...) -> None: ...
 
 class InputSpec(_message.Message):
     __slots__ = ("height", "width", "channels", "color")
@@ -133,8 +135,50 @@ class InputSpec(_message.Message):
     color: str
     def __init__(self, height: _Optional[int] = ..., width: _Optional[int] = ..., channels: _Optional[int] = ..., color: _Optional[str] = ...) -> None: ...
 
+class WatchModelsRequest(_message.Message):
+    __slots__ = ("model", "include_current")
+    MODEL_FIELD_NUMBER: _ClassVar[int]
+    INCLUDE_CURRENT_FIELD_NUMBER: _ClassVar[int]
+    model: str
+    include_current: bool
+    def __init__(self, model: _Optional[str] = ..., include_current: _Optional[bool] = ...) -> None: ...
+
+class ModelEvent(_message.Message):
+    __slots__ = ("model", "version", "kind", "reason", "time_unix_ms", "serving")
+    class Kind(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
+        __slots__ = ()
+        KIND_UNSPECIFIED: _ClassVar[ModelEvent.Kind]
+        LOADING: _ClassVar[ModelEvent.Kind]
+        READY: _ClassVar[ModelEvent.Kind]
+        FAILED: _ClassVar[ModelEvent.Kind]
+        UNLOADED: _ClassVar[ModelEvent.Kind]
+    KIND_UNSPECIFIED: ModelEvent.Kind
+    LOADING: ModelEvent.Kind
+    READY: ModelEvent.Kind
+    FAILED: ModelEvent.Kind
+    UNLOADED: ModelEvent.Kind
+    MODEL_FIELD_NUMBER: _ClassVar[int]
+    VERSION_FIELD_NUMBER: _ClassVar[int]
+    KIND_FIELD_NUMBER: _ClassVar[int]
+    REASON_FIELD_NUMBER: _ClassVar[int]
+    TIME_UNIX_MS_FIELD_NUMBER: _ClassVar[int]
+    SERVING_FIELD_NUMBER: _ClassVar[int]
+    model: str
+    version: int
+    kind: ModelEvent.Kind
+    reason: str
+    time_unix_ms: int
+    serving: bool
+    def __init__(self, model: _Optional[str] = ..., version: _Optional[int] = ..., kind: _Optional[_Union[ModelEvent.Kind, str]] = ..., reason: _Optional[str] = ..., time_unix_ms: _Optional[int] = ..., serving: _Optional[bool] = ...) -> None: ...
+
+class ReloadModelRequest(_message.Message):
+    __slots__ = ("model",)
+    MODEL_FIELD_NUMBER: _ClassVar[int]
+    model: str
+    def __init__(self, model: _Optional[str] = ...) -> None: ...
+
 class VersionInfo(_message.Message):
-    __slots__ = ("version", "state", "error")
+    __slots__ = ("version", "state", "error", "generation", "validation_accuracy")
     class State(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
         __slots__ = ()
         STATE_UNSPECIFIED: _ClassVar[VersionInfo.State]
@@ -150,7 +194,11 @@ class VersionInfo(_message.Message):
     VERSION_FIELD_NUMBER: _ClassVar[int]
     STATE_FIELD_NUMBER: _ClassVar[int]
     ERROR_FIELD_NUMBER: _ClassVar[int]
+    GENERATION_FIELD_NUMBER: _ClassVar[int]
+    VALIDATION_ACCURACY_FIELD_NUMBER: _ClassVar[int]
     version: int
     state: VersionInfo.State
     error: str
-    def __init__(self, version: _Optional[int] = ..., state: _Optional[_Union[VersionInfo.State, str]] = ..., error: _Optional[str] = ...) -> None: ...
+    generation: int
+    validation_accuracy: float
+    def __init__(self, version: _Optional[int] = ..., state: _Optional[_Union[VersionInfo.State, str]] = ..., error: _Optional[str] = ..., generation: _Optional[int] = ..., validation_accuracy: _Optional[float] = ...) -> None: ...

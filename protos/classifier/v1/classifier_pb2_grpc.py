@@ -55,6 +55,16 @@ class ClassifierStub:
                 request_serializer=classifier_dot_v1_dot_classifier__pb2.GetModelRequest.SerializeToString,
                 response_deserializer=classifier_dot_v1_dot_classifier__pb2.ModelInfo.FromString,
                 _registered_method=True)
+        self.WatchModels = channel.unary_stream(
+                '/classifier.v1.Classifier/WatchModels',
+                request_serializer=classifier_dot_v1_dot_classifier__pb2.WatchModelsRequest.SerializeToString,
+                response_deserializer=classifier_dot_v1_dot_classifier__pb2.ModelEvent.FromString,
+                _registered_method=True)
+        self.ReloadModel = channel.unary_unary(
+                '/classifier.v1.Classifier/ReloadModel',
+                request_serializer=classifier_dot_v1_dot_classifier__pb2.ReloadModelRequest.SerializeToString,
+                response_deserializer=classifier_dot_v1_dot_classifier__pb2.ModelInfo.FromString,
+                _registered_method=True)
 
 
 class ClassifierServicer:
@@ -92,6 +102,26 @@ class ClassifierServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def WatchModels(self, request, context):
+        """Streams model life-cycle events (loading, ready, failed, unloaded) as
+        they happen, so clients see when a swap took place. The stream first
+        replays the current state of every version when include_current is set.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ReloadModel(self, request, context):
+        """Re-reads a model from disk now: every version whose files changed is
+        reloaded and the newest loadable versions are put into service, exactly
+        as the directory watcher would. An operator's call: anyone who can reach
+        the port may make it (see docs/hot-swap.md). Returns the model's state
+        once the reload is done; NOT_FOUND when the directory does not exist.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_ClassifierServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -113,6 +143,16 @@ def add_ClassifierServicer_to_server(servicer, server):
             'GetModel': grpc.unary_unary_rpc_method_handler(
                     servicer.GetModel,
                     request_deserializer=classifier_dot_v1_dot_classifier__pb2.GetModelRequest.FromString,
+                    response_serializer=classifier_dot_v1_dot_classifier__pb2.ModelInfo.SerializeToString,
+            ),
+            'WatchModels': grpc.unary_stream_rpc_method_handler(
+                    servicer.WatchModels,
+                    request_deserializer=classifier_dot_v1_dot_classifier__pb2.WatchModelsRequest.FromString,
+                    response_serializer=classifier_dot_v1_dot_classifier__pb2.ModelEvent.SerializeToString,
+            ),
+            'ReloadModel': grpc.unary_unary_rpc_method_handler(
+                    servicer.ReloadModel,
+                    request_deserializer=classifier_dot_v1_dot_classifier__pb2.ReloadModelRequest.FromString,
                     response_serializer=classifier_dot_v1_dot_classifier__pb2.ModelInfo.SerializeToString,
             ),
     }
@@ -224,6 +264,60 @@ class Classifier:
             target,
             '/classifier.v1.Classifier/GetModel',
             classifier_dot_v1_dot_classifier__pb2.GetModelRequest.SerializeToString,
+            classifier_dot_v1_dot_classifier__pb2.ModelInfo.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def WatchModels(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_stream(
+            request,
+            target,
+            '/classifier.v1.Classifier/WatchModels',
+            classifier_dot_v1_dot_classifier__pb2.WatchModelsRequest.SerializeToString,
+            classifier_dot_v1_dot_classifier__pb2.ModelEvent.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ReloadModel(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/classifier.v1.Classifier/ReloadModel',
+            classifier_dot_v1_dot_classifier__pb2.ReloadModelRequest.SerializeToString,
             classifier_dot_v1_dot_classifier__pb2.ModelInfo.FromString,
             options,
             channel_credentials,
