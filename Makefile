@@ -4,6 +4,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 HOST ?= 127.0.0.1
 PORT ?= 50051
+HTTP_PORT ?=
 PROTOS := protos/classifier/v1/classifier.proto
 STUBS := classifier/v1/classifier_pb2.py classifier/v1/classifier_pb2.pyi classifier/v1/classifier_pb2_grpc.py
 
@@ -18,7 +19,7 @@ $(VENV)/.installed: pyproject.toml
 	touch $@
 
 serve: setup
-	$(PY) -m server --models-dir models --host $(HOST) --port $(PORT)
+	$(PY) -m server --models-dir models --host $(HOST) --port $(PORT) $(if $(HTTP_PORT),--http-port $(HTTP_PORT))
 
 test: setup proto-check
 	$(PY) -m pytest

@@ -19,6 +19,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--models-dir", type=Path, default=Path("models"), help="model repository (default: models)")
     parser.add_argument("--host", default="127.0.0.1", help="address to listen on (default: 127.0.0.1)")
     parser.add_argument("--port", type=int, default=50051, help="port (0 = any free port; default: 50051)")
+    parser.add_argument("--http-port", type=int, default=None,
+                        help="also serve HTTP (curl-friendly /v1, Open Inference Protocol /v2, status page /) on "
+                             "this port, same host (0 = any free port; default: no HTTP)")
     parser.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N (default: auto)")
     parser.add_argument("--max-batch-size", type=int, default=32,
                         help="batch cap for models whose manifest sets none (default: 32)")
@@ -43,6 +46,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         parser.error("--max-queue must be at least 1")
     if args.max_delay_ms < 0:
         parser.error("--max-delay-ms must be >= 0")
+    if args.http_port is not None and not 0 <= args.http_port <= 65535:
+        parser.error("--http-port must be from 0 to 65535")
     if args.settle_seconds < 0:
         parser.error("--settle-seconds must be >= 0")
     return args
@@ -53,7 +58,7 @@ async def serve(args: argparse.Namespace) -> None:
     config = ServerConfig(models_dir=args.models_dir, host=args.host, port=args.port, device=args.device,
                           max_batch_size=args.max_batch_size, max_delay_ms=args.max_delay_ms, max_queue=args.max_queue,
                           watch=args.watch,
-                          poll=args.poll, settle_s=args.settle_seconds)
+                          poll=args.poll, settle_s=args.settle_seconds, http_port=args.http_port)
     daemon = Daemon(config)
     await daemon.start()
     stop = asyncio.Event()

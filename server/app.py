@@ -1,4 +1,4 @@
-"""Assemble the daemon: model manager, service, gRPC server with health and reflection.
+"""Assemble the daemon: model manager, service, gRPC server with health and reflection, optional HTTP server.
 
 ``Daemon.start()`` binds the port (0 picks a free one, as tests do) and
 returns once every model in the repository has been tried.
@@ -6,7 +6,10 @@ returns once every model in the repository has been tried.
 
 from __future__ import annotations
 
+import asyncio
+import importlib.metadata
 import logging
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -17,10 +20,13 @@ from grpc_health.v1 import health, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
 from server.grpc_api import ClassifierServicer, ErrorInterceptor, HealthReporter
+from server.http_api import HttpContext
+from server.http_server import HttpServer, build_app
 from server.manager import ManagerSettings, ModelManager
 from server.preprocess import MAX_PIXELS
 from server.runtime import InferenceThread, pick_device
 from server.service import ClassifierService
+from server.stats import EventLog, StatsCollector
 from server.watcher import RepositoryWatcher
 
 log = logging.getLogger("classifyd")
@@ -44,6 +50,7 @@ class ServerConfig:
     poll: bool = False
     settle_s: float = 1.0
     rescan_s: float = 30.0
+    http_port: int | None = None  # None: no HTTP listener; 0: any free port
 
 
 class Daemon:
@@ -62,13 +69,25 @@ class Daemon:
             default_max_queue=config.max_queue,
         )
         self.manager = ModelManager(settings, self.inference)
-        self.service = ClassifierService(self.manager, self.inference, max_pixels=config.max_pixels)
+        self.stats = StatsCollector()
+        self.events = EventLog()
+        self.manager.add_listener(self.events.record)
+        self.service = ClassifierService(self.manager, self.inference, max_pixels=config.max_pixels,
+                                         observer=self.stats.observe)
         self.health = health.aio.HealthServicer()
         self.health_reporter = HealthReporter(self.health, self.manager)
         self.manager.add_listener(self.health_reporter.model_changed)
         self.server = self._build_server()
         self.watcher: RepositoryWatcher | None = None
         self.port = 0
+        self.http_port = 0
+        self.http = self._build_http() if config.http_port is not None else None
+        self._started = time.time()
+
+    def _build_http(self) -> HttpServer:
+        context = HttpContext(self.service, self.manager, self.config.max_message_bytes, self.stats, self.events,
+                              self.server_info)
+        return HttpServer(build_app(context))
 
     def _build_server(self) -> grpc.aio.Server:
         options = [
@@ -90,6 +109,12 @@ class Daemon:
         if self.port == 0:
             raise OSError(f"cannot listen on {address}")
         await self.server.start()
+        if self.http:
+            try:
+                self.http_port = await self.http.start(self.config.host, self.config.http_port or 0)
+            except OSError:
+                await self.server.stop(0)
+                raise
         if self.config.watch:
             self.watcher = RepositoryWatcher(self.manager, self.config.models_dir, settle_s=self.config.settle_s,
                                              poll=self.config.poll, rescan_s=self.config.rescan_s)
@@ -97,9 +122,16 @@ class Daemon:
         await self.health_reporter.set_overall(True)
         for record in self.manager.models():
             await self.health_reporter.update(record.name)
-        log.info("classifyd serving on %s:%d (device %s); models: %s", self.config.host, self.port,
+        http = f", HTTP on http://{self.config.host}:{self.http_port}/" if self.http else ""
+        log.info("classifyd serving on %s:%d%s (device %s); models: %s", self.config.host, self.port, http,
                  self.manager.settings.device, self.describe_models())
         return self.port
+
+    def server_info(self) -> dict[str, object]:
+        """What the status page and the OIP server metadata say about this daemon."""
+        return {"version": _package_version(), "device": str(self.manager.settings.device), "host": self.config.host,
+                "grpc_port": self.port, "http_port": self.http_port, "default_model": self.manager.default_model,
+                "started_unix_ms": round(self._started * 1000), "uptime_s": round(time.time() - self._started, 1)}
 
     def describe_models(self) -> str:
         """One line: each model with its serving version, or why it does not serve."""
@@ -116,7 +148,7 @@ class Daemon:
         await self.health_reporter.set_overall(False)
         if self.watcher:
             await self.watcher.aclose()
-        await self.server.stop(grace)
+        await asyncio.gather(self.server.stop(grace), *([self.http.stop(grace or 0.0)] if self.http else []))
         await self.service.aclose(drain=False)
         await self.manager.aclose()
         self.inference.shutdown()
@@ -124,3 +156,10 @@ class Daemon:
     async def wait(self) -> None:
         """Block until the server stops."""
         await self.server.wait_for_termination()
+
+
+def _package_version() -> str:
+    try:
+        return importlib.metadata.version("classifyd")
+    except importlib.metadata.PackageNotFoundError:  # run from a checkout that was not pip-installed
+        return "unknown"

@@ -13,6 +13,7 @@ import logging
 import os
 import time
 from collections import defaultdict
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
@@ -33,6 +34,8 @@ from server.preprocess import MAX_PIXELS, RawTensor, preprocess
 from server.runtime import InferenceThread, LoadedVersion
 
 log = logging.getLogger("classifyd.service")
+# Called on the event loop for every answered request: (model, version, batch_size, latency_s). Must not block.
+Observer = Callable[[str, int, int, float], None]
 
 
 @dataclass(frozen=True)
@@ -92,8 +95,9 @@ class ClassifierService:
     """Classifies requests with dynamic batching per model."""
 
     def __init__(self, manager: ModelManager, inference: InferenceThread, *, preprocess_workers: int | None = None,
-                 max_pixels: int = MAX_PIXELS) -> None:
+                 max_pixels: int = MAX_PIXELS, observer: Observer | None = None) -> None:
         self._manager = manager
+        self._observer = observer
         self._inference = inference
         self._max_pixels = max_pixels
         workers = preprocess_workers or max(2, os.cpu_count() or 2)
@@ -105,12 +109,16 @@ class ClassifierService:
 
         Raises ModelNotFound, ModelUnavailable, InvalidInput, Overloaded, DeadlineExpired or InferenceFailed.
         """
+        started = time.perf_counter()
         version = self._manager.resolve(call.model, call.version)
         version.lease()  # the admitting version stays loaded until this request is answered
         try:
-            return await self._classify(call, version)
+            result = await self._classify(call, version)
         finally:
             version.unlease()
+        if self._observer is not None:
+            self._observer(result.model, result.version, result.batch_size, time.perf_counter() - started)
+        return result
 
     async def _classify(self, call: ClassifyCall, admitted: LoadedVersion) -> ClassifyResult:
         top_k = _check_top_k(call.top_k, admitted)
