@@ -39,6 +39,11 @@ proto-check:
 default-model: setup
 	$(PY) -m tools.train_digits --out models/digits
 
+# Benchmarks are not tests: several minutes of full load (see docs/benchmarks.md).
+bench: setup
+	$(PY) -m benchmarks.cpu_bench
+	$(PY) -m benchmarks.swap_bench
+
 lint: setup
 	$(VENV)/bin/ruff check .
 

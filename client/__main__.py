@@ -1,4 +1,4 @@
-"""``python -m client``: classify images and list models from the command line."""
+"""``python -m client``: classify images, list and watch models, and benchmark a daemon from the command line."""
 
 from __future__ import annotations
 
@@ -11,6 +11,7 @@ from pathlib import Path
 import grpc
 from classifier.v1 import classifier_pb2 as pb
 
+from client import bench as benchmark
 from client.api import DEFAULT_TARGET, ClassifierClient
 
 
@@ -34,6 +35,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     reload = commands.add_parser("reload", help="re-read a model from disk now")
     reload.add_argument("model", nargs="?", default="", help="model name (default: the default model)")
     reload.add_argument("--target", default=argparse.SUPPRESS, help="host:port")
+    bench = commands.add_parser("bench", help="measure throughput and latency under load (see docs/benchmarks.md)")
+    benchmark.add_arguments(bench)
     return parser.parse_args(argv)
 
 
@@ -84,6 +87,11 @@ COMMANDS: dict[str, Callable[[ClassifierClient, argparse.Namespace], None]] = {
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    if args.command == "bench":
+        try:
+            return benchmark.main(args)
+        except KeyboardInterrupt:
+            return 130
     try:
         with ClassifierClient(args.target) as client:
             COMMANDS[args.command](client, args)

@@ -174,7 +174,7 @@ class ModelManager:
 
     async def _load_newest(self, record: ModelRecord, settle: SettleTracker | None,
                            force: bool) -> tuple[float, set[int]]:
-        on_disk = version_numbers(record.directory)
+        on_disk = await asyncio.to_thread(version_numbers, record.directory)
         if not on_disk:
             log.error("model %s: no version directories (expected %s/<N>/)", record.name, record.directory)
         wait, kept, keep = 0.0, set(), 1
@@ -195,7 +195,7 @@ class ModelManager:
     async def _consider(self, record: ModelRecord, number: int, settle: SettleTracker | None,
                         force: bool) -> VersionRecord | float | None:
         """Load one version if its files are new or changed and have settled; else say how long to wait."""
-        current = fingerprint(record.directory / str(number))
+        current = await asyncio.to_thread(fingerprint, record.directory / str(number))
         entry = record.versions.get(number)
         if entry is not None and entry.is_current(current) and not force:
             return entry

@@ -1,0 +1,32 @@
+"""The swap benchmark script end to end, at its smallest (digits model, one swap), so it cannot rot unnoticed."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from benchmarks import swap_bench
+
+
+def test_swap_bench_publishes_a_version_under_load_without_failed_requests(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    out = tmp_path / "swap.json"
+    markdown = tmp_path / "bench.md"
+    code = swap_bench.main(["--model", "digits", "--versions", "1", "--concurrency", "2", "--warmup", "0.3",
+                            "--steady", "0.7", "--interval", "0.2", "--settle-seconds", "0.3", "--json", str(out),
+                            "--markdown", str(markdown)])
+    assert code == 0
+    record = json.loads(out.read_text(encoding="utf-8"))
+    assert record["failures"] == {}
+    assert [s["version"] for s in record["swaps"]] == [2]
+    for swap in record["swaps"]:
+        # publish < LOADING (after the settle period) <= READY <= old version UNLOADED
+        assert swap["published"] + 0.3 <= swap["loading"] <= swap["ready"] <= swap["unloaded"]
+        assert swap["first_response"] is not None and swap["first_response"] >= swap["published"]
+    assert record["windows"]["steady"]["requests"] > 0
+    text = markdown.read_text(encoding="utf-8")
+    assert "| steady |" in text and "| during swaps |" in text and "Failed requests over the whole run: 0" in text
+    assert "publish → ready" in capsys.readouterr().out
