@@ -24,15 +24,7 @@ from inference import grpc_service_pb2_grpc as oip_grpc
 from server import errors
 from server.grpc_api import _deadline, answer_concurrently, status_for
 from server.manager import ModelManager, VersionState
-from server.oip_tensors import (
-    INPUT_IMAGE,
-    INPUT_PIXELS,
-    OUTPUT,
-    build_response,
-    decode_payloads,
-    parse_outputs,
-    parse_version,
-)
+from server.oip_tensors import INPUT, OUTPUT, build_response, decode_payloads, parse_classification, parse_version
 from server.service import ClassifierService, ClassifyCall, ClassifyResult
 
 log = logging.getLogger("classifyd.oip")
@@ -112,16 +104,17 @@ class OipServicer(oip_grpc.GRPCInferenceServiceServicer):
     async def _infer(self, request: oip.ModelInferRequest, deadline: float | None) -> oip.ModelInferResponse:
         """Classify every image of the request. Raises the first image's error (prefixed with its position)."""
         version = parse_version(request.model_version)
-        self._manager.get(request.model_name)  # an unknown model is NOT_FOUND before the input is looked at
+        labels = len(self._manager.resolve(request.model_name, version).labels)  # NOT_FOUND/UNAVAILABLE first
         payloads = decode_payloads(request)
-        wanted = parse_outputs(request)
-        calls = [ClassifyCall(request.model_name, p, version, wanted.class_count, deadline) for p in payloads]
+        classification = parse_classification(request, labels)
+        calls = [ClassifyCall(request.model_name, p, version, classification or labels, deadline)
+                 for p in payloads.images]
         outcomes = await asyncio.gather(*(self._service.classify(c) for c in calls), return_exceptions=True)
         for position, outcome in enumerate(outcomes):
             if isinstance(outcome, BaseException):
                 raise _with_position(outcome, position, len(outcomes))
         results: list[ClassifyResult] = list(outcomes)  # type: ignore[arg-type]
-        return build_response(request, results, wanted)
+        return build_response(request, results, classification, labels, payloads.batched)
 
 
 def _with_position(exc: BaseException, position: int, count: int) -> BaseException:
@@ -140,14 +133,12 @@ def model_metadata(manager: ModelManager, name: str, version: int) -> oip.ModelM
     if manifest is None:
         raise errors.ModelUnavailable(f"model {record.name}: no version has a valid manifest")
     ready = sorted((v.version for v in record.versions.values() if v.state is VersionState.READY), reverse=True)
-    spec = manifest.input
     tensor = oip.ModelMetadataResponse.TensorMetadata
     return oip.ModelMetadataResponse(
         name=record.name,
-        versions=[str(v) for v in ready],
+        versions=[str(v) for v in ([version] if version else ready)],
         platform="pytorch",
-        inputs=[tensor(name=INPUT_IMAGE, datatype="BYTES", shape=[-1]),
-                tensor(name=INPUT_PIXELS, datatype="UINT8", shape=[-1, spec.height, spec.width, spec.channels])],
+        inputs=[tensor(name=INPUT, datatype="BYTES", shape=[-1])],
         outputs=[tensor(name=OUTPUT, datatype="FP32", shape=[-1, manifest.num_classes])],
     )
 

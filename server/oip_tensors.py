@@ -1,10 +1,16 @@
-"""Open Inference Protocol tensors <-> classifyd inputs and results.
+"""Open Inference Protocol tensors <-> classifyd inputs and results (the gRPC binding).
 
-Pure translation, no gRPC and no torch: a ``ModelInferRequest``'s one input
-tensor becomes one payload per image (encoded bytes or a :class:`RawTensor`),
-and the results of those images become the response's output tensors. Every
-malformed tensor raises :class:`server.errors.InvalidInput` saying what was
-wrong.
+Pure translation, no gRPC and no torch. Every model has one input and one output, named as in
+the REST binding:
+
+- input ``image`` (any name is accepted; the datatype decides): ``BYTES`` of shape ``[N]`` holding
+  encoded images, or ``UINT8`` / ``FP32`` pixels of shape ``[N, H, W, C]``, or ``[H, W, C]`` /
+  ``[H, W]`` for one image.
+- output ``probabilities``: ``FP32`` ``[N, labels]``; with the ``classification`` parameter ``k``,
+  ``BYTES`` ``[N, k]`` of ``"score:index:label"`` strings, best first. A single unbatched image
+  gives ``[labels]`` / ``[k]``.
+
+Every malformed tensor raises :class:`server.errors.InvalidInput` saying what was wrong.
 """
 
 from __future__ import annotations
@@ -20,18 +26,19 @@ from server.errors import InvalidInput, ModelUnavailable
 from server.preprocess import RawTensor
 from server.service import ClassifyResult
 
-INPUT_IMAGE = "IMAGE"  # BYTES [N]: encoded images (JPEG, PNG, ...)
-INPUT_PIXELS = "PIXELS"  # UINT8 or FP32 [H, W], [H, W, C] or [N, H, W, C]
-OUTPUT = "PROBABILITIES"  # FP32 [N, labels]; BYTES [N, k] "score:index:label" with the classification parameter
+INPUT = "image"
+OUTPUT = "probabilities"
 CLASSIFICATION = "classification"
 _PIXEL_DTYPES = {"UINT8": ("uint8", np.dtype("<u1")), "FP32": ("float32", np.dtype("<f4"))}
+Payload = bytes | RawTensor
 
 
 @dataclass(frozen=True)
-class OutputRequest:
-    """What the caller wants back: the probabilities, or the top ``class_count`` labels as strings."""
+class Payloads:
+    """The images of a request, and whether its input had a batch dimension."""
 
-    class_count: int = 0
+    images: list[Payload]
+    batched: bool
 
 
 def parse_version(text: str) -> int:
@@ -43,20 +50,19 @@ def parse_version(text: str) -> int:
     return int(text)
 
 
-def decode_payloads(request: oip.ModelInferRequest) -> list[bytes | RawTensor]:
+def decode_payloads(request: oip.ModelInferRequest) -> Payloads:
     """One payload per image of the request's single input tensor. Raises InvalidInput."""
     if len(request.inputs) != 1:
-        names = [t.name for t in request.inputs]
-        raise InvalidInput(f"expected exactly one input tensor, {INPUT_IMAGE} (BYTES) or {INPUT_PIXELS} "
-                           f"(UINT8/FP32); got {len(names)}: {names}")
+        raise InvalidInput(f"expected exactly one input tensor (the images, named {INPUT!r}); "
+                           f"got {len(request.inputs)}: {[t.name for t in request.inputs]}")
     tensor = request.inputs[0]
     raw = _raw_contents(request)
-    if tensor.name == INPUT_IMAGE:
-        return _images(tensor, raw)
-    if tensor.name == INPUT_PIXELS:
+    if tensor.datatype == "BYTES":
+        return Payloads(_images(tensor, raw), batched=True)
+    if tensor.datatype in _PIXEL_DTYPES:
         return _pixels(tensor, raw)
-    raise InvalidInput(f"unknown input {tensor.name!r}; inputs are {INPUT_IMAGE} (BYTES, encoded images) and "
-                       f"{INPUT_PIXELS} (UINT8 or FP32 pixels)")
+    raise InvalidInput(f"input datatype must be BYTES (encoded images), UINT8 or FP32, "
+                       f"got {tensor.datatype or 'none'!r}")
 
 
 def _raw_contents(request: oip.ModelInferRequest) -> bytes | None:
@@ -68,35 +74,31 @@ def _raw_contents(request: oip.ModelInferRequest) -> bytes | None:
     return request.raw_input_contents[0]
 
 
-def _images(tensor: oip.ModelInferRequest.InferInputTensor, raw: bytes | None) -> list[bytes | RawTensor]:
-    if tensor.datatype != "BYTES":
-        raise InvalidInput(f"input {INPUT_IMAGE} must be BYTES (encoded images), got {tensor.datatype or 'none'}")
+def _images(tensor: oip.ModelInferRequest.InferInputTensor, raw: bytes | None) -> list[Payload]:
     shape = list(tensor.shape)
     if not shape or shape[0] < 1 or any(d != 1 for d in shape[1:]):
-        raise InvalidInput(f"input {INPUT_IMAGE} must have shape [N] (or [N, 1]) with N >= 1, got {shape}")
+        raise InvalidInput(f"BYTES input must have shape [N] (or [N, 1]) with N >= 1, got {shape}")
     elements = split_bytes_elements(raw) if raw is not None else list(tensor.contents.bytes_contents)
     if len(elements) != shape[0]:
-        raise InvalidInput(f"input {INPUT_IMAGE} of shape {shape} needs {shape[0]} element(s), got {len(elements)}")
+        raise InvalidInput(f"input of shape {shape} needs {shape[0]} element(s), got {len(elements)}")
     return list(elements)
 
 
-def _pixels(tensor: oip.ModelInferRequest.InferInputTensor, raw: bytes | None) -> list[bytes | RawTensor]:
-    if tensor.datatype not in _PIXEL_DTYPES:
-        raise InvalidInput(f"input {INPUT_PIXELS} must be UINT8 or FP32, got {tensor.datatype or 'none'}")
+def _pixels(tensor: oip.ModelInferRequest.InferInputTensor, raw: bytes | None) -> Payloads:
     name, dtype = _PIXEL_DTYPES[tensor.datatype]
     shape = tuple(tensor.shape)
     if len(shape) not in (2, 3, 4) or any(d < 1 for d in shape):
-        raise InvalidInput(f"input {INPUT_PIXELS} must have shape [H, W], [H, W, C] or [N, H, W, C], "
+        raise InvalidInput(f"{tensor.datatype} input must have shape [N, H, W, C], [H, W, C] or [H, W], "
                            f"got {list(shape)}")
     data = raw if raw is not None else _typed_contents(tensor, dtype)
     count = int(np.prod(shape, dtype=np.int64))
     if len(data) != count * dtype.itemsize:
-        raise InvalidInput(f"input {INPUT_PIXELS} of shape {list(shape)} and datatype {tensor.datatype} needs "
-                           f"{count * dtype.itemsize} bytes, got {len(data)}")
+        raise InvalidInput(f"{tensor.datatype} input of shape {list(shape)} needs {count * dtype.itemsize} bytes, "
+                           f"got {len(data)}")
     if len(shape) < 4:
-        return [RawTensor(name, shape, data)]
+        return Payloads([RawTensor(name, shape, data)], batched=False)
     size = len(data) // shape[0]
-    return [RawTensor(name, shape[1:], data[i * size:(i + 1) * size]) for i in range(shape[0])]
+    return Payloads([RawTensor(name, shape[1:], data[i * size:(i + 1) * size]) for i in range(shape[0])], True)
 
 
 def _typed_contents(tensor: oip.ModelInferRequest.InferInputTensor, dtype: np.dtype) -> bytes:
@@ -104,7 +106,7 @@ def _typed_contents(tensor: oip.ModelInferRequest.InferInputTensor, dtype: np.dt
         return np.asarray(tensor.contents.fp32_contents, dtype=dtype).tobytes()
     values = np.asarray(tensor.contents.uint_contents, dtype=np.int64)
     if values.size and (values.min() < 0 or values.max() > 255):
-        raise InvalidInput(f"input {INPUT_PIXELS} is UINT8 but uint_contents holds values outside 0..255")
+        raise InvalidInput("UINT8 input has uint_contents values outside 0..255")
     return values.astype(dtype).tobytes()
 
 
@@ -129,42 +131,47 @@ def join_bytes_elements(elements: Sequence[bytes]) -> bytes:
     return b"".join(struct.pack("<I", len(e)) + e for e in elements)
 
 
-def parse_outputs(request: oip.ModelInferRequest) -> OutputRequest:
-    """The requested outputs (none = the probabilities). Raises InvalidInput."""
+def parse_classification(request: oip.ModelInferRequest, labels: int) -> int:
+    """How many labels the caller wants as strings (0: the probabilities). Raises InvalidInput."""
     if not request.outputs:
-        return OutputRequest()
+        return 0
     if len(request.outputs) > 1 or request.outputs[0].name != OUTPUT:
-        names = [o.name for o in request.outputs]
-        raise InvalidInput(f"the only output is {OUTPUT}; requested {names}")
+        raise InvalidInput(f"the model's only output is {OUTPUT!r}; requested {[o.name for o in request.outputs]}")
     parameters = request.outputs[0].parameters
     if CLASSIFICATION not in parameters:
-        return OutputRequest()
+        return 0
     value = parameters[CLASSIFICATION]
     which = value.WhichOneof("parameter_choice")
-    if which not in ("int64_param", "uint64_param") or getattr(value, which) < 1:
-        raise InvalidInput(f"output parameter {CLASSIFICATION!r} must be an integer >= 1 (how many labels), "
-                           f"got {value}".strip())
-    return OutputRequest(class_count=getattr(value, which))
+    k = getattr(value, which) if which in ("int64_param", "uint64_param") else 0
+    if not 1 <= k <= labels:
+        raise InvalidInput(f"output parameter {CLASSIFICATION!r} must be an integer from 1 to the {labels} labels, "
+                           f"got {str(value).strip() or 'nothing'}")
+    return k
 
 
-def build_response(request: oip.ModelInferRequest, results: Sequence[ClassifyResult],
-                   wanted: OutputRequest) -> oip.ModelInferResponse:
-    """The response for the results of the request's images, in the images' order."""
+def build_response(request: oip.ModelInferRequest, results: Sequence[ClassifyResult], classification: int,
+                   labels: int, batched: bool) -> oip.ModelInferResponse:
+    """The response for the results of the request's images, in the images' order.
+
+    Each result holds the top ``classification`` (or all ``labels``) predictions. Raises ModelUnavailable when a
+    swap changed the model's labels while the request was computed.
+    """
+    width = classification or labels
+    if any(len(r.predictions) != width for r in results):
+        raise ModelUnavailable("the model's labels changed while this request was computed; send it again")
     response = oip.ModelInferResponse(model_name=results[0].model, id=request.id,
                                       model_version=str(max(r.version for r in results)))
     output = response.outputs.add(name=OUTPUT)
-    if wanted.class_count:
-        if any(len(r.predictions) != wanted.class_count for r in results):
-            raise ModelUnavailable("the model's labels changed while this request was computed; send it again")
+    output.shape.extend([len(results), width] if batched else [width])
+    if classification:
         output.datatype = "BYTES"
-        output.shape.extend([len(results), wanted.class_count])
         strings = [f"{p.score:f}:{p.index}:{p.label}".encode() for r in results for p in r.predictions]
         response.raw_output_contents.append(join_bytes_elements(strings))
     else:
-        rows = [r.probabilities for r in results]
-        if any(row is None or len(row) != len(rows[0]) for row in rows):
-            raise ModelUnavailable("the model's labels changed while this request was computed; send it again")
         output.datatype = "FP32"
-        output.shape.extend([len(rows), len(rows[0])])
-        response.raw_output_contents.append(np.stack(rows).astype("<f4").tobytes())
+        rows = np.zeros((len(results), labels), dtype="<f4")
+        for row, result in zip(rows, results, strict=True):
+            for p in result.predictions:
+                row[p.index] = p.score
+        response.raw_output_contents.append(rows.tobytes())
     return response

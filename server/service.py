@@ -64,7 +64,6 @@ class ClassifyResult:
     queue_s: float
     compute_s: float
     preprocess_s: float
-    probabilities: np.ndarray | None = None  # every label's score, in label order (read-only)
 
 
 @dataclass(eq=False)
@@ -129,7 +128,6 @@ class ClassifierService:
             queue_s=batched.queue_s,
             compute_s=batched.compute_s,
             preprocess_s=preprocess_s,
-            probabilities=computed.probabilities,
         )
 
     async def _preprocess(self, payload: bytes | RawTensor, spec: InputSpec) -> np.ndarray:

@@ -23,13 +23,13 @@ COUNT = 24
 
 
 def image_input(images: list[bytes]) -> triton.InferInput:
-    tensor = triton.InferInput("IMAGE", [len(images)], "BYTES")
+    tensor = triton.InferInput("image", [len(images)], "BYTES")
     tensor.set_data_from_numpy(np.array(images, dtype=np.object_))
     return tensor
 
 
 def pixels_input(array: np.ndarray, datatype: str = "UINT8") -> triton.InferInput:
-    tensor = triton.InferInput("PIXELS", list(array.shape), datatype)
+    tensor = triton.InferInput("image", list(array.shape), datatype)
     tensor.set_data_from_numpy(array)
     return tensor
 
@@ -45,8 +45,8 @@ def failure(call: Any) -> dict[str, str]:
 
 def top_k(client: triton.InferenceServerClient, images: list[bytes], k: int) -> list[list[str]]:
     result = client.infer("digits", [image_input(images)],
-                          outputs=[triton.InferRequestedOutput("PROBABILITIES", class_count=k)])
-    return [[cell.decode() for cell in row] for row in result.as_numpy("PROBABILITIES")]
+                          outputs=[triton.InferRequestedOutput("probabilities", class_count=k)])
+    return [[cell.decode() for cell in row] for row in result.as_numpy("probabilities")]
 
 
 def errors(client: triton.InferenceServerClient, png: bytes) -> dict[str, dict[str, str]]:
@@ -59,7 +59,7 @@ def errors(client: triton.InferenceServerClient, png: bytes) -> dict[str, dict[s
         "bad_datatype": failure(lambda: client.infer("digits", [pixels_input(np.zeros((8, 8, 1), np.int32),
                                                                              "INT32")])),
         "too_many_classes": failure(lambda: client.infer(
-            "digits", [good], outputs=[triton.InferRequestedOutput("PROBABILITIES", class_count=11)])),
+            "digits", [good], outputs=[triton.InferRequestedOutput("probabilities", class_count=11)])),
         "unknown_metadata": failure(lambda: client.get_model_metadata("no-such-model")),
     }
 
@@ -73,7 +73,7 @@ def stream(client: triton.InferenceServerClient, pngs: list[bytes]) -> dict[str,
             seen["errors"].append(str(error.message()))
         else:
             response = result.get_response()
-            seen["results"][response.id] = result.as_numpy("PROBABILITIES").tolist()
+            seen["results"][response.id] = result.as_numpy("probabilities").tolist()
 
     client.start_stream(callback=callback)
     client.async_stream_infer("digits", [image_input([pngs[0]])], request_id="a")
@@ -98,7 +98,7 @@ def main(target: str) -> dict[str, Any]:
             "metadata": client.get_model_metadata("digits", as_json=True),
             "labels": labels[:COUNT],
             "top3": top_k(client, pngs, 3),
-            "probabilities": probabilities.as_numpy("PROBABILITIES").tolist(),
+            "probabilities": probabilities.as_numpy("probabilities").tolist(),
             "probabilities_version": probabilities.get_response().model_version,
             "errors": errors(client, pngs[0]),
             "stream": stream(client, pngs),
