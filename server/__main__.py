@@ -5,11 +5,12 @@ from __future__ import annotations
 import argparse
 import asyncio
 import logging
+import os
 import signal
 import sys
 from pathlib import Path
 
-from server.app import Daemon, ServerConfig
+from server.workers import run_workers
 
 log = logging.getLogger("classifyd")
 
@@ -39,6 +40,16 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--settle-seconds", type=float, default=1.0,
                         help="a version's files must be unchanged this long before it is loaded (default: 1)")
     parser.add_argument("--log-level", default="INFO")
+    parser.add_argument("--port-file", type=Path,
+                        help="once serving, write the bound port (useful with --port 0) to this file")
+    parser.add_argument("--workers", type=int, default=1,
+                        help="server processes sharing the port, each with its own batchers and models (default: 1)")
+    parser.add_argument("--reuse-port", action="store_true",
+                        help="listen with SO_REUSEPORT so other processes may serve the same port (implied by "
+                             "--workers)")
+    parser.add_argument("--max-connection-age-seconds", type=float, default=0.0,
+                        help="close client connections after this long (gracefully), so clients balancing over "
+                             "replicas re-resolve their addresses and find new ones (default: 0 = never)")
     args = parser.parse_args(argv)
     if args.max_batch_size < 1:
         parser.error("--max-batch-size must be at least 1")
@@ -50,17 +61,28 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         parser.error("--http-port must be from 0 to 65535")
     if args.settle_seconds < 0:
         parser.error("--settle-seconds must be >= 0")
+    if args.workers < 1:
+        parser.error("--workers must be at least 1")
+    if args.workers > 1 and args.http_port == 0:
+        parser.error("--http-port 0 cannot be shared by several --workers: give a port number")
+    if args.max_connection_age_seconds < 0:
+        parser.error("--max-connection-age-seconds must be >= 0")
     return args
 
 
 async def serve(args: argparse.Namespace) -> None:
     """Run until SIGTERM or SIGINT, then stop gracefully."""
+    from server.app import Daemon, ServerConfig  # here: the parent of --workers never needs torch
+
     config = ServerConfig(models_dir=args.models_dir, host=args.host, port=args.port, device=args.device,
                           max_batch_size=args.max_batch_size, max_delay_ms=args.max_delay_ms, max_queue=args.max_queue,
                           watch=args.watch,
-                          poll=args.poll, settle_s=args.settle_seconds, http_port=args.http_port)
+                          poll=args.poll, settle_s=args.settle_seconds, http_port=args.http_port,
+                          reuse_port=args.reuse_port, max_connection_age_s=args.max_connection_age_seconds)
     daemon = Daemon(config)
-    await daemon.start()
+    port = await daemon.start()
+    if args.port_file:
+        write_port_file(args.port_file, port)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
@@ -70,10 +92,19 @@ async def serve(args: argparse.Namespace) -> None:
     await daemon.stop(args.grace_seconds)
 
 
+def write_port_file(path: Path, port: int) -> None:
+    """Write the port atomically, so a reader never sees a half-written number."""
+    partial = path.with_name(f".{path.name}.{os.getpid()}")
+    partial.write_text(f"{port}\n", encoding="ascii")
+    partial.replace(path)
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:
+        if args.workers > 1:
+            return run_workers(args)
         asyncio.run(serve(args))
     except (FileNotFoundError, OSError, ValueError) as exc:
         log.error("%s", exc)

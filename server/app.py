@@ -19,6 +19,7 @@ from classifier.v1 import classifier_pb2_grpc as pb_grpc
 from grpc_health.v1 import health, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
+from server import oip_api
 from server.grpc_api import ClassifierServicer, ErrorInterceptor, HealthReporter
 from server.http_api import HttpContext
 from server.http_server import HttpServer, build_app
@@ -51,6 +52,8 @@ class ServerConfig:
     settle_s: float = 1.0
     rescan_s: float = 30.0
     http_port: int | None = None  # None: no HTTP listener; 0: any free port
+    reuse_port: bool = False  # SO_REUSEPORT: several processes share the port (--workers)
+    max_connection_age_s: float = 0.0  # > 0: clients reconnect, re-resolving DNS, so they find new replicas
 
 
 class Daemon:
@@ -83,21 +86,27 @@ class Daemon:
         self.http_port = 0
         self.http = self._build_http() if config.http_port is not None else None
         self._started = time.time()
+        self.ready = False  # accepting requests: between start() and stop()
 
     def _build_http(self) -> HttpServer:
         context = HttpContext(self.service, self.manager, self.config.max_message_bytes, self.stats, self.events,
                               self.server_info)
-        return HttpServer(build_app(context))
+        return HttpServer(build_app(context), reuse_port=self.config.reuse_port)
 
     def _build_server(self) -> grpc.aio.Server:
         options = [
             ("grpc.max_receive_message_length", self.config.max_message_bytes),
             ("grpc.max_send_message_length", self.config.max_message_bytes),
+            ("grpc.so_reuseport", int(self.config.reuse_port)),
         ]
+        if self.config.max_connection_age_s > 0:
+            options.append(("grpc.max_connection_age_ms", round(self.config.max_connection_age_s * 1000)))
         server = grpc.aio.server(interceptors=[ErrorInterceptor()], options=options)
         pb_grpc.add_ClassifierServicer_to_server(ClassifierServicer(self.service, self.manager), server)
         health_pb2_grpc.add_HealthServicer_to_server(self.health, server)
-        names = (pb.DESCRIPTOR.services_by_name["Classifier"].full_name, health.SERVICE_NAME, reflection.SERVICE_NAME)
+        oip_name = oip_api.add_to_server(oip_api.OipServicer(self.service, self.manager, lambda: self.ready), server)
+        names = (pb.DESCRIPTOR.services_by_name["Classifier"].full_name, oip_name, health.SERVICE_NAME,
+                 reflection.SERVICE_NAME)
         reflection.enable_server_reflection(names, server)
         return server
 
@@ -105,7 +114,10 @@ class Daemon:
         """Load the repository, bind and start serving. Returns the bound port. Raises OSError if it cannot bind."""
         await self.manager.load_repository()
         address = f"{self.config.host}:{self.config.port}"
-        self.port = self.server.add_insecure_port(address)
+        try:
+            self.port = self.server.add_insecure_port(address)
+        except RuntimeError:  # grpcio reports a port in use this way
+            self.port = 0
         if self.port == 0:
             raise OSError(f"cannot listen on {address}")
         await self.server.start()
@@ -120,6 +132,7 @@ class Daemon:
                                              poll=self.config.poll, rescan_s=self.config.rescan_s)
             await self.watcher.start()
         await self.health_reporter.set_overall(True)
+        self.ready = True
         for record in self.manager.models():
             await self.health_reporter.update(record.name)
         http = f", HTTP on http://{self.config.host}:{self.http_port}/" if self.http else ""
@@ -145,6 +158,7 @@ class Daemon:
 
     async def stop(self, grace: float | None = 5.0) -> None:
         """Report NOT_SERVING, finish in-flight requests within ``grace`` seconds, release everything."""
+        self.ready = False
         await self.health_reporter.set_overall(False)
         if self.watcher:
             await self.watcher.aclose()

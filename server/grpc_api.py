@@ -9,9 +9,10 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import os
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
-from typing import Any
+from typing import Any, TypeVar
 
 import grpc
 from classifier.v1 import classifier_pb2 as pb
@@ -33,6 +34,8 @@ STATUS_FOR_ERROR: dict[type[errors.ClassifydError], grpc.StatusCode] = {
     errors.DeadlineExpired: grpc.StatusCode.DEADLINE_EXCEEDED,
     errors.InferenceFailed: grpc.StatusCode.INTERNAL,
 }
+Request = TypeVar("Request")
+Response = TypeVar("Response")
 _DTYPE_NAMES = {pb.Tensor.UINT8: "uint8", pb.Tensor.FLOAT32: "float32"}
 
 
@@ -153,6 +156,37 @@ def _deadline(context: grpc.aio.ServicerContext) -> float | None:
     return None if remaining is None else time.monotonic() + remaining
 
 
+async def answer_concurrently(requests: AsyncIterator[Request],
+                              answer: Callable[[Request], Awaitable[Response]]) -> AsyncIterator[Response]:
+    """Answer each request of a stream in its own task; yield the answers as they complete (order not kept).
+
+    ``answer`` must not raise. Ends once every request is answered; cancels the rest when the caller stops.
+    """
+    done: asyncio.Queue[Response | None] = asyncio.Queue()
+    pending: set[asyncio.Task[None]] = set()
+
+    async def answer_one(request: Request) -> None:
+        await done.put(await answer(request))
+
+    async def read_all() -> None:
+        async for request in requests:
+            task = asyncio.create_task(answer_one(request))
+            pending.add(task)
+            task.add_done_callback(pending.discard)
+        await asyncio.gather(*list(pending))
+        await done.put(None)
+
+    reader = asyncio.create_task(read_all())
+    try:
+        while (response := await done.get()) is not None:
+            yield response
+        await reader
+    finally:
+        reader.cancel()
+        for task in list(pending):
+            task.cancel()
+
+
 class ClassifierServicer(pb_grpc.ClassifierServicer):
     """classifier.v1.Classifier, translating to :class:`ClassifierService` calls."""
 
@@ -162,34 +196,15 @@ class ClassifierServicer(pb_grpc.ClassifierServicer):
 
     async def Classify(self, request: pb.ClassifyRequest, context: grpc.aio.ServicerContext) -> pb.ClassifyResponse:
         result = await self._service.classify(call_from_request(request, _deadline(context)))
+        context.set_trailing_metadata((("classifyd-pid", str(os.getpid())),))  # which process served (--workers)
         return response_from_result(result, request.request_id)
 
     async def ClassifyStream(self, request_iterator: AsyncIterator[pb.ClassifyRequest],
                              context: grpc.aio.ServicerContext) -> AsyncIterator[pb.ClassifyResponse]:
         """Requests are computed concurrently; responses go out as they complete (order not kept)."""
-        done: asyncio.Queue[pb.ClassifyResponse | None] = asyncio.Queue()
-        pending: set[asyncio.Task[None]] = set()
-
-        async def answer(request: pb.ClassifyRequest) -> None:
-            await done.put(await self._stream_answer(request, _deadline(context)))
-
-        async def read_all() -> None:
-            async for request in request_iterator:
-                task = asyncio.create_task(answer(request))
-                pending.add(task)
-                task.add_done_callback(pending.discard)
-            await asyncio.gather(*list(pending))
-            await done.put(None)
-
-        reader = asyncio.create_task(read_all())
-        try:
-            while (response := await done.get()) is not None:
-                yield response
-            await reader
-        finally:
-            reader.cancel()
-            for task in list(pending):
-                task.cancel()
+        async for response in answer_concurrently(request_iterator,
+                                                  lambda r: self._stream_answer(r, _deadline(context))):
+            yield response
 
     async def _stream_answer(self, request: pb.ClassifyRequest, deadline: float | None) -> pb.ClassifyResponse:
         try:

@@ -33,9 +33,11 @@ def build_app(context: HttpContext, middlewares: Sequence[Middleware] = ()) -> w
 class HttpServer:
     """Serves an app on the running event loop: ``await start(host, port)``, ``await stop(grace)``."""
 
-    def __init__(self, app: web.Application, *, ssl_context: ssl.SSLContext | None = None) -> None:
+    def __init__(self, app: web.Application, *, ssl_context: ssl.SSLContext | None = None,
+                 reuse_port: bool = False) -> None:
         self.app = app
         self._ssl_context = ssl_context  # the TLS slot: HTTPS with the same certificate as gRPC's
+        self._reuse_port = reuse_port  # --workers: every worker process listens on the same HTTP port
         self._runner: web.AppRunner | None = None
 
     async def start(self, host: str, port: int) -> int:
@@ -43,7 +45,8 @@ class HttpServer:
         runner = web.AppRunner(self.app, access_log=None, shutdown_timeout=1.0)
         await runner.setup()
         try:
-            await web.TCPSite(runner, host, port, ssl_context=self._ssl_context).start()
+            await web.TCPSite(runner, host, port, ssl_context=self._ssl_context, reuse_port=self._reuse_port or None
+                              ).start()
         except OSError:
             await runner.cleanup()
             raise
