@@ -16,7 +16,9 @@ from classifier.v1 import classifier_pb2_grpc as pb_grpc
 from grpc_health.v1 import health, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
+from server.autotune import DEFAULT_BUDGET_S, AutotuneDefaults
 from server.grpc_api import ClassifierServicer, ErrorInterceptor, HealthReporter
+from server.host import apply_torch_threads
 from server.manager import ManagerSettings, ModelManager
 from server.preprocess import MAX_PIXELS
 from server.runtime import InferenceThread, pick_device
@@ -44,6 +46,10 @@ class ServerConfig:
     poll: bool = False
     settle_s: float = 1.0
     rescan_s: float = 30.0
+    autotune: bool = True
+    autotune_budget_s: float = DEFAULT_BUDGET_S
+    autotune_max_batch_size: int | None = None
+    torch_threads: int | None = None
 
 
 class Daemon:
@@ -53,6 +59,7 @@ class Daemon:
         if not config.models_dir.is_dir():
             raise FileNotFoundError(f"models directory {config.models_dir} does not exist")
         self.config = config
+        apply_torch_threads(config.torch_threads)
         self.inference = InferenceThread()
         settings = ManagerSettings(
             models_dir=config.models_dir,
@@ -60,6 +67,7 @@ class Daemon:
             default_max_batch_size=config.max_batch_size,
             default_max_delay_ms=config.max_delay_ms,
             default_max_queue=config.max_queue,
+            autotune=AutotuneDefaults(config.autotune, config.autotune_budget_s, config.autotune_max_batch_size),
         )
         self.manager = ModelManager(settings, self.inference)
         self.service = ClassifierService(self.manager, self.inference, max_pixels=config.max_pixels)
