@@ -10,6 +10,7 @@ import signal
 import sys
 from pathlib import Path
 
+from server.autotune import DEFAULT_BUDGET_S
 from server.workers import run_workers
 
 log = logging.getLogger("classifyd")
@@ -24,8 +25,18 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         help="also serve HTTP (curl-friendly /v1, Open Inference Protocol /v2, status page /) on "
                              "this port, same host (0 = any free port; default: no HTTP)")
     parser.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N (default: auto)")
-    parser.add_argument("--max-batch-size", type=int, default=32,
-                        help="batch cap for models whose manifest sets none (default: 32)")
+    parser.add_argument("--max-batch-size", type=int, default=None,
+                        help="batch cap for models whose manifest sets none; giving it turns their autotune off "
+                             "(default: autotuned, 32 when autotune is off)")
+    parser.add_argument("--no-autotune", dest="autotune", action="store_false",
+                        help="do not measure batch sizes at load time; models whose manifest sets no "
+                             "max_batch_size get --max-batch-size (see docs/batching.md)")
+    parser.add_argument("--autotune-budget-s", type=float, default=DEFAULT_BUDGET_S,
+                        help=f"time each version may spend measuring batch sizes (default: {DEFAULT_BUDGET_S:g})")
+    parser.add_argument("--autotune-max-batch-size", type=int, default=None,
+                        help="largest batch size autotune tries (default: 256 on a GPU, 64 on a CPU)")
+    parser.add_argument("--torch-threads", type=int, default=None,
+                        help="torch intra-op threads (default: usable cores // worker processes)")
     parser.add_argument("--max-delay-ms", type=float, default=0.0,
                         help="how long a partial batch may wait, for models whose manifest sets none (default: 0)")
     parser.add_argument("--max-queue", type=int, default=1024,
@@ -51,8 +62,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         help="close client connections after this long (gracefully), so clients balancing over "
                              "replicas re-resolve their addresses and find new ones (default: 0 = never)")
     args = parser.parse_args(argv)
-    if args.max_batch_size < 1:
+    if args.max_batch_size is not None and args.max_batch_size < 1:
         parser.error("--max-batch-size must be at least 1")
+    if not args.autotune_budget_s > 0:
+        parser.error("--autotune-budget-s must be > 0")
+    for flag in ("autotune_max_batch_size", "torch_threads"):
+        if getattr(args, flag) is not None and getattr(args, flag) < 1:
+            parser.error(f"--{flag.replace('_', '-')} must be at least 1")
     if args.max_queue < 1:
         parser.error("--max-queue must be at least 1")
     if args.max_delay_ms < 0:
@@ -75,10 +91,14 @@ async def serve(args: argparse.Namespace) -> None:
     from server.app import Daemon, ServerConfig  # here: the parent of --workers never needs torch
 
     config = ServerConfig(models_dir=args.models_dir, host=args.host, port=args.port, device=args.device,
-                          max_batch_size=args.max_batch_size, max_delay_ms=args.max_delay_ms, max_queue=args.max_queue,
+                          max_batch_size=args.max_batch_size or 32, max_delay_ms=args.max_delay_ms,
+                          max_queue=args.max_queue,
                           watch=args.watch,
                           poll=args.poll, settle_s=args.settle_seconds, http_port=args.http_port,
-                          reuse_port=args.reuse_port, max_connection_age_s=args.max_connection_age_seconds)
+                          reuse_port=args.reuse_port, max_connection_age_s=args.max_connection_age_seconds,
+                          autotune=args.autotune and args.max_batch_size is None,
+                          autotune_budget_s=args.autotune_budget_s,
+                          autotune_max_batch_size=args.autotune_max_batch_size, torch_threads=args.torch_threads)
     daemon = Daemon(config)
     port = await daemon.start()
     if args.port_file:

@@ -20,7 +20,9 @@ from grpc_health.v1 import health, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
 from server import oip_api
+from server.autotune import DEFAULT_BUDGET_S, AutotuneDefaults
 from server.grpc_api import ClassifierServicer, ErrorInterceptor, HealthReporter
+from server.host import apply_torch_threads
 from server.http_api import HttpContext
 from server.http_server import HttpServer, build_app
 from server.manager import ManagerSettings, ModelManager
@@ -54,6 +56,10 @@ class ServerConfig:
     http_port: int | None = None  # None: no HTTP listener; 0: any free port
     reuse_port: bool = False  # SO_REUSEPORT: several processes share the port (--workers)
     max_connection_age_s: float = 0.0  # > 0: clients reconnect, re-resolving DNS, so they find new replicas
+    autotune: bool = True
+    autotune_budget_s: float = DEFAULT_BUDGET_S
+    autotune_max_batch_size: int | None = None
+    torch_threads: int | None = None
 
 
 class Daemon:
@@ -63,6 +69,7 @@ class Daemon:
         if not config.models_dir.is_dir():
             raise FileNotFoundError(f"models directory {config.models_dir} does not exist")
         self.config = config
+        apply_torch_threads(config.torch_threads)
         self.inference = InferenceThread()
         settings = ManagerSettings(
             models_dir=config.models_dir,
@@ -70,6 +77,7 @@ class Daemon:
             default_max_batch_size=config.max_batch_size,
             default_max_delay_ms=config.max_delay_ms,
             default_max_queue=config.max_queue,
+            autotune=AutotuneDefaults(config.autotune, config.autotune_budget_s, config.autotune_max_batch_size),
         )
         self.manager = ModelManager(settings, self.inference)
         self.stats = StatsCollector()

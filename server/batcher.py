@@ -10,6 +10,10 @@ requests skipped, a handler error fanned out to every caller of its batch), but
 as a plain object with explicit ``start()`` / ``aclose()``: no global state, no
 ``__del__``, and an injectable :class:`Clock` so tests control time.
 
+An optional :class:`BatchPolicy` (e.g. :class:`server.batch_policy.LatencyTargetPolicy`)
+is consulted on every arrival (admit or reject early), before every batch (wait
+or dispatch now, and how many items to take) and after it (its compute time).
+
 Stdlib only on purpose: the gRPC layer and the torch model live elsewhere.
 """
 
@@ -22,18 +26,23 @@ import time
 from collections import deque
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
-from typing import Generic, Protocol, TypeVar
+from typing import Any, Generic, Protocol, TypeVar
 
 __all__ = [
+    "BatchPolicy",
     "Batched",
     "Batcher",
     "BatcherClosed",
     "BatcherError",
     "Clock",
     "DeadlineExpired",
+    "DeadlineUnreachable",
     "Handler",
     "QueueFull",
+    "QueueState",
+    "Rejection",
     "SystemClock",
+    "TargetUnreachable",
 ]
 
 T = TypeVar("T")
@@ -82,6 +91,62 @@ class BatcherClosed(BatcherError):
     """The batcher is closing: no new items, and undrained items are dropped."""
 
 
+class DeadlineUnreachable(DeadlineExpired):
+    """The policy predicted at ``submit`` that the item's deadline cannot be met; it was never queued."""
+
+
+class TargetUnreachable(QueueFull):
+    """The policy predicted at ``submit`` that the item would miss the latency target; it was never queued."""
+
+
+@dataclass(frozen=True)
+class QueueState:
+    """What a :class:`BatchPolicy` sees of the batcher at one moment."""
+
+    now: float
+    queue_depth: int
+    """Items waiting (not counting the batch being computed)."""
+    oldest_wait_s: float
+    """How long the first waiting item has waited; 0.0 when none waits."""
+    busy_size: int
+    """Items in the batch being computed; 0 when the handler is idle."""
+    busy_elapsed_s: float
+    """How long that batch has been computing; 0.0 when idle."""
+    max_batch_size: int
+
+
+@dataclass(frozen=True)
+class Rejection:
+    """Why a policy refuses an item at ``submit``."""
+
+    deadline: bool
+    """True: the item's own deadline cannot be met (DeadlineUnreachable); False: the policy's target
+    cannot (TargetUnreachable)."""
+    message: str
+
+
+class BatchPolicy(Protocol):
+    """Decides admission, waiting and batch size from the queue's state. Every method is called on the event
+    loop and must not block; an exception is logged and the batcher falls back to its plain rules."""
+
+    def admit(self, state: QueueState, deadline: float | None) -> Rejection | None:
+        """Called once per arriving item (``deadline`` absolute, clock time): None admits it."""
+        ...
+
+    def collect(self, state: QueueState) -> tuple[float, int]:
+        """When the handler is free and items wait: ``(seconds, depth)`` to keep collecting for up to
+        ``seconds`` or until ``depth`` items wait; ``(0.0, _)`` dispatches now."""
+        ...
+
+    def batch_size(self, state: QueueState) -> int:
+        """How many items the batch about to be dispatched takes (clamped to 1..max_batch_size)."""
+        ...
+
+    def observe(self, batch_size: int, compute_s: float) -> None:
+        """The handler took ``compute_s`` for a batch of ``batch_size``."""
+        ...
+
+
 @dataclass(frozen=True)
 class Batched(Generic[R]):
     """One item's result, with the batching metadata callers report as metrics."""
@@ -126,6 +191,15 @@ def _check_delay(value: float) -> float:
     return float(value)
 
 
+_UNSET: object = object()
+
+
+def _wait_plan(plan: tuple[float, int]) -> tuple[float, int]:
+    seconds, depth = plan
+    # `not seconds > 0` also turns NaN into "dispatch now".
+    return (float(seconds) if seconds > 0 else 0.0), int(depth)
+
+
 def _settable(exc: BaseException) -> BaseException:
     """Wrap what a Future cannot carry faithfully, so the caller still sees a failure."""
     # A Future refuses StopIteration, and a CancelledError would look like the
@@ -144,7 +218,9 @@ class Batcher(Generic[T, R]):
     takes every item already waiting up to ``max_batch_size`` and, when
     ``max_delay_s > 0`` and the batch is not full, keeps collecting until the
     first item's submit time plus ``max_delay_s``. Batches are computed one at a
-    time, so items arriving during a computation make up the next batch.
+    time, so items arriving during a computation make up the next batch. With a
+    ``policy``, the policy decides admission, the wait and the batch size instead
+    (``max_delay_s`` is then unused; ``max_batch_size`` stays the upper bound).
     """
 
     def __init__(
@@ -156,6 +232,7 @@ class Batcher(Generic[T, R]):
         max_queue: int | None = None,
         clock: Clock | None = None,
         name: str = "batcher",
+        policy: BatchPolicy | None = None,
     ) -> None:
         """Configure the batcher; nothing runs until :meth:`start`.
 
@@ -168,6 +245,8 @@ class Batcher(Generic[T, R]):
         self._max_queue = _check_queue(max_queue)
         self._clock: Clock = clock if clock is not None else SystemClock()
         self._name = name
+        self._policy = policy
+        self._busy: tuple[int, float] | None = None  # (size, dispatch time) of the batch being computed
         self._queue: deque[_Entry[T, R]] = deque()
         # Set on every change the worker may be waiting for: an arrival, a
         # configure() or aclose().
@@ -196,6 +275,11 @@ class Batcher(Generic[T, R]):
         return self._max_delay_s
 
     @property
+    def policy(self) -> BatchPolicy | None:
+        """The policy consulted for admission, waiting and batch size; None for the plain rules."""
+        return self._policy
+
+    @property
     def closed(self) -> bool:
         """True once :meth:`aclose` has started."""
         return self._closing
@@ -217,15 +301,18 @@ class Batcher(Generic[T, R]):
         return self._max_queue
 
     def configure(self, *, max_batch_size: int | None = None, max_delay_s: float | None = None,
-                  max_queue: int | None = None) -> None:
+                  max_queue: int | None = None, policy: BatchPolicy | object | None = _UNSET) -> None:
         """Change the batching limits; they apply from the next batch formed.
 
+        ``policy=None`` removes the policy; leaving it out keeps the current one.
         Never blocks; raises ValueError for invalid values (then nothing changes).
         """
         size = self._max_batch_size if max_batch_size is None else _check_batch_size(max_batch_size)
         delay = self._max_delay_s if max_delay_s is None else _check_delay(max_delay_s)
         queue = self._max_queue if max_queue is None else _check_queue(max_queue)
         self._max_batch_size, self._max_delay_s, self._max_queue = size, delay, queue
+        if policy is not _UNSET:
+            self._policy = policy  # type: ignore[assignment]
         # A batch that is still collecting may now be full.
         self._wakeup.set()
 
@@ -239,12 +326,14 @@ class Batcher(Generic[T, R]):
         handler raised for this item's batch or returned for this item.
         Cancelling the caller withdraws the item, or discards its result if it
         is already being computed. Items submitted before :meth:`start` wait
-        for it.
+        for it. With a policy, raises DeadlineUnreachable or TargetUnreachable
+        (at once, the item never queued) when the policy rejects it.
         """
         if self._closing:
             raise BatcherClosed(f"{self._name}: batcher is closed")
         if self._max_queue is not None and len(self._queue) >= self._max_queue:
             raise QueueFull(f"{self._name}: queue is full ({len(self._queue)} waiting, max_queue={self._max_queue})")
+        self._admit(deadline)
         future: asyncio.Future[Batched[R]] = asyncio.get_running_loop().create_future()
         entry = _Entry(item, future, self._clock.now(), deadline)
         self._queue.append(entry)
@@ -273,6 +362,29 @@ class Batcher(Generic[T, R]):
         if self._worker is not None:
             await asyncio.shield(self._worker)
 
+    def _admit(self, deadline: float | None) -> None:
+        if self._policy is None:
+            return
+        rejection = self._consult("admit", None, self._state(), deadline)
+        if rejection is not None:
+            kind = DeadlineUnreachable if rejection.deadline else TargetUnreachable
+            raise kind(f"{self._name}: {rejection.message}")
+
+    def _state(self) -> QueueState:
+        now = self._clock.now()
+        oldest = now - self._queue[0].submitted if self._queue else 0.0
+        size, since = self._busy if self._busy is not None else (0, now)
+        return QueueState(now, len(self._queue), oldest, size, now - since, self._max_batch_size)
+
+    def _consult(self, method: str, fallback: object, *args: object,
+                 convert: Callable[[Any], Any] = lambda value: value) -> Any:
+        """``convert(policy.method(*args))``; a faulty policy must not strand callers: an error means ``fallback``."""
+        try:
+            return convert(getattr(self._policy, method)(*args))
+        except Exception:
+            logger.exception("%s: batch policy %s failed; using the plain rules", self._name, method)
+            return fallback
+
     def _discard(self, entry: _Entry[T, R]) -> None:
         # ValueError: it was already taken into a batch.
         with contextlib.suppress(ValueError):
@@ -287,13 +399,22 @@ class Batcher(Generic[T, R]):
     async def _run(self) -> None:
         while await self._wait_for_batch():
             now = self._clock.now()
-            batch = self._take(now)
+            batch = self._take(now, self._take_limit())
+            self._busy = (len(batch), now)
             try:
                 await self._dispatch(batch, now)
             except Exception as exc:
                 # Only a batcher bug gets here; its callers must not hang on it.
                 logger.exception("%s: delivering a batch failed", self._name)
                 self._fail_all(batch, exc)
+            finally:
+                self._busy = None
+
+    def _take_limit(self) -> int:
+        if self._policy is None or self._closing:
+            return self._max_batch_size
+        size = self._consult("batch_size", self._max_batch_size, self._state(), convert=int)
+        return max(1, min(self._max_batch_size, size))
 
     async def _wait_for_batch(self) -> bool:
         """Block until a batch may be taken; False once closing with nothing left."""
@@ -302,25 +423,34 @@ class Batcher(Generic[T, R]):
                 return False
             self._wakeup.clear()
             await self._wakeup.wait()
-        if self._max_delay_s > 0 and not self._closing:
+        if self._closing:
+            return True
+        if self._policy is not None:
+            seconds, depth = self._consult("collect", (0.0, 0), self._state(), convert=_wait_plan)
+            until = self._clock.now() + seconds if seconds > 0 else None
+        else:
+            until = self._queue[0].submitted + self._max_delay_s if self._max_delay_s > 0 else None
+            depth = self._max_batch_size
+        if until is not None:
             try:
-                await self._collect_until(self._queue[0].submitted + self._max_delay_s)
+                await self._collect_until(until, depth)
             except Exception:
                 # A faulty clock must not strand the waiting callers: dispatch now.
                 logger.exception("%s: waiting for the batch delay failed", self._name)
         return True
 
-    def _batch_ready(self) -> bool:
-        return self._closing or len(self._queue) >= self._max_batch_size or not self._queue
+    def _batch_ready(self, depth: int) -> bool:
+        # max_batch_size is read again: configure() may have lowered it while collecting.
+        return self._closing or len(self._queue) >= min(depth, self._max_batch_size) or not self._queue
 
-    async def _collect_until(self, until: float) -> None:
+    async def _collect_until(self, until: float, depth: int) -> None:
         remaining = until - self._clock.now()
-        if remaining <= 0 or self._batch_ready():
+        if remaining <= 0 or self._batch_ready(depth):
             return
         # One timer for the whole window; arrivals only re-check fullness.
         timer = asyncio.ensure_future(self._clock.sleep(remaining))
         try:
-            while not timer.done() and not self._batch_ready():
+            while not timer.done() and not self._batch_ready(depth):
                 self._wakeup.clear()
                 arrival = asyncio.ensure_future(self._wakeup.wait())
                 try:
@@ -333,10 +463,10 @@ class Batcher(Generic[T, R]):
         if timer.done() and not timer.cancelled() and (error := timer.exception()) is not None:
             raise error
 
-    def _take(self, now: float) -> list[_Entry[T, R]]:
-        """Pop up to max_batch_size live items; expired ones fail without taking a slot."""
+    def _take(self, now: float, limit: int) -> list[_Entry[T, R]]:
+        """Pop up to ``limit`` live items; expired ones fail without taking a slot."""
         batch: list[_Entry[T, R]] = []
-        while self._queue and len(batch) < self._max_batch_size:
+        while self._queue and len(batch) < limit:
             entry = self._queue.popleft()
             if entry.future.done():
                 continue  # its caller went away
@@ -367,7 +497,10 @@ class Batcher(Generic[T, R]):
             logger.debug("%s: handler failed a batch of %d", self._name, len(batch), exc_info=True)
             self._fail_all(batch, exc)
             return
-        self._deliver(batch, results, dispatched, self._clock.now() - dispatched)
+        compute_s = self._clock.now() - dispatched
+        if self._policy is not None:
+            self._consult("observe", None, len(batch), compute_s)
+        self._deliver(batch, results, dispatched, compute_s)
 
     def _deliver(
         self, batch: list[_Entry[T, R]], results: Sequence[R | BaseException], dispatched: float, compute_s: float

@@ -122,6 +122,12 @@ def model_info(record: ModelRecord, device: str) -> pb.ModelInfo:
     if serving and serving.loaded:
         info.max_batch_size = serving.loaded.max_batch_size
         info.max_delay_ms = serving.loaded.max_delay_ms
+        info.latency_target_ms = serving.loaded.manifest.batching.latency_target_ms or 0.0
+        curve = serving.loaded.batch_curve
+        if curve is not None:
+            info.autotuned = curve.autotuned
+            info.batch_curve.extend(pb.BatchPoint(batch_size=p.batch_size, images_per_second=p.images_per_second,
+                                                  batch_ms=p.batch_s * 1000.0) for p in curve.points)
     return info
 
 

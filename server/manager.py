@@ -20,6 +20,7 @@ from pathlib import Path
 
 import torch
 
+from server.autotune import AutotuneDefaults, plan_for, tune
 from server.errors import ModelNotFound, ModelUnavailable
 from server.manifest import Manifest, ManifestError, load_manifest
 from server.repository import Fingerprint, SettleTracker, fingerprint, model_names, version_numbers
@@ -109,6 +110,7 @@ class ManagerSettings:
     default_max_batch_size: int = 32
     default_max_delay_ms: float = 0.0
     default_max_queue: int = 1024
+    autotune: AutotuneDefaults = field(default_factory=AutotuneDefaults)
 
 
 Listener = Callable[[ModelEvent], None]
@@ -250,18 +252,21 @@ class ModelManager:
         entry.manifest = manifest = await loop.run_in_executor(self._loader, load_manifest, version_dir)
         module = await loop.run_in_executor(self._loader, self._build_module, version_dir, manifest)
         batching = manifest.batching
+        plan = plan_for(batching, self.settings.autotune, self.settings.default_max_batch_size,
+                        self.settings.device.type)
         entry.loaded = LoadedVersion(
             name=record.name,
             version=entry.version,
             manifest=manifest,
             module=module,
             device=self.settings.device,
-            max_batch_size=batching.max_batch_size or self.settings.default_max_batch_size,
+            max_batch_size=plan.cap,
             max_delay_ms=self.settings.default_max_delay_ms if batching.max_delay_ms is None else batching.max_delay_ms,
             max_queue=batching.max_queue or self.settings.default_max_queue,
         )
         await self._inference.run(entry.loaded.warm_up)
         entry.validation_accuracy = await validate_version(entry.loaded, version_dir, self._loader, self._inference)
+        await tune(entry.loaded, self._inference, plan)
 
     def _build_module(self, version_dir: Path, manifest: Manifest) -> torch.nn.Module:
         return build_model(version_dir, manifest).to(self.settings.device)

@@ -23,7 +23,8 @@ IMAGENET_STD = (0.229, 0.224, 0.225)
 _TOP_KEYS = {"architecture", "num_classes", "weights", "top_k", "default", "model_args", "input", "batching",
              "description", "keep_versions", "min_accuracy"}
 _INPUT_KEYS = {"color", "size", "resize", "crop", "mean", "std", "interpolation"}
-_BATCHING_KEYS = {"max_batch_size", "max_delay_ms", "max_queue"}
+_BATCHING_KEYS = {"max_batch_size", "max_delay_ms", "max_queue", "autotune", "autotune_budget_s",
+                  "autotune_max_batch_size", "latency_target_ms"}
 
 
 class ManifestError(ValueError):
@@ -61,6 +62,10 @@ class BatchingSpec:
     max_batch_size: int | None = None
     max_delay_ms: float | None = None
     max_queue: int | None = None
+    autotune: bool | None = None
+    autotune_budget_s: float | None = None
+    autotune_max_batch_size: int | None = None
+    latency_target_ms: float | None = None
 
 
 @dataclass(frozen=True)
@@ -190,7 +195,29 @@ def _parse_batching(raw: dict[str, Any], path: Path) -> BatchingSpec:
     queue = _get(raw, "max_queue", int, path, key_prefix="batching.")
     if queue is not None and queue < 1:
         raise ManifestError(path, "must be at least 1", "batching.max_queue")
-    return BatchingSpec(max_batch_size=size, max_delay_ms=None if delay is None else float(delay), max_queue=queue)
+    return BatchingSpec(max_batch_size=size, max_delay_ms=None if delay is None else float(delay), max_queue=queue,
+                        **_parse_autotune(raw, path, size, delay))
+
+
+def _parse_autotune(raw: dict[str, Any], path: Path, size: int | None, delay: float | None) -> dict[str, Any]:
+    autotune = _get(raw, "autotune", bool, path, key_prefix="batching.")
+    if autotune and size is not None:
+        raise ManifestError(path, "autotune = true chooses the batch cap itself: remove max_batch_size, or use "
+                                  "autotune_max_batch_size to bound the sizes it tries", "batching.autotune")
+    budget = _get(raw, "autotune_budget_s", (int, float), path, key_prefix="batching.")
+    if budget is not None and not budget > 0:
+        raise ManifestError(path, "must be > 0", "batching.autotune_budget_s")
+    ceiling = _get(raw, "autotune_max_batch_size", int, path, key_prefix="batching.")
+    if ceiling is not None and ceiling < 1:
+        raise ManifestError(path, "must be at least 1", "batching.autotune_max_batch_size")
+    target = _get(raw, "latency_target_ms", (int, float), path, key_prefix="batching.")
+    if target is not None and not target > 0:
+        raise ManifestError(path, "must be > 0", "batching.latency_target_ms")
+    if target is not None and delay:
+        raise ManifestError(path, "with latency_target_ms the batcher decides how long to wait: remove max_delay_ms",
+                            "batching.latency_target_ms")
+    return {"autotune": autotune, "autotune_budget_s": None if budget is None else float(budget),
+            "autotune_max_batch_size": ceiling, "latency_target_ms": None if target is None else float(target)}
 
 
 def _default_norm(channels: int) -> tuple[tuple[float, ...], tuple[float, ...]]:

@@ -17,6 +17,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from server.autotune import BatchCurve
 from server.manifest import Manifest
 
 T = TypeVar("T")
@@ -67,6 +68,8 @@ class LoadedVersion:
     max_batch_size: int
     max_delay_ms: float
     max_queue: int = 1024
+    batch_curve: BatchCurve | None = None
+    """Measured at load time by :mod:`server.autotune`; None when not measured."""
 
     def __post_init__(self) -> None:
         spec = self.manifest.input

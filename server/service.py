@@ -12,6 +12,7 @@ import asyncio
 import logging
 import os
 import time
+import weakref
 from collections import defaultdict
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
@@ -20,6 +21,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from server import batcher as batching
+from server.batch_policy import LatencyTargetPolicy
 from server.errors import (
     ClassifydError,
     DeadlineExpired,
@@ -103,6 +105,7 @@ class ClassifierService:
         workers = preprocess_workers or max(2, os.cpu_count() or 2)
         self._pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="classifyd-pre")
         self._batchers: dict[str, batching.Batcher[_Item, _Computed]] = {}
+        self._policies: weakref.WeakKeyDictionary[LoadedVersion, LatencyTargetPolicy] = weakref.WeakKeyDictionary()
 
     async def classify(self, call: ClassifyCall) -> ClassifyResult:
         """Preprocess, batch and compute one request.
@@ -146,8 +149,10 @@ class ClassifierService:
                       deadline: float | None) -> batching.Batched[_Computed]:
         try:
             return await batcher.submit(item, deadline=deadline)
-        except batching.QueueFull as exc:
+        except batching.QueueFull as exc:  # TargetUnreachable too: load beyond what the target allows
             raise Overloaded(str(exc)) from None
+        except batching.DeadlineUnreachable as exc:
+            raise DeadlineExpired(str(exc)) from None
         except batching.DeadlineExpired:
             raise DeadlineExpired("deadline passed while the request waited in the queue; it was not computed") \
                 from None
@@ -158,15 +163,28 @@ class ClassifierService:
         """The model's batcher, created on first use and kept in step with the serving version's limits."""
         batcher = self._batchers.get(version.name)
         limits = {"max_batch_size": version.max_batch_size, "max_delay_s": version.max_delay_ms / 1000.0,
-                  "max_queue": version.max_queue}
+                  "max_queue": version.max_queue, "policy": self._policy_for(version)}
         if batcher is None:
             batcher = batching.Batcher(lambda items, name=version.name: self._run_batch(name, items),
                                        name=f"model {version.name}", **limits)
             batcher.start()
             self._batchers[version.name] = batcher
-        elif (batcher.max_batch_size, batcher.max_delay_s, batcher.max_queue) != tuple(limits.values()):
+        elif (batcher.max_batch_size, batcher.max_delay_s, batcher.max_queue, batcher.policy) != \
+                tuple(limits.values()):
             batcher.configure(**limits)
         return batcher
+
+    def _policy_for(self, version: LoadedVersion) -> LatencyTargetPolicy | None:
+        """The version's latency-target policy (one per version, so its learned correction persists); None
+        without a target or a measured curve."""
+        target_ms = version.manifest.batching.latency_target_ms
+        if target_ms is None or version.batch_curve is None:
+            return None
+        policy = self._policies.get(version)
+        if policy is None:
+            policy = self._policies[version] = LatencyTargetPolicy(version.batch_curve.estimate,
+                                                                   target_s=target_ms / 1000.0)
+        return policy
 
     async def _run_batch(self, name: str, items: list[_Item]) -> list[_Computed | BaseException]:
         """Compute a batch. Versions are resolved now, so a swap takes effect between batches."""

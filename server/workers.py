@@ -24,6 +24,8 @@ import time
 from multiprocessing.process import BaseProcess
 from pathlib import Path
 
+from server.host import default_torch_threads
+
 log = logging.getLogger("classifyd.workers")
 RESTART_DELAY_S = 1.0
 _STARTUP_POLL_S = 0.1
@@ -73,8 +75,10 @@ class Supervisor:
 
     def start(self, index: int) -> None:
         self._ready_file(index).unlink(missing_ok=True)
+        # Each worker gets its share of the cores: N processes with all cores each would oversubscribe them.
+        threads = getattr(self._args, "torch_threads", None) or default_torch_threads(self._args.workers)
         child_args = argparse.Namespace(**{**vars(self._args), "workers": 1, "port": self._port, "reuse_port": True,
-                                           "port_file": self._ready_file(index)})
+                                           "port_file": self._ready_file(index), "torch_threads": threads})
         process = self._context.Process(target=worker_main, args=(child_args, index), name=f"classifyd-worker-{index}")
         process.start()
         self.workers[index] = process

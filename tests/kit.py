@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import io
 import threading
+import time
 import tomllib
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -168,3 +169,24 @@ class GatedModel(nn.Module):
 
 
 BUILTIN.setdefault("test_gated", GatedModel)
+
+
+class PacedModel(nn.Module):
+    """A tiny classifier whose forward pass sleeps for a batch time the test chooses (``model_args``):
+    ``base_ms + per_item_ms * b`` up to ``knee`` items, then ``slow_ms`` more for each item beyond."""
+
+    def __init__(self, num_classes: int, in_channels: int = 1, base_ms: float = 5.0, per_item_ms: float = 1.0,
+                 knee: int = 8, slow_ms: float = 10.0) -> None:
+        super().__init__()
+        self.linear = nn.Linear(in_channels, num_classes)
+        self.base_ms, self.per_item_ms, self.knee, self.slow_ms = base_ms, per_item_ms, knee, slow_ms
+
+    def batch_s(self, size: int) -> float:
+        return (self.base_ms + self.per_item_ms * min(size, self.knee) + self.slow_ms * max(0, size - self.knee)) / 1e3
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        time.sleep(self.batch_s(x.shape[0]))
+        return self.linear(x.mean(dim=(2, 3)))
+
+
+BUILTIN.setdefault("test_paced", PacedModel)

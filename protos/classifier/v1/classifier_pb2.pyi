@@ -98,7 +98,7 @@ class GetModelRequest(_message.Message):
     def __init__(self, model: _Optional[str] = ...) -> None: ...
 
 class ModelInfo(_message.Message):
-    __slots__ = ("name", "versions", "num_labels", "input", "device", "max_batch_size", "is_default", "architecture", "default_top_k", "max_delay_ms", "serving_version")
+    __slots__ = ("name", "versions", "num_labels", "input", "device", "max_batch_size", "is_default", "architecture", "default_top_k", "max_delay_ms", "serving_version", "batch_curve", "autotuned", "latency_target_ms")
     NAME_FIELD_NUMBER: _ClassVar[int]
     VERSIONS_FIELD_NUMBER: _ClassVar[int]
     NUM_LABELS_FIELD_NUMBER: _ClassVar[int]
@@ -110,6 +110,9 @@ class ModelInfo(_message.Message):
     DEFAULT_TOP_K_FIELD_NUMBER: _ClassVar[int]
     MAX_DELAY_MS_FIELD_NUMBER: _ClassVar[int]
     SERVING_VERSION_FIELD_NUMBER: _ClassVar[int]
+    BATCH_CURVE_FIELD_NUMBER: _ClassVar[int]
+    AUTOTUNED_FIELD_NUMBER: _ClassVar[int]
+    LATENCY_TARGET_MS_FIELD_NUMBER: _ClassVar[int]
     name: str
     versions: _containers.RepeatedCompositeFieldContainer[VersionInfo]
     num_labels: int
@@ -121,7 +124,20 @@ class ModelInfo(_message.Message):
     default_top_k: int
     max_delay_ms: float
     serving_version: int
-    def __init__(self, name: _Optional[str] = ..., versions: _Optional[_Iterable[_Union[VersionInfo, _Mapping]]] = ..., num_labels: _Optional[int] = ..., input: _Optional[_Union[InputSpec, _Mapping]] = ..., device: _Optional[str] = ..., max_batch_size: _Optional[int] = ..., is_default: _Optional[bool] = ..., architecture: _Optional[str] = ..., default_top_k: _Optional[int] = ..., max_delay_ms: _Optional[float] = ..., serving_version: _Optional[int] = ...) -> None: ...
+    batch_curve: _containers.RepeatedCompositeFieldContainer[BatchPoint]
+    autotuned: bool
+    latency_target_ms: float
+    def __init__(self, name: _Optional[str] = ..., versions: _Optional[_Iterable[_Union[VersionInfo, _Mapping]]] = ..., num_labels: _Optional[int] = ..., input: _Optional[_Union[InputSpec, _Mapping]] = ..., device: _Optional[str] = ..., max_batch_size: _Optional[int] = ..., is_default: _Optional[bool] = ..., architecture: _Optional[str] = ..., default_top_k: _Optional[int] = ..., max_delay_ms: _Optional[float] = ..., serving_version: _Optional[int] = ..., batch_curve: _Optional[_Iterable[_Union[BatchPoint, _Mapping]]] = ..., autotuned: _Optional[bool] = ..., latency_target_ms: _Optional[float] = ...) -> None: ...
+
+class BatchPoint(_message.Message):
+    __slots__ = ("batch_size", "images_per_second", "batch_ms")
+    BATCH_SIZE_FIELD_NUMBER: _ClassVar[int]
+    IMAGES_PER_SECOND_FIELD_NUMBER: _ClassVar[int]
+    BATCH_MS_FIELD_NUMBER: _ClassVar[int]
+    batch_size: int
+    images_per_second: float
+    batch_ms: float
+    def __init__(self, batch_size: _Optional[int] = ..., images_per_second: _Optional[float] = ..., batch_ms: _Optional[float] = ...) -> None: ...
 
 class InputSpec(_message.Message):
     __slots__ = ("height", "width", "channels", "color")
