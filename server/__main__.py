@@ -1,4 +1,4 @@
-"""``python -m server``: run the classifyd daemon."""
+"""``python -m server``: run the classifyd daemon; ``python -m server check <model dir>``: check a model offline."""
 
 from __future__ import annotations
 
@@ -35,6 +35,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         help="watch by polling instead of inotify (for NFS and other network filesystems)")
     parser.add_argument("--settle-seconds", type=float, default=1.0,
                         help="a version's files must be unchanged this long before it is loaded (default: 1)")
+    parser.add_argument("--trust-code", action="store_true",
+                        help="allow architecture = \"python:<file>:<name>\", which runs Python files of the model "
+                             "repository (default: such versions are FAILED)")
     parser.add_argument("--log-level", default="INFO")
     args = parser.parse_args(argv)
     if args.max_batch_size < 1:
@@ -53,7 +56,7 @@ async def serve(args: argparse.Namespace) -> None:
     config = ServerConfig(models_dir=args.models_dir, host=args.host, port=args.port, device=args.device,
                           max_batch_size=args.max_batch_size, max_delay_ms=args.max_delay_ms, max_queue=args.max_queue,
                           watch=args.watch,
-                          poll=args.poll, settle_s=args.settle_seconds)
+                          poll=args.poll, settle_s=args.settle_seconds, trust_code=args.trust_code)
     daemon = Daemon(config)
     await daemon.start()
     stop = asyncio.Event()
@@ -66,6 +69,11 @@ async def serve(args: argparse.Namespace) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["check"]:
+        from server.check import main as check_main
+
+        return check_main(argv[1:])
     args = parse_args(argv)
     logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:

@@ -44,6 +44,7 @@ class ServerConfig:
     poll: bool = False
     settle_s: float = 1.0
     rescan_s: float = 30.0
+    trust_code: bool = False
 
 
 class Daemon:
@@ -60,6 +61,7 @@ class Daemon:
             default_max_batch_size=config.max_batch_size,
             default_max_delay_ms=config.max_delay_ms,
             default_max_queue=config.max_queue,
+            trust_code=config.trust_code,
         )
         self.manager = ModelManager(settings, self.inference)
         self.service = ClassifierService(self.manager, self.inference, max_pixels=config.max_pixels)

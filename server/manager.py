@@ -21,11 +21,12 @@ from pathlib import Path
 import torch
 
 from server.errors import ModelNotFound, ModelUnavailable
+from server.loading import build_for_serving
 from server.manifest import Manifest, ManifestError, load_manifest
 from server.repository import Fingerprint, SettleTracker, fingerprint, model_names, version_numbers
 from server.runtime import InferenceThread, LoadedVersion
 from server.validation import ValidationError, validate_version
-from server.weights import WeightsError, build_model
+from server.weights import WeightsError
 
 log = logging.getLogger("classifyd.models")
 LOAD_ERRORS = (ManifestError, WeightsError, ValidationError, RuntimeError, ValueError, TypeError, OSError, KeyError)
@@ -109,6 +110,7 @@ class ManagerSettings:
     default_max_batch_size: int = 32
     default_max_delay_ms: float = 0.0
     default_max_queue: int = 1024
+    trust_code: bool = False  # allow python: architectures, which execute files of the repository
 
 
 Listener = Callable[[ModelEvent], None]
@@ -247,8 +249,10 @@ class ModelManager:
     async def _prepare(self, record: ModelRecord, entry: VersionRecord) -> None:
         version_dir = record.directory / str(entry.version)
         loop = asyncio.get_running_loop()
-        entry.manifest = manifest = await loop.run_in_executor(self._loader, load_manifest, version_dir)
-        module = await loop.run_in_executor(self._loader, self._build_module, version_dir, manifest)
+        entry.manifest = await loop.run_in_executor(self._loader, load_manifest, version_dir)
+        module, manifest = await loop.run_in_executor(self._loader, build_for_serving, version_dir, entry.manifest,
+                                                      self.settings.device, self.settings.trust_code)
+        entry.manifest = manifest  # with the input spec resolved for the architecture (timm's config)
         batching = manifest.batching
         entry.loaded = LoadedVersion(
             name=record.name,
@@ -263,8 +267,18 @@ class ModelManager:
         await self._inference.run(entry.loaded.warm_up)
         entry.validation_accuracy = await validate_version(entry.loaded, version_dir, self._loader, self._inference)
 
-    def _build_module(self, version_dir: Path, manifest: Manifest) -> torch.nn.Module:
-        return build_model(version_dir, manifest).to(self.settings.device)
+    async def load_one(self, name: str, number: int) -> VersionRecord:
+        """Load, warm up and validate exactly version ``number`` of model ``name`` (``python -m server check``).
+
+        Nothing is retired and no other version is tried. Never raises for a bad version: it is FAILED.
+        """
+        record = self._models.get(name)
+        if record is None:
+            record = self._models[name] = ModelRecord(name, self.settings.models_dir / name)
+        async with record.lock:
+            directory = record.directory / str(number)
+            loop = asyncio.get_running_loop()
+            return await self._load_version(record, number, await loop.run_in_executor(None, fingerprint, directory))
 
     # ----- retiring and removing
 
