@@ -10,7 +10,6 @@ import io
 import struct
 import zlib
 from collections.abc import Iterator
-from pathlib import Path
 
 import grpc
 import numpy as np
@@ -150,7 +149,7 @@ def test_exif_orientation_is_applied_before_resizing(stub: pb_grpc.ClassifierStu
     assert plain["left"] == pytest.approx(1.0, abs=0.03) and plain["top"] == pytest.approx(0.5, abs=0.03)
 
 
-def test_images_of_any_shape_are_fitted(stub: pb_grpc.ClassifierStub, tmp_path: Path) -> None:
+def test_images_of_any_shape_are_fitted(stub: pb_grpc.ClassifierStub) -> None:
     for height, width in [(3, 500), (700, 2), (1, 1)]:
         means = seen(stub, image_request(encode(np.full((height, width, 3), 64, np.uint8)), model="rgb"))
         assert means["channel1"] == pytest.approx(64 / 255, abs=1e-3)

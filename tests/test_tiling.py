@@ -28,6 +28,8 @@ def daemon(tmp_path_factory: pytest.TempPathFactory) -> Iterator[DaemonThread]:
         write_model(root, f"probe_{reduce}", architecture="classifyd:test_probe", labels=probe_labels("L"),
                     manifest=probe_manifest("L", size=16, tiling={"tile": 100, "stride": 50, "reduce": reduce,
                                                                   "max_tiles": 8}))
+    write_model(root, "short_queue", architecture="classifyd:test_probe", labels=probe_labels("L"),
+                manifest=probe_manifest("L", size=16, tiling={"tile": 100}, batching={"max_queue": 4}))
     with running_daemon(root, watch=False) as running:
         yield running
 
@@ -104,3 +106,18 @@ def test_an_image_with_too_many_tiles_is_invalid_argument(daemon: DaemonThread) 
                           timeout=60)
         assert caught.value.code() is grpc.StatusCode.INVALID_ARGUMENT
         assert "gives 19 tiles of 100x100, more than the model's limit of 8" in caught.value.details()
+
+
+def test_tiles_beyond_the_queue_limit_fail_the_request_and_leave_nothing_queued(daemon: DaemonThread) -> None:
+    assert daemon.daemon is not None
+    with grpc.insecure_channel(daemon.target) as channel:
+        stub = pb_grpc.ClassifierStub(channel)
+        with pytest.raises(grpc.RpcError) as caught:  # 6 tiles, 4 queue places
+            stub.Classify(pb.ClassifyRequest(model="short_queue", image=encode(np.zeros((100, 600), np.uint8))),
+                          timeout=60)
+        assert caught.value.code() is grpc.StatusCode.RESOURCE_EXHAUSTED
+        assert "max_queue=4" in caught.value.details()
+        wait_for(lambda: daemon.daemon.service.batcher_depth("short_queue") == 0)  # the other tiles were withdrawn
+        fits = stub.Classify(pb.ClassifyRequest(model="short_queue", image=encode(np.zeros((100, 400), np.uint8))),
+                             timeout=60)
+        assert fits.tile_count == 4
