@@ -25,6 +25,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     classify.add_argument("--model", default="", help="model name (default: the daemon's default model)")
     classify.add_argument("--top-k", type=int, default=0, help="predictions per image (default: the model's)")
     classify.add_argument("--version", type=int, default=0, help="pin a version (default: newest ready)")
+    classify.add_argument("--lang", default="", help="labels language, e.g. zh (default: labels.txt)")
     classify.add_argument("--target", default=argparse.SUPPRESS, help="host:port")
     models = commands.add_parser("models", help="list models and their versions")
     models.add_argument("--target", default=argparse.SUPPRESS, help="host:port")
@@ -43,7 +44,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 def classify(client: ClassifierClient, args: argparse.Namespace) -> None:
     for path in args.images:
         response = client.classify(path, model=args.model, top_k=args.top_k, version=args.version,
-                                   timeout=args.timeout)
+                                   timeout=args.timeout, lang=args.lang)
         print(f"{path}: {response.model} v{response.version} (batch {response.batch_size})")
         for p in response.predictions:
             print(f"  {p.score:7.4f}  {p.index:>5}  {p.label}")

@@ -20,21 +20,25 @@ _DTYPES = {np.dtype(np.uint8): pb.Tensor.UINT8, np.dtype(np.float32): pb.Tensor.
 
 
 def image_request(image: bytes | str | Path, *, model: str = "", version: int = 0, top_k: int = 0,
-                  request_id: str = "") -> pb.ClassifyRequest:
-    """A request for an encoded image (bytes, or the path of an image file)."""
+                  request_id: str = "", lang: str = "", return_tiles: bool = False) -> pb.ClassifyRequest:
+    """A request for an encoded image (bytes, or the path of an image file).
+
+    ``lang`` picks the model's ``labels.<lang>.txt``; ``return_tiles`` lists each tile of a tiling model."""
     data = image if isinstance(image, bytes) else Path(image).read_bytes()
-    return pb.ClassifyRequest(model=model, version=version, top_k=top_k, request_id=request_id, image=data)
+    return pb.ClassifyRequest(model=model, version=version, top_k=top_k, request_id=request_id, image=data,
+                              lang=lang, return_tiles=return_tiles)
 
 
 def tensor_request(array: np.ndarray, *, model: str = "", version: int = 0, top_k: int = 0,
-                   request_id: str = "") -> pb.ClassifyRequest:
+                   request_id: str = "", lang: str = "", return_tiles: bool = False) -> pb.ClassifyRequest:
     """A request for a raw ``H x W`` or ``H x W x C`` uint8 or float32 (0..1) array."""
     dtype = _DTYPES.get(array.dtype)
     if dtype is None:
         raise ValueError(f"tensor dtype must be uint8 or float32, got {array.dtype}")
     data = np.ascontiguousarray(array, dtype=array.dtype.newbyteorder("<")).tobytes()
     tensor = pb.Tensor(dtype=dtype, shape=list(array.shape), data=data)
-    return pb.ClassifyRequest(model=model, version=version, top_k=top_k, request_id=request_id, tensor=tensor)
+    return pb.ClassifyRequest(model=model, version=version, top_k=top_k, request_id=request_id, tensor=tensor,
+                              lang=lang, return_tiles=return_tiles)
 
 
 class ClassifierClient:
@@ -45,9 +49,10 @@ class ClassifierClient:
         self.stub = pb_grpc.ClassifierStub(self._channel)
 
     def classify(self, image: bytes | str | Path, *, model: str = "", top_k: int = 0, version: int = 0,
-                 timeout: float | None = None) -> pb.ClassifyResponse:
-        """Classify an encoded image or image file."""
-        return self.stub.Classify(image_request(image, model=model, top_k=top_k, version=version), timeout=timeout)
+                 timeout: float | None = None, lang: str = "") -> pb.ClassifyResponse:
+        """Classify an encoded image or image file (labels in ``lang`` when the model has them)."""
+        request = image_request(image, model=model, top_k=top_k, version=version, lang=lang)
+        return self.stub.Classify(request, timeout=timeout)
 
     def classify_tensor(self, array: np.ndarray, *, model: str = "", top_k: int = 0, version: int = 0,
                         timeout: float | None = None) -> pb.ClassifyResponse:

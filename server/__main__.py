@@ -1,4 +1,4 @@
-"""``python -m server``: run the classifyd daemon."""
+"""``python -m server``: run the classifyd daemon; ``python -m server check <model dir>``: check a model offline."""
 
 from __future__ import annotations
 
@@ -50,6 +50,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         help="watch by polling instead of inotify (for NFS and other network filesystems)")
     parser.add_argument("--settle-seconds", type=float, default=1.0,
                         help="a version's files must be unchanged this long before it is loaded (default: 1)")
+    parser.add_argument("--trust-code", action="store_true",
+                        help="allow architecture = \"python:<file>:<name>\", which runs Python files of the model "
+                             "repository (default: such versions are FAILED)")
     parser.add_argument("--log-level", default="INFO")
     parser.add_argument("--port-file", type=Path,
                         help="once serving, write the bound port (useful with --port 0) to this file")
@@ -98,7 +101,8 @@ async def serve(args: argparse.Namespace) -> None:
                           reuse_port=args.reuse_port, max_connection_age_s=args.max_connection_age_seconds,
                           autotune=args.autotune and args.max_batch_size is None,
                           autotune_budget_s=args.autotune_budget_s,
-                          autotune_max_batch_size=args.autotune_max_batch_size, torch_threads=args.torch_threads)
+                          autotune_max_batch_size=args.autotune_max_batch_size, torch_threads=args.torch_threads,
+                          trust_code=args.trust_code)
     daemon = Daemon(config)
     port = await daemon.start()
     if args.port_file:
@@ -120,6 +124,11 @@ def write_port_file(path: Path, port: int) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["check"]:
+        from server.check import main as check_main
+
+        return check_main(argv[1:])
     args = parse_args(argv)
     logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:

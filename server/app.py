@@ -60,6 +60,7 @@ class ServerConfig:
     autotune_budget_s: float = DEFAULT_BUDGET_S
     autotune_max_batch_size: int | None = None
     torch_threads: int | None = None
+    trust_code: bool = False
 
 
 class Daemon:
@@ -78,6 +79,7 @@ class Daemon:
             default_max_delay_ms=config.max_delay_ms,
             default_max_queue=config.max_queue,
             autotune=AutotuneDefaults(config.autotune, config.autotune_budget_s, config.autotune_max_batch_size),
+            trust_code=config.trust_code,
         )
         self.manager = ModelManager(settings, self.inference)
         self.stats = StatsCollector()

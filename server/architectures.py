@@ -7,12 +7,15 @@ Supported forms:
   downloaded);
 * ``classifyd:<name>``: small architectures shipped with classifyd (the
   default digits model uses ``classifyd:small_cnn``);
-* ``torchscript``: the weights file is a TorchScript archive that carries its
-  own architecture (built by :mod:`server.weights`, not here).
+* ``torchscript`` and ``torch_export``: the weights file carries its own
+  architecture (loaded by :mod:`server.weights`, not here);
+* ``python:<file>:<name>``: a class from a file of the model directory
+  (loaded by :mod:`server.custom_code`, only with ``--trust-code``).
 """
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from typing import Any
 
@@ -71,7 +74,7 @@ def build_architecture(architecture: str, num_classes: int, in_channels: int, ar
         return BUILTIN[name](num_classes=num_classes, in_channels=in_channels, **args)
     raise ArchitectureError(
         f"unknown architecture {architecture!r}: expected 'torchvision:<name>', 'timm:<name>', "
-        "'classifyd:<name>' or 'torchscript'"
+        "'classifyd:<name>', 'python:<file>:<name>', 'torchscript' or 'torch_export'"
     )
 
 
@@ -91,3 +94,28 @@ def _timm(name: str, num_classes: int, in_channels: int, args: dict[str, Any]) -
     if not timm.is_model(name):
         raise ArchitectureError(f"timm has no model {name!r}")
     return timm.create_model(name, pretrained=False, num_classes=num_classes, in_chans=in_channels, **args)
+
+
+def preprocessing_defaults(architecture: str, module: nn.Module, args: dict[str, Any]) -> dict[str, Any] | None:
+    """The preprocessing the architecture was trained with, where it says so (timm models); else None.
+
+    Keys: ``size`` ``(height, width)``, ``resize``, ``interpolation``, ``mean``, ``std`` (three channels).
+    The input size follows ``model_args.img_size`` when set, since timm's pretrained config does not.
+    """
+    if not architecture.startswith("timm:"):
+        return None
+    from timm.data import resolve_data_config
+
+    config = resolve_data_config({}, model=module)
+    height, width = config["input_size"][-2:]
+    if "img_size" in args:
+        size = args["img_size"]
+        height, width = (size, size) if isinstance(size, int) else tuple(size)
+    crop_pct = float(config.get("crop_pct") or 1.0)
+    return {
+        "size": (int(height), int(width)),
+        "resize": math.floor(min(height, width) / crop_pct),  # as timm's eval transform scales the short side
+        "interpolation": config.get("interpolation"),
+        "mean": tuple(float(v) for v in config["mean"]),
+        "std": tuple(float(v) for v in config["std"]),
+    }

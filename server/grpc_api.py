@@ -22,7 +22,7 @@ from grpc_health.v1 import health, health_pb2
 from server import errors
 from server.manager import ModelEvent, ModelManager, ModelRecord, VersionRecord, VersionState
 from server.preprocess import RawTensor
-from server.service import ClassifierService, ClassifyCall, ClassifyResult
+from server.service import ClassifierService, ClassifyCall, ClassifyResult, Prediction
 
 log = logging.getLogger("classifyd.grpc")
 
@@ -84,13 +84,14 @@ def call_from_request(request: pb.ClassifyRequest, deadline: float | None) -> Cl
         payload = RawTensor(dtype, tuple(tensor.shape), tensor.data)
     else:
         raise errors.InvalidInput("empty input: set either 'image' (encoded bytes) or 'tensor'")
-    return ClassifyCall(request.model, payload, request.version, request.top_k, deadline)
+    return ClassifyCall(request.model, payload, request.version, request.top_k, deadline, lang=request.lang,
+                        return_tiles=request.return_tiles)
 
 
 def response_from_result(result: ClassifyResult, request_id: str) -> pb.ClassifyResponse:
     """Translate a ClassifyResult."""
     return pb.ClassifyResponse(
-        predictions=[pb.Prediction(index=p.index, label=p.label, score=p.score) for p in result.predictions],
+        predictions=_predictions(result.predictions),
         model=result.model,
         version=result.version,
         request_id=request_id,
@@ -98,7 +99,15 @@ def response_from_result(result: ClassifyResult, request_id: str) -> pb.Classify
         queue_us=round(result.queue_s * 1e6),
         compute_us=round(result.compute_s * 1e6),
         preprocess_us=round(result.preprocess_s * 1e6),
+        tiles=[pb.TileResult(x=t.box[0], y=t.box[1], width=t.box[2], height=t.box[3],
+                             predictions=_predictions(t.predictions), batch_size=t.batch_size) for t in result.tiles],
+        tile_count=result.tile_count,
+        lang=result.lang,
     )
+
+
+def _predictions(predictions: list[Prediction]) -> list[pb.Prediction]:
+    return [pb.Prediction(index=p.index, label=p.label, score=p.score) for p in predictions]
 
 
 def model_info(record: ModelRecord, device: str) -> pb.ModelInfo:
@@ -115,10 +124,20 @@ def model_info(record: ModelRecord, device: str) -> pb.ModelInfo:
         spec = manifest.input
         info.num_labels = manifest.num_classes
         info.input.CopyFrom(pb.InputSpec(height=spec.height, width=spec.width, channels=spec.channels,
-                                         color=spec.color))
+                                         color=spec.color, mean=spec.mean, std=spec.std, resize=spec.resize,
+                                         crop=spec.crop, interpolation=spec.interpolation,
+                                         resolved_from=spec.resolved_from))
         info.is_default = manifest.is_default
         info.architecture = manifest.architecture
         info.default_top_k = manifest.top_k
+        info.activation = manifest.activation
+        info.channels_last = manifest.channels_last
+        info.languages.extend(manifest.translations)
+        info.precision = manifest.precision
+        if manifest.tiling:
+            t = manifest.tiling
+            info.tiling.CopyFrom(pb.Tiling(tile_height=t.tile[0], tile_width=t.tile[1], stride_y=t.stride[0],
+                                           stride_x=t.stride[1], reduce=t.reduce, max_tiles=t.max_tiles))
     if serving and serving.loaded:
         info.max_batch_size = serving.loaded.max_batch_size
         info.max_delay_ms = serving.loaded.max_delay_ms
@@ -128,6 +147,8 @@ def model_info(record: ModelRecord, device: str) -> pb.ModelInfo:
             info.autotuned = curve.autotuned
             info.batch_curve.extend(pb.BatchPoint(batch_size=p.batch_size, images_per_second=p.images_per_second,
                                                   batch_ms=p.batch_s * 1000.0) for p in curve.points)
+        info.precision = serving.loaded.precision
+        info.precision_note = serving.loaded.precision_note
     return info
 
 

@@ -22,11 +22,12 @@ import torch
 
 from server.autotune import AutotuneDefaults, plan_for, tune
 from server.errors import ModelNotFound, ModelUnavailable
+from server.loading import build_for_serving
 from server.manifest import Manifest, ManifestError, load_manifest
 from server.repository import Fingerprint, SettleTracker, fingerprint, model_names, version_numbers
 from server.runtime import InferenceThread, LoadedVersion
 from server.validation import ValidationError, validate_version
-from server.weights import WeightsError, build_model
+from server.weights import WeightsError
 
 log = logging.getLogger("classifyd.models")
 LOAD_ERRORS = (ManifestError, WeightsError, ValidationError, RuntimeError, ValueError, TypeError, OSError, KeyError)
@@ -111,6 +112,7 @@ class ManagerSettings:
     default_max_delay_ms: float = 0.0
     default_max_queue: int = 1024
     autotune: AutotuneDefaults = field(default_factory=AutotuneDefaults)
+    trust_code: bool = False  # allow python: architectures, which execute files of the repository
 
 
 Listener = Callable[[ModelEvent], None]
@@ -249,8 +251,10 @@ class ModelManager:
     async def _prepare(self, record: ModelRecord, entry: VersionRecord) -> None:
         version_dir = record.directory / str(entry.version)
         loop = asyncio.get_running_loop()
-        entry.manifest = manifest = await loop.run_in_executor(self._loader, load_manifest, version_dir)
-        module = await loop.run_in_executor(self._loader, self._build_module, version_dir, manifest)
+        entry.manifest = await loop.run_in_executor(self._loader, load_manifest, version_dir)
+        module, manifest = await loop.run_in_executor(self._loader, build_for_serving, version_dir, entry.manifest,
+                                                      self.settings.device, self.settings.trust_code)
+        entry.manifest = manifest  # with the input spec resolved for the architecture (timm's config)
         batching = manifest.batching
         plan = plan_for(batching, self.settings.autotune, self.settings.default_max_batch_size,
                         self.settings.device.type)
@@ -268,8 +272,18 @@ class ModelManager:
         entry.validation_accuracy = await validate_version(entry.loaded, version_dir, self._loader, self._inference)
         await tune(entry.loaded, self._inference, plan)
 
-    def _build_module(self, version_dir: Path, manifest: Manifest) -> torch.nn.Module:
-        return build_model(version_dir, manifest).to(self.settings.device)
+    async def load_one(self, name: str, number: int) -> VersionRecord:
+        """Load, warm up and validate exactly version ``number`` of model ``name`` (``python -m server check``).
+
+        Nothing is retired and no other version is tried. Never raises for a bad version: it is FAILED.
+        """
+        record = self._models.get(name)
+        if record is None:
+            record = self._models[name] = ModelRecord(name, self.settings.models_dir / name)
+        async with record.lock:
+            directory = record.directory / str(number)
+            loop = asyncio.get_running_loop()
+            return await self._load_version(record, number, await loop.run_in_executor(None, fingerprint, directory))
 
     # ----- retiring and removing
 

@@ -6,6 +6,7 @@ Pure parsing: no torch, no file watching. Every problem raises
 
 from __future__ import annotations
 
+import re
 import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -13,18 +14,25 @@ from typing import Any
 
 MANIFEST_NAME = "model.toml"
 LABELS_NAME = "labels.txt"
-WEIGHT_SUFFIXES = (".safetensors", ".pt", ".pth", ".ts")
+WEIGHT_SUFFIXES = (".safetensors", ".pt", ".pth", ".ts", ".pt2")
 COLOR_CHANNELS = {"L": 1, "RGB": 3, "RGBA": 4}
 INTERPOLATIONS = ("nearest", "bilinear", "bicubic", "lanczos", "box", "hamming")
 CROPS = ("center", "none")
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
+ACTIVATIONS = ("softmax", "sigmoid")
+PRECISIONS = ("fp32", "fp16", "bf16")
+REDUCTIONS = ("max", "mean")
+# labels.<lang>.txt: a BCP 47-like tag such as zh, en, pt-BR or zh_Hant
+_LANG_FILE = re.compile(r"^labels\.([A-Za-z]{2,8}(?:[-_][A-Za-z0-9]{1,8})*)\.txt$")
 
 _TOP_KEYS = {"architecture", "num_classes", "weights", "top_k", "default", "model_args", "input", "batching",
-             "description", "keep_versions", "min_accuracy"}
-_INPUT_KEYS = {"color", "size", "resize", "crop", "mean", "std", "interpolation"}
+             "description", "keep_versions", "min_accuracy", "activation", "threshold", "thresholds", "precision",
+             "channels_last", "tiling"}
+_INPUT_KEYS = {"color", "size", "resize", "crop", "mean", "std", "interpolation", "fill_alpha"}
 _BATCHING_KEYS = {"max_batch_size", "max_delay_ms", "max_queue", "autotune", "autotune_budget_s",
                   "autotune_max_batch_size", "latency_target_ms"}
+_TILING_KEYS = {"tile", "stride", "reduce", "max_tiles"}
 
 
 class ManifestError(ValueError):
@@ -49,10 +57,25 @@ class InputSpec:
     mean: tuple[float, ...] = IMAGENET_MEAN
     std: tuple[float, ...] = IMAGENET_STD
     interpolation: str = "bilinear"
+    fill_alpha: bool = False
+    explicit: frozenset[str] = frozenset()
+    """The ``[input]`` keys the manifest sets; the others may be resolved from the architecture at load."""
+    resolved_from: str = ""
+    """Where the keys the manifest leaves out came from when not classifyd's defaults, e.g. timm's config."""
 
     @property
     def channels(self) -> int:
         return COLOR_CHANNELS[self.color]
+
+
+@dataclass(frozen=True)
+class TilingSpec:
+    """Classify an image as overlapping tiles of ``tile`` pixels, ``stride`` apart (both ``(height, width)``)."""
+
+    tile: tuple[int, int]
+    stride: tuple[int, int]
+    reduce: str = "max"
+    max_tiles: int = 256
 
 
 @dataclass(frozen=True)
@@ -84,6 +107,23 @@ class Manifest:
     model_args: dict[str, Any] = field(default_factory=dict)
     input: InputSpec = field(default_factory=InputSpec)
     batching: BatchingSpec = field(default_factory=BatchingSpec)
+    activation: str = "softmax"
+    thresholds: tuple[float, ...] = ()
+    """Per-label score thresholds (sigmoid only): a label is reported when its score reaches its threshold."""
+    precision: str = "fp32"
+    channels_last: bool = False
+    tiling: TilingSpec | None = None
+    translations: dict[str, tuple[str, ...]] = field(default_factory=dict)
+    """Labels by language tag (lower case, ``-`` separated), from ``labels.<lang>.txt``."""
+
+    def labels_for(self, lang: str) -> tuple[str, tuple[str, ...]]:
+        """The language actually used for ``lang`` and its labels: the exact tag, then its primary
+        subtag (``zh`` for ``zh-CN``), else ``labels.txt`` (returned as language ``""``)."""
+        tag = normalize_lang(lang)
+        for candidate in (tag, tag.split("-")[0]):
+            if candidate in self.translations:
+                return candidate, self.translations[candidate]
+        return "", self.labels
 
 
 def find_file(version_dir: Path, name: str) -> Path:
@@ -108,6 +148,33 @@ def read_labels(path: Path) -> tuple[str, ...]:
     return labels
 
 
+def normalize_lang(tag: str) -> str:
+    """``zh_CN`` and ``ZH-cn`` are both ``zh-cn``."""
+    return tag.strip().lower().replace("_", "-")
+
+
+def read_translations(version_dir: Path, labels: tuple[str, ...]) -> dict[str, tuple[str, ...]]:
+    """Every ``labels.<lang>.txt`` of the model and version directories (the version's own file wins).
+
+    Blocks on file reads. Raises ManifestError when a file is unreadable or its line count differs from
+    ``labels``: line *i* of every language file must name output *i*.
+    """
+    files: dict[str, Path] = {}
+    for directory in (version_dir.parent, version_dir):  # later wins: the version's own copy
+        for path in sorted(directory.glob("labels.*.txt")):
+            match = _LANG_FILE.match(path.name)
+            if match and path.is_file():
+                files[normalize_lang(match.group(1))] = path
+    translations = {}
+    for lang, path in sorted(files.items()):
+        translated = read_labels(path)
+        if len(translated) != len(labels):
+            raise ManifestError(path, f"has {len(translated)} labels but {LABELS_NAME} has {len(labels)}; "
+                                      "line i of every labels file must name output i")
+        translations[lang] = translated
+    return translations
+
+
 def load_manifest(version_dir: Path) -> Manifest:
     """Read and validate the manifest and labels that apply to ``version_dir``.
 
@@ -120,10 +187,12 @@ def load_manifest(version_dir: Path) -> Manifest:
         raise ManifestError(path, "manifest not found") from None
     except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
         raise ManifestError(path, f"invalid TOML: {exc}") from None
-    return parse_manifest(raw, path, read_labels(find_file(version_dir, LABELS_NAME)))
+    labels = read_labels(find_file(version_dir, LABELS_NAME))
+    return parse_manifest(raw, path, labels, read_translations(version_dir, labels))
 
 
-def parse_manifest(raw: dict[str, Any], path: Path, labels: tuple[str, ...]) -> Manifest:
+def parse_manifest(raw: dict[str, Any], path: Path, labels: tuple[str, ...],
+                   translations: dict[str, tuple[str, ...]] | None = None) -> Manifest:
     """Validate a decoded manifest. Raises ManifestError naming the offending key."""
     _reject_unknown(raw, _TOP_KEYS, path, "")
     architecture = _get(raw, "architecture", str, path)
@@ -132,7 +201,10 @@ def parse_manifest(raw: dict[str, Any], path: Path, labels: tuple[str, ...]) -> 
     num_classes = _get(raw, "num_classes", int, path, default=len(labels))
     if num_classes != len(labels):
         raise ManifestError(path, f"{num_classes} classes but labels.txt has {len(labels)} labels", "num_classes")
-    top_k = _get(raw, "top_k", int, path, default=min(5, num_classes))
+    activation = _choice(raw, "activation", ACTIVATIONS, "softmax", path, prefix="")
+    # multi-label: every label above its threshold is reported unless top_k caps it
+    default_top_k = num_classes if activation == "sigmoid" else min(5, num_classes)
+    top_k = _get(raw, "top_k", int, path, default=default_top_k)
     if not 1 <= top_k <= num_classes:
         raise ManifestError(path, f"must be between 1 and {num_classes}", "top_k")
     model_args = _get(raw, "model_args", dict, path, default={})
@@ -155,15 +227,66 @@ def parse_manifest(raw: dict[str, Any], path: Path, labels: tuple[str, ...]) -> 
         model_args=model_args,
         input=_parse_input(_get(raw, "input", dict, path, default={}), path),
         batching=_parse_batching(_get(raw, "batching", dict, path, default={}), path),
+        activation=activation,
+        thresholds=_parse_thresholds(raw, activation, labels, path),
+        precision=_choice(raw, "precision", PRECISIONS, "fp32", path, prefix=""),
+        channels_last=_get(raw, "channels_last", bool, path, default=False),
+        tiling=_parse_tiling(_get(raw, "tiling", dict, path), path),
+        translations=dict(translations or {}),
     )
+
+
+def _parse_thresholds(raw: dict[str, Any], activation: str, labels: tuple[str, ...],
+                      path: Path) -> tuple[float, ...]:
+    """One threshold per label: ``[thresholds]`` by label, else ``threshold``, else 0.5 (sigmoid only)."""
+    if activation != "sigmoid":
+        for key in ("threshold", "thresholds"):
+            if key in raw:
+                raise ManifestError(path, 'applies only to activation = "sigmoid" (multi-label); softmax '
+                                          "responses are cut by top_k", key)
+        return ()
+    default = _unit(_get(raw, "threshold", (int, float), path, default=0.5), path, "threshold")
+    per_label = _get(raw, "thresholds", dict, path, default={})
+    unknown = sorted(set(per_label) - set(labels))
+    if unknown:
+        raise ManifestError(path, f"{unknown[0]!r} is not a label of {LABELS_NAME}", f"thresholds.{unknown[0]}")
+    values = {}
+    for label, value in per_label.items():
+        if isinstance(value, bool) or not isinstance(value, int | float):
+            raise ManifestError(path, "must be a number", f"thresholds.{label}")
+        values[label] = _unit(value, path, f"thresholds.{label}")
+    return tuple(values.get(label, default) for label in labels)
+
+
+def _unit(value: float, path: Path, key: str) -> float:
+    if not 0.0 <= value <= 1.0:
+        raise ManifestError(path, "must be between 0.0 and 1.0", key)
+    return float(value)
+
+
+def _parse_tiling(raw: dict[str, Any] | None, path: Path) -> TilingSpec | None:
+    if raw is None:
+        return None
+    _reject_unknown(raw, _TILING_KEYS, path, "tiling.")
+    if "tile" not in raw:
+        raise ManifestError(path, "required in [tiling]", "tiling.tile")
+    tile = _size(raw["tile"], path, "tiling.tile")
+    stride = _size(raw.get("stride", list(tile)), path, "tiling.stride")
+    if stride[0] > tile[0] or stride[1] > tile[1]:
+        raise ManifestError(path, f"{list(stride)} is larger than the tile {list(tile)}: tiles would leave gaps",
+                            "tiling.stride")
+    max_tiles = _get(raw, "max_tiles", int, path, default=256, key_prefix="tiling.")
+    if max_tiles < 1:
+        raise ManifestError(path, "must be at least 1", "tiling.max_tiles")
+    return TilingSpec(tile=tile, stride=stride, reduce=_choice(raw, "reduce", REDUCTIONS, "max", path,
+                                                                prefix="tiling."), max_tiles=max_tiles)
 
 
 def _parse_input(raw: dict[str, Any], path: Path) -> InputSpec:
     _reject_unknown(raw, _INPUT_KEYS, path, "input.")
     color = _choice(raw, "color", tuple(COLOR_CHANNELS), "RGB", path)
-    height, width = _size(raw.get("size", 224), path)
-    default_resize = round(min(height, width) / 0.875)
-    resize = _get(raw, "resize", int, path, default=default_resize, key_prefix="input.")
+    height, width = _size(raw.get("size", 224), path, "input.size")
+    resize = _get(raw, "resize", int, path, default=default_resize(height, width), key_prefix="input.")
     if resize < 1:
         raise ManifestError(path, "must be positive", "input.resize")
     channels = COLOR_CHANNELS[color]
@@ -181,6 +304,8 @@ def _parse_input(raw: dict[str, Any], path: Path) -> InputSpec:
         mean=mean,
         std=std,
         interpolation=_choice(raw, "interpolation", INTERPOLATIONS, "bilinear", path),
+        fill_alpha=_get(raw, "fill_alpha", bool, path, default=False, key_prefix="input."),
+        explicit=frozenset(raw),
     )
 
 
@@ -220,6 +345,11 @@ def _parse_autotune(raw: dict[str, Any], path: Path, size: int | None, delay: fl
             "autotune_max_batch_size": ceiling, "latency_target_ms": None if target is None else float(target)}
 
 
+def default_resize(height: int, width: int) -> int:
+    """The ``resize`` that makes the centre crop keep 87.5 % of the shorter side (256 for 224)."""
+    return round(min(height, width) / 0.875)
+
+
 def _default_norm(channels: int) -> tuple[tuple[float, ...], tuple[float, ...]]:
     if channels == 3:
         return IMAGENET_MEAN, IMAGENET_STD
@@ -228,12 +358,13 @@ def _default_norm(channels: int) -> tuple[tuple[float, ...], tuple[float, ...]]:
     return (0.5,), (0.5,)
 
 
-def _size(value: Any, path: Path) -> tuple[int, int]:
+def _size(value: Any, path: Path, key: str) -> tuple[int, int]:
     if isinstance(value, int) and not isinstance(value, bool):
         value = [value, value]
-    ok = isinstance(value, list) and len(value) == 2 and all(isinstance(v, int) and v > 0 for v in value)
+    ok = isinstance(value, list) and len(value) == 2 and all(
+        isinstance(v, int) and not isinstance(v, bool) and v > 0 for v in value)
     if not ok:
-        raise ManifestError(path, "must be a positive integer or [height, width]", "input.size")
+        raise ManifestError(path, "must be a positive integer or [height, width]", key)
     return value[0], value[1]
 
 
@@ -246,10 +377,11 @@ def _floats(raw: dict[str, Any], key: str, default: tuple[float, ...], channels:
     return tuple(float(v) for v in value)
 
 
-def _choice(raw: dict[str, Any], key: str, choices: tuple[str, ...], default: str, path: Path) -> str:
+def _choice(raw: dict[str, Any], key: str, choices: tuple[str, ...], default: str, path: Path,
+            prefix: str = "input.") -> str:
     value = raw.get(key, default)
     if value not in choices:
-        raise ManifestError(path, f"must be one of {', '.join(choices)}; got {value!r}", f"input.{key}")
+        raise ManifestError(path, f"must be one of {', '.join(choices)}; got {value!r}", prefix + key)
     return value
 
 

@@ -2,9 +2,11 @@
 
 PIL and numpy only: the result is an ``HxWxC`` numpy array (uint8, or float32
 in 0..1 for float tensors) of exactly the model's input size; normalisation to
-mean/std happens batched on the inference thread. These functions block (PIL
-decode and resize release the GIL): run them in a thread pool. Every problem
-with the input raises :class:`server.errors.InvalidInput` saying what was wrong.
+mean/std happens batched on the inference thread. With a ``[tiling]`` section,
+:func:`preprocess_tiles` cuts the input into overlapping tiles first and fits
+each one. These functions block (PIL decode and resize release the GIL): run
+them in a thread pool. Every problem with the input raises
+:class:`server.errors.InvalidInput` saying what was wrong.
 """
 
 from __future__ import annotations
@@ -17,7 +19,7 @@ import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
 from server.errors import InvalidInput
-from server.manifest import COLOR_CHANNELS, InputSpec
+from server.manifest import COLOR_CHANNELS, InputSpec, TilingSpec
 
 SUPPORTED_FORMATS = ("JPEG", "PNG", "WEBP", "BMP", "GIF", "TIFF", "MPO")
 MAX_PIXELS = 100_000_000
@@ -30,6 +32,13 @@ _RESAMPLE = {
     "hamming": Image.Resampling.HAMMING,
 }
 _DTYPES = {"uint8": np.dtype("<u1"), "float32": np.dtype("<f4")}
+_ALPHA_MODES = ("RGBA", "RGBa", "LA", "La", "PA")
+_HIGH_DEPTH_MODES = ("I;16", "I;16B", "I;16L", "I;16N", "I", "F")
+
+Box = tuple[int, int, int, int]
+"""A region of the source image: ``(x, y, width, height)`` in pixels."""
+Source = Image.Image | np.ndarray
+"""A decoded input in the model's colour mode: a PIL image, or an ``H x W x C`` array from a tensor."""
 
 
 @dataclass(frozen=True)
@@ -41,12 +50,67 @@ class RawTensor:
     data: bytes
 
 
-def preprocess(payload: bytes | RawTensor, spec: InputSpec, max_pixels: int = MAX_PIXELS) -> np.ndarray:
-    """Turn one request's input into an ``H x W x C`` array of the model's input size."""
+def preprocess(payload: bytes | RawTensor, spec: InputSpec, max_pixels: int = MAX_PIXELS,
+               box: Box | None = None) -> np.ndarray:
+    """Turn one request's input (or its region ``box``) into an ``H x W x C`` array of the model's input size."""
+    source = load_source(payload, spec, max_pixels)
+    return fit(crop(source, box) if box else source, spec)
+
+
+def preprocess_tiles(payload: bytes | RawTensor, spec: InputSpec, tiling: TilingSpec,
+                     max_pixels: int = MAX_PIXELS) -> list[tuple[Box, np.ndarray]]:
+    """Cut the input into the overlapping tiles of ``tiling`` and fit each to the model's input size."""
+    source = load_source(payload, spec, max_pixels)
+    height, width = _source_size(source)
+    boxes = tile_boxes(width, height, tiling)
+    if len(boxes) > tiling.max_tiles:
+        raise InvalidInput(f"image of {width}x{height} pixels gives {len(boxes)} tiles of "
+                           f"{tiling.tile[1]}x{tiling.tile[0]}, more than the model's limit of {tiling.max_tiles}")
+    return [(box, fit(crop(source, box), spec)) for box in boxes]
+
+
+def tile_boxes(width: int, height: int, tiling: TilingSpec) -> list[Box]:
+    """Tiles ``stride`` apart, row by row; the last row and column are aligned to the far edges so the whole
+    image is covered. An image smaller than a tile in a dimension is one tile of its own size there."""
+    tile_h, tile_w = tiling.tile
+    stride_h, stride_w = tiling.stride
+    return [(x, y, min(tile_w, width), min(tile_h, height))
+            for y in _starts(height, tile_h, stride_h) for x in _starts(width, tile_w, stride_w)]
+
+
+def _starts(length: int, tile: int, stride: int) -> list[int]:
+    if length <= tile:
+        return [0]
+    starts = list(range(0, length - tile + 1, stride))
+    if starts[-1] != length - tile:
+        starts.append(length - tile)
+    return starts
+
+
+def load_source(payload: bytes | RawTensor, spec: InputSpec, max_pixels: int = MAX_PIXELS) -> Source:
+    """Decode an image and convert it to the model's colour mode, or validate a tensor and match its channels."""
     if isinstance(payload, RawTensor):
-        return _fit_array(tensor_to_array(payload, spec), spec)
-    image = decode_image(payload, max_pixels)
-    return _fit_image(_convert(image, spec.color), spec)
+        return tensor_to_array(payload, spec)
+    return _convert(decode_image(payload, max_pixels), spec)
+
+
+def crop(source: Source, box: Box) -> Source:
+    """The region ``box`` of a decoded input."""
+    x, y, width, height = box
+    if isinstance(source, np.ndarray):
+        return source[y:y + height, x:x + width]
+    return source.crop((x, y, x + width, y + height))
+
+
+def fit(source: Source, spec: InputSpec) -> np.ndarray:
+    """Resize and crop a decoded input to the model's input size."""
+    return _fit_array(source, spec) if isinstance(source, np.ndarray) else _fit_image(source, spec)
+
+
+def _source_size(source: Source) -> tuple[int, int]:
+    if isinstance(source, np.ndarray):
+        return source.shape[0], source.shape[1]
+    return source.height, source.width
 
 
 def decode_image(data: bytes, max_pixels: int = MAX_PIXELS) -> Image.Image:
@@ -85,36 +149,78 @@ def _decode_message(exc: Exception) -> str:
     return f"image too large: {exc}"
 
 
-def _convert(image: Image.Image, color: str) -> Image.Image:
-    """Convert to the model's colour mode; palette, 16-bit and alpha images included."""
+def _convert(image: Image.Image, spec: InputSpec) -> Image.Image:
+    """Convert to the model's colour mode; palette, 16-bit, float and alpha images included.
+
+    A 4-channel (RGBA) model needs a fourth channel: images without alpha are refused unless the manifest
+    sets ``fill_alpha``, since a channel such as near-infrared cannot be made up. Raises InvalidInput.
+    """
+    color = spec.color
     if image.mode == color:
         return image
-    if image.mode in ("I;16", "I;16B", "I;16L", "I"):
-        # 16/32-bit greyscale: scale to 8 bits instead of clipping at 255
-        array = np.asarray(image, dtype=np.float64)
-        peak = 65535.0 if image.mode.startswith("I;16") else max(float(array.max()), 1.0)
-        image = Image.fromarray(np.clip(array * 255.0 / peak, 0, 255).astype(np.uint8), "L")
+    has_alpha = image.mode in _ALPHA_MODES or (image.mode == "P" and "transparency" in image.info)
+    if color == "RGBA" and not has_alpha and not spec.fill_alpha:
+        raise InvalidInput(f"image has mode {image.mode} ({len(image.getbands())} channel(s), no alpha); the model "
+                           "takes 4 channels (RGBA) and a fourth channel cannot be made up (the model's manifest "
+                           "does not set fill_alpha)")
+    if image.mode in _HIGH_DEPTH_MODES:
+        image = _to_8bit(image)
     if image.mode == "P":
-        image = image.convert("RGBA")
-    return image.convert(color)
+        image = image.convert("RGBA" if has_alpha else "RGB")
+    try:
+        return image.convert(color)
+    except ValueError:
+        pass
+    try:  # Pillow converts some modes (LAB) only to RGB
+        return image.convert("RGB").convert(color)
+    except ValueError as exc:
+        raise InvalidInput(f"image mode {image.mode} cannot be converted to {color}: {exc}") from None
+
+
+def _to_8bit(image: Image.Image) -> Image.Image:
+    """Greyscale deeper than 8 bits to ``L``, scaled instead of clipped at 255.
+
+    16-bit modes: ÷ 65535. 32-bit integers: kept when ≤ 255, read as 16-bit when ≤ 65535, else scaled by
+    their maximum. Floats: read as 0..1 when ≤ 1.0, else clipped to 0..255.
+    """
+    array = np.asarray(image, dtype=np.float64)
+    peak = float(array.max()) if array.size else 0.0
+    if image.mode.startswith("I;16"):
+        scale = 255.0 / 65535.0
+    elif image.mode == "F":
+        scale = 255.0 if peak <= 1.0 else 1.0
+    else:
+        scale = 1.0 if peak <= 255 else 255.0 / 65535.0 if peak <= 65535 else 255.0 / peak
+    return Image.fromarray(np.clip(np.rint(array * scale), 0, 255).astype(np.uint8), "L")
 
 
 def _fit_image(image: Image.Image, spec: InputSpec) -> np.ndarray:
+    """Resize and crop to the input size (see :func:`_fit_band`). Four channels are resampled one by one,
+    so a fourth channel (alpha, or e.g. near-infrared) never scales the colour channels."""
+    if len(image.getbands()) == 4:
+        return np.dstack([_fit_band(band, spec) for band in image.split()])
+    return _as_hwc(_fit_band(image, spec))
+
+
+def _fit_band(image: Image.Image, spec: InputSpec) -> np.ndarray:
     """Resize (shorter side to ``resize``) and centre-crop, or stretch to the input size when crop = none."""
     resample = _RESAMPLE[spec.interpolation]
     if spec.crop == "none":
         if image.size != (spec.width, spec.height):
             image = image.resize((spec.width, spec.height), resample)
-        return _as_hwc(np.asarray(image))
+        return np.asarray(image)
+    # the same arithmetic as torchvision's Resize(resize) + CenterCrop, which most models were trained with
     width, height = image.size
-    scale = spec.resize / min(width, height)
-    new_size = (max(spec.width, round(width * scale)), max(spec.height, round(height * scale)))
+    short, long = min(width, height), max(width, height)
+    scaled_long = spec.resize * long // short
+    scaled = (spec.resize, scaled_long) if width <= height else (scaled_long, spec.resize)
+    new_size = (max(spec.width, scaled[0]), max(spec.height, scaled[1]))
     if new_size != image.size:
         image = image.resize(new_size, resample, reducing_gap=3.0)
-    left = (image.width - spec.width) // 2
-    top = (image.height - spec.height) // 2
+    left = round((image.width - spec.width) / 2.0)
+    top = round((image.height - spec.height) / 2.0)
     image = image.crop((left, top, left + spec.width, top + spec.height))
-    return _as_hwc(np.asarray(image))
+    return np.asarray(image)
 
 
 def _as_hwc(array: np.ndarray) -> np.ndarray:
@@ -136,33 +242,41 @@ def tensor_to_array(tensor: RawTensor, spec: InputSpec) -> np.ndarray:
     array = np.frombuffer(tensor.data, dtype=dtype).reshape(shape)
     if dtype.kind == "f" and not np.isfinite(array).all():
         raise InvalidInput("tensor contains NaN or infinite values")
-    return _match_channels(_as_hwc(array), spec.channels)
+    return _match_channels(_as_hwc(array), spec)
 
 
-def _match_channels(array: np.ndarray, channels: int) -> np.ndarray:
-    have = array.shape[2]
-    if have == channels:
+def _match_channels(array: np.ndarray, spec: InputSpec) -> np.ndarray:
+    have, want = array.shape[2], spec.channels
+    if have == want:
         return array
-    if have == 1 and channels == 3:
-        return np.repeat(array, 3, axis=2)
-    if have in (3, 4) and channels == 1:
+    if want == 1 and have in (3, 4):
         rgb = array[:, :, :3].astype(np.float32)
         grey = rgb @ np.array([0.299, 0.587, 0.114], dtype=np.float32)
         return _as_hwc(grey.round().astype(array.dtype) if array.dtype == np.uint8 else grey)
-    if have == 4 and channels == 3:
+    if want == 3 and have == 1:
+        return np.repeat(array, 3, axis=2)
+    if want == 3 and have == 4:
         return array[:, :, :3]
+    if want == 4 and have in (1, 3) and spec.fill_alpha:
+        rgb = np.repeat(array, 3, axis=2) if have == 1 else array
+        opaque = np.full((*array.shape[:2], 1), 255 if array.dtype == np.uint8 else 1.0, dtype=array.dtype)
+        return np.concatenate([rgb, opaque], axis=2)
     names = {v: k for k, v in COLOR_CHANNELS.items()}
-    raise InvalidInput(f"tensor has {have} channel(s); the model takes {channels} ({names.get(channels, '?')}) "
-                       "and they cannot be converted")
+    reason = "they cannot be converted"
+    if want == 4 and have in (1, 3):
+        reason = "a fourth channel (alpha, or e.g. near-infrared) cannot be made up (the model's manifest does " \
+                 "not set fill_alpha)"
+    raise InvalidInput(f"tensor has {have} channel(s); the model takes {want} ({names.get(want, '?')}) and {reason}")
 
 
 def _fit_array(array: np.ndarray, spec: InputSpec) -> np.ndarray:
-    """Resize a tensor to the input size only when it is not that size already."""
+    """Resize a tensor to the input size only when it is not that size already (floats band by band)."""
     if array.shape[:2] == (spec.height, spec.width):
         return array
     if array.dtype != np.uint8:
-        raise InvalidInput(f"float32 tensors must already be {spec.height}x{spec.width}; got "
-                           f"{array.shape[0]}x{array.shape[1]}")
+        bands = [_fit_band(Image.fromarray(np.ascontiguousarray(array[:, :, i]), "F"), spec)
+                 for i in range(array.shape[2])]
+        return np.dstack(bands).astype(np.float32)
     mode = {1: "L", 3: "RGB", 4: "RGBA"}[array.shape[2]]
-    image = Image.fromarray(array[:, :, 0] if mode == "L" else array, mode)
+    image = Image.fromarray(array[:, :, 0] if mode == "L" else np.ascontiguousarray(array), mode)
     return _fit_image(image, spec)

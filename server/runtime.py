@@ -7,6 +7,7 @@ Everything here that touches torch blocks: call it through
 from __future__ import annotations
 
 import asyncio
+import logging
 import threading
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -19,8 +20,10 @@ from torch import nn
 
 from server.autotune import BatchCurve
 from server.manifest import Manifest
+from server.precision import autocast, effective_precision
 
 T = TypeVar("T")
+log = logging.getLogger("classifyd.models")
 
 
 class InferenceThread:
@@ -56,6 +59,10 @@ class OutputShapeError(RuntimeError):
     """The model returned something other than one row of logits per image."""
 
 
+class WarmUpError(RuntimeError):
+    """The warm-up batch failed: the version must not serve."""
+
+
 @dataclass(eq=False)
 class LoadedVersion:
     """One model version, in eval mode on its device, ready for forward passes."""
@@ -76,6 +83,9 @@ class LoadedVersion:
         shape = (1, spec.channels, 1, 1)
         self._mean = torch.tensor(spec.mean, dtype=torch.float32, device=self.device).view(shape)
         self._inv_std = (1.0 / torch.tensor(spec.std, dtype=torch.float32, device=self.device)).view(shape)
+        self.precision, self.precision_note = effective_precision(self.manifest.precision, self.device)
+        if self.precision_note:
+            log.warning("model %s version %d: %s", self.name, self.version, self.precision_note)
         self._lock = threading.Lock()
         self._leases = 0
         self._idle = asyncio.Event()
@@ -102,20 +112,45 @@ class LoadedVersion:
         return self.manifest.labels
 
     def predict(self, arrays: Sequence[np.ndarray]) -> np.ndarray:
-        """Class probabilities, one row per ``H x W x C`` input array. Blocks; raises OutputShapeError."""
+        """Scores, one row per ``H x W x C`` input array: softmax probabilities, or per-label sigmoids for
+        ``activation = "sigmoid"``. Runs under autocast at the version's precision. Blocks; raises
+        OutputShapeError."""
         with self._lock, torch.inference_mode():
             if self.released:
                 raise RuntimeError(f"model {self.name} version {self.version} was already released")
             batch = self._to_tensor(arrays)
-            logits = self.module(batch)
+            with autocast(self.precision, self.device):
+                logits = self.module(batch)
             self._check_output(logits, len(arrays))
+            if self.manifest.activation == "sigmoid":
+                return torch.sigmoid(logits.float()).cpu().numpy()
             return torch.softmax(logits.float(), dim=1).cpu().numpy()
 
     def warm_up(self) -> None:
-        """Run one batch of ``max_batch_size`` blank images: catches shape errors and OOM before serving."""
+        """Run one batch of ``max_batch_size`` blank images: catches shape errors and OOM before serving.
+
+        Raises WarmUpError saying what failed."""
         spec = self.manifest.input
         blank = np.zeros((spec.height, spec.width, spec.channels), dtype=np.uint8)
-        self.predict([blank] * self.max_batch_size)
+        try:
+            self.predict([blank] * self.max_batch_size)
+        except Exception as exc:
+            reason = str(exc) if isinstance(exc, OutputShapeError) else f"{type(exc).__name__}: {exc}"
+            raise WarmUpError(f"warm-up on a batch of {self.max_batch_size} blank {spec.height}x{spec.width}"
+                              f"x{spec.channels} ({spec.color}) inputs failed: {reason}{self._channel_hint()}") \
+                from exc
+
+    def _channel_hint(self) -> str:
+        """Name the first convolution when its input channels differ from the manifest's colour mode."""
+        for name, layer in self.module.named_modules():
+            kind = getattr(layer, "original_name", type(layer).__name__)  # TorchScript keeps the class name there
+            if kind in ("Conv1d", "Conv2d", "Conv3d"):
+                takes, spec = getattr(layer, "in_channels", None), self.manifest.input
+                if isinstance(takes, int) and takes != spec.channels:
+                    return (f"; the model's first convolution ({name}) takes {takes} input channel(s) but [input] "
+                            f"color = {spec.color!r} gives {spec.channels}")
+                return ""
+        return ""
 
     def _to_tensor(self, arrays: Sequence[np.ndarray]) -> torch.Tensor:
         if all(a.dtype == np.uint8 for a in arrays):
@@ -124,15 +159,21 @@ class LoadedVersion:
         else:
             floats = [a.astype(np.float32) / 255.0 if a.dtype == np.uint8 else a for a in arrays]
             batch = torch.from_numpy(np.stack(floats)).to(self.device).permute(0, 3, 1, 2)
-        return batch.sub_(self._mean).mul_(self._inv_std).contiguous() if batch.is_contiguous() else \
-            ((batch - self._mean) * self._inv_std).contiguous()
+        batch = batch.sub_(self._mean).mul_(self._inv_std) if batch.is_contiguous() else \
+            (batch - self._mean) * self._inv_std
+        layout = torch.channels_last if self.manifest.channels_last else torch.contiguous_format
+        return batch.contiguous(memory_format=layout)
 
     def _check_output(self, logits: object, count: int) -> None:
         expected = (count, self.manifest.num_classes)
-        if not isinstance(logits, torch.Tensor) or tuple(logits.shape) != expected:
-            got = tuple(logits.shape) if isinstance(logits, torch.Tensor) else type(logits).__name__
-            raise OutputShapeError(f"model returned {got}; expected one row of {expected[1]} logits per image "
-                                   f"{expected}")
+        if isinstance(logits, torch.Tensor) and tuple(logits.shape) == expected:
+            return
+        if isinstance(logits, torch.Tensor) and logits.dim() == 2 and logits.shape[0] == count:
+            raise OutputShapeError(f"model outputs {logits.shape[1]} logits per image but has "
+                                   f"{expected[1]} labels: the label count must equal the output width")
+        got = f"shape {tuple(logits.shape)}" if isinstance(logits, torch.Tensor) else type(logits).__name__
+        raise OutputShapeError(f"model returned {got} for a batch of {count}; expected one row of {expected[1]} "
+                               f"logits per image {expected}")
 
     def release(self) -> None:
         """Drop the module so its memory (GPU memory included) can be returned."""

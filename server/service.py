@@ -2,8 +2,10 @@
 
 Ties together the model manager (which version serves), the preprocessing
 pool (decode and resize, off the event loop), one dynamic batcher per model
-and the inference thread (forward passes). It knows nothing of gRPC: callers
-get :mod:`server.errors` exceptions, which the edge maps to status codes.
+and the inference thread (forward passes). A model with ``[tiling]`` sends
+each tile of an image through its batcher as an item of its own, so tiles
+batch with each other and with other requests. It knows nothing of gRPC:
+callers get :mod:`server.errors` exceptions, which the edge maps to status codes.
 """
 
 from __future__ import annotations
@@ -16,7 +18,7 @@ import weakref
 from collections import defaultdict
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 
@@ -32,7 +34,8 @@ from server.errors import (
 )
 from server.manager import ModelManager
 from server.manifest import InputSpec
-from server.preprocess import MAX_PIXELS, RawTensor, preprocess
+from server.outputs import Prediction, reduce_tiles, select
+from server.preprocess import MAX_PIXELS, Box, RawTensor, preprocess, preprocess_tiles
 from server.runtime import InferenceThread, LoadedVersion
 
 log = logging.getLogger("classifyd.service")
@@ -49,13 +52,17 @@ class ClassifyCall:
     version: int = 0
     top_k: int = 0
     deadline: float | None = None  # time.monotonic() seconds
+    lang: str = ""  # labels.<lang>.txt to answer with; "" = labels.txt
+    return_tiles: bool = False
 
 
 @dataclass(frozen=True)
-class Prediction:
-    index: int
-    label: str
-    score: float
+class TileResult:
+    """One tile of a tiled request: its region of the image and its own predictions."""
+
+    box: Box
+    predictions: list[Prediction]
+    batch_size: int
 
 
 @dataclass(frozen=True)
@@ -69,6 +76,9 @@ class ClassifyResult:
     queue_s: float
     compute_s: float
     preprocess_s: float
+    lang: str = ""
+    tile_count: int = 0
+    tiles: list[TileResult] = field(default_factory=list)
 
 
 @dataclass(eq=False)
@@ -80,6 +90,8 @@ class _Item:
     payload: bytes | RawTensor
     version: int
     admitted: LoadedVersion  # leased by the request: computes it if no other version can
+    box: Box | None = None  # a tile: the region of the payload it was cut from
+    exact: bool = False  # computed by ``admitted`` only, so all tiles of an image share one version
 
 
 @dataclass(frozen=True)
@@ -125,25 +137,71 @@ class ClassifierService:
 
     async def _classify(self, call: ClassifyCall, admitted: LoadedVersion) -> ClassifyResult:
         top_k = _check_top_k(call.top_k, admitted)
+        if admitted.manifest.tiling is not None:
+            return await self._classify_tiled(call, admitted, top_k)
         started = time.perf_counter()
         array = await self._preprocess(call.payload, admitted.manifest.input)
         preprocess_s = time.perf_counter() - started
         item = _Item(array, admitted.manifest.input, call.payload, call.version, admitted)
         batched = await self._submit(self._batcher_for(admitted), item, call.deadline)
         computed = batched.value
+        manifest = computed.version.manifest
+        lang, labels = manifest.labels_for(call.lang)
         return ClassifyResult(
-            predictions=_top_k(computed.probabilities, computed.version.labels, min(top_k, computed.num_labels)),
+            predictions=select(computed.probabilities, manifest, labels, min(top_k, computed.num_labels)),
             model=computed.version.name,
             version=computed.version.version,
             batch_size=computed.batch_size,
             queue_s=batched.queue_s,
             compute_s=batched.compute_s,
             preprocess_s=preprocess_s,
+            lang=lang,
         )
 
-    async def _preprocess(self, payload: bytes | RawTensor, spec: InputSpec) -> np.ndarray:
+    async def _classify_tiled(self, call: ClassifyCall, admitted: LoadedVersion, top_k: int) -> ClassifyResult:
+        """Cut the image into tiles, submit each to the batcher, and reduce the tiles' scores to one row."""
+        manifest = admitted.manifest
+        assert manifest.tiling is not None
+        started = time.perf_counter()
         loop = asyncio.get_running_loop()
-        return await loop.run_in_executor(self._pool, preprocess, payload, spec, self._max_pixels)
+        tiles = await loop.run_in_executor(self._pool, preprocess_tiles, call.payload, manifest.input,
+                                           manifest.tiling, self._max_pixels)
+        preprocess_s = time.perf_counter() - started
+        items = [_Item(array, manifest.input, call.payload, admitted.version, admitted, box, exact=True)
+                 for box, array in tiles]
+        results = await self._submit_all(self._batcher_for(admitted), items, call.deadline)
+        lang, labels = manifest.labels_for(call.lang)
+        k = min(top_k, len(labels))
+        rows = [r.value.probabilities for r in results]
+        shown = [TileResult(box, select(row, manifest, labels, k), r.batch_size)
+                 for (box, _), row, r in zip(tiles, rows, results, strict=True)] if call.return_tiles else []
+        return ClassifyResult(
+            predictions=select(reduce_tiles(rows, manifest.tiling.reduce), manifest, labels, k),
+            model=admitted.name,
+            version=admitted.version,
+            batch_size=max(r.batch_size for r in results),
+            queue_s=max(r.queue_s for r in results),
+            compute_s=max(r.compute_s for r in results),
+            preprocess_s=preprocess_s,
+            lang=lang,
+            tile_count=len(items),
+            tiles=shown,
+        )
+
+    async def _submit_all(self, batcher: batching.Batcher[_Item, _Computed], items: list[_Item],
+                          deadline: float | None) -> list[batching.Batched[_Computed]]:
+        """Submit every item at once; if one fails, withdraw the others and raise its error."""
+        tasks = [asyncio.ensure_future(self._submit(batcher, item, deadline)) for item in items]
+        try:
+            return list(await asyncio.gather(*tasks))
+        except BaseException:
+            for task in tasks:
+                task.cancel()
+            raise
+
+    async def _preprocess(self, payload: bytes | RawTensor, spec: InputSpec, box: Box | None = None) -> np.ndarray:
+        loop = asyncio.get_running_loop()
+        return await loop.run_in_executor(self._pool, preprocess, payload, spec, self._max_pixels, box)
 
     async def _submit(self, batcher: batching.Batcher[_Item, _Computed], item: _Item,
                       deadline: float | None) -> batching.Batched[_Computed]:
@@ -205,6 +263,8 @@ class ClassifierService:
 
     def _version_for(self, name: str, item: _Item) -> LoadedVersion:
         """The version serving ``item`` now; the one it was admitted with if that is being retired."""
+        if item.exact and not item.admitted.released:
+            return item.admitted
         try:
             return self._manager.resolve(name, item.version)
         except ClassifydError:
@@ -236,7 +296,7 @@ class ClassifierService:
         spec = version.manifest.input
         arrays = []
         for item in items:
-            arrays.append(item.array if item.spec == spec else await self._preprocess(item.payload, spec))
+            arrays.append(item.array if item.spec == spec else await self._preprocess(item.payload, spec, item.box))
         return arrays
 
     def batcher_depth(self, name: str) -> int:
@@ -258,8 +318,3 @@ def _check_top_k(top_k: int, version: LoadedVersion) -> int:
         raise InvalidInput(f"top_k = {top_k} is larger than the {labels} labels of model {version.name}")
     return top_k or version.manifest.top_k
 
-
-def _top_k(probabilities: np.ndarray, labels: tuple[str, ...], k: int) -> list[Prediction]:
-    best = np.argpartition(-probabilities, k - 1)[:k] if k < len(probabilities) else np.arange(len(probabilities))
-    best = best[np.argsort(-probabilities[best], kind="stable")]
-    return [Prediction(int(i), labels[i], float(probabilities[i])) for i in best]

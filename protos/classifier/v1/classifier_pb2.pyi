@@ -26,20 +26,24 @@ class Tensor(_message.Message):
     def __init__(self, dtype: _Optional[_Union[Tensor.DType, str]] = ..., shape: _Optional[_Iterable[int]] = ..., data: _Optional[bytes] = ...) -> None: ...
 
 class ClassifyRequest(_message.Message):
-    __slots__ = ("model", "version", "image", "tensor", "top_k", "request_id")
+    __slots__ = ("model", "version", "image", "tensor", "top_k", "request_id", "return_tiles", "lang")
     MODEL_FIELD_NUMBER: _ClassVar[int]
     VERSION_FIELD_NUMBER: _ClassVar[int]
     IMAGE_FIELD_NUMBER: _ClassVar[int]
     TENSOR_FIELD_NUMBER: _ClassVar[int]
     TOP_K_FIELD_NUMBER: _ClassVar[int]
     REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
+    RETURN_TILES_FIELD_NUMBER: _ClassVar[int]
+    LANG_FIELD_NUMBER: _ClassVar[int]
     model: str
     version: int
     image: bytes
     tensor: Tensor
     top_k: int
     request_id: str
-    def __init__(self, model: _Optional[str] = ..., version: _Optional[int] = ..., image: _Optional[bytes] = ..., tensor: _Optional[_Union[Tensor, _Mapping]] = ..., top_k: _Optional[int] = ..., request_id: _Optional[str] = ...) -> None: ...
+    return_tiles: bool
+    lang: str
+    def __init__(self, model: _Optional[str] = ..., version: _Optional[int] = ..., image: _Optional[bytes] = ..., tensor: _Optional[_Union[Tensor, _Mapping]] = ..., top_k: _Optional[int] = ..., request_id: _Optional[str] = ..., return_tiles: _Optional[bool] = ..., lang: _Optional[str] = ...) -> None: ...
 
 class Prediction(_message.Message):
     __slots__ = ("index", "label", "score")
@@ -51,6 +55,22 @@ class Prediction(_message.Message):
     score: float
     def __init__(self, index: _Optional[int] = ..., label: _Optional[str] = ..., score: _Optional[float] = ...) -> None: ...
 
+class TileResult(_message.Message):
+    __slots__ = ("x", "y", "width", "height", "predictions", "batch_size")
+    X_FIELD_NUMBER: _ClassVar[int]
+    Y_FIELD_NUMBER: _ClassVar[int]
+    WIDTH_FIELD_NUMBER: _ClassVar[int]
+    HEIGHT_FIELD_NUMBER: _ClassVar[int]
+    PREDICTIONS_FIELD_NUMBER: _ClassVar[int]
+    BATCH_SIZE_FIELD_NUMBER: _ClassVar[int]
+    x: int
+    y: int
+    width: int
+    height: int
+    predictions: _containers.RepeatedCompositeFieldContainer[Prediction]
+    batch_size: int
+    def __init__(self, x: _Optional[int] = ..., y: _Optional[int] = ..., width: _Optional[int] = ..., height: _Optional[int] = ..., predictions: _Optional[_Iterable[_Union[Prediction, _Mapping]]] = ..., batch_size: _Optional[int] = ...) -> None: ...
+
 class Error(_message.Message):
     __slots__ = ("code", "message")
     CODE_FIELD_NUMBER: _ClassVar[int]
@@ -60,7 +80,7 @@ class Error(_message.Message):
     def __init__(self, code: _Optional[int] = ..., message: _Optional[str] = ...) -> None: ...
 
 class ClassifyResponse(_message.Message):
-    __slots__ = ("predictions", "model", "version", "request_id", "batch_size", "queue_us", "compute_us", "preprocess_us", "error")
+    __slots__ = ("predictions", "model", "version", "request_id", "batch_size", "queue_us", "compute_us", "preprocess_us", "error", "tiles", "tile_count", "lang")
     PREDICTIONS_FIELD_NUMBER: _ClassVar[int]
     MODEL_FIELD_NUMBER: _ClassVar[int]
     VERSION_FIELD_NUMBER: _ClassVar[int]
@@ -70,6 +90,9 @@ class ClassifyResponse(_message.Message):
     COMPUTE_US_FIELD_NUMBER: _ClassVar[int]
     PREPROCESS_US_FIELD_NUMBER: _ClassVar[int]
     ERROR_FIELD_NUMBER: _ClassVar[int]
+    TILES_FIELD_NUMBER: _ClassVar[int]
+    TILE_COUNT_FIELD_NUMBER: _ClassVar[int]
+    LANG_FIELD_NUMBER: _ClassVar[int]
     predictions: _containers.RepeatedCompositeFieldContainer[Prediction]
     model: str
     version: int
@@ -79,7 +102,10 @@ class ClassifyResponse(_message.Message):
     compute_us: int
     preprocess_us: int
     error: Error
-    def __init__(self, predictions: _Optional[_Iterable[_Union[Prediction, _Mapping]]] = ..., model: _Optional[str] = ..., version: _Optional[int] = ..., request_id: _Optional[str] = ..., batch_size: _Optional[int] = ..., queue_us: _Optional[int] = ..., compute_us: _Optional[int] = ..., preprocess_us: _Optional[int] = ..., error: _Optional[_Union[Error, _Mapping]] = ...) -> None: ...
+    tiles: _containers.RepeatedCompositeFieldContainer[TileResult]
+    tile_count: int
+    lang: str
+    def __init__(self, predictions: _Optional[_Iterable[_Union[Prediction, _Mapping]]] = ..., model: _Optional[str] = ..., version: _Optional[int] = ..., request_id: _Optional[str] = ..., batch_size: _Optional[int] = ..., queue_us: _Optional[int] = ..., compute_us: _Optional[int] = ..., preprocess_us: _Optional[int] = ..., error: _Optional[_Union[Error, _Mapping]] = ..., tiles: _Optional[_Iterable[_Union[TileResult, _Mapping]]] = ..., tile_count: _Optional[int] = ..., lang: _Optional[str] = ...) -> None: ...
 
 class ListModelsRequest(_message.Message):
     __slots__ = ()
@@ -98,7 +124,7 @@ class GetModelRequest(_message.Message):
     def __init__(self, model: _Optional[str] = ...) -> None: ...
 
 class ModelInfo(_message.Message):
-    __slots__ = ("name", "versions", "num_labels", "input", "device", "max_batch_size", "is_default", "architecture", "default_top_k", "max_delay_ms", "serving_version", "batch_curve", "autotuned", "latency_target_ms")
+    __slots__ = ("name", "versions", "num_labels", "input", "device", "max_batch_size", "is_default", "architecture", "default_top_k", "max_delay_ms", "serving_version", "activation", "precision", "precision_note", "channels_last", "languages", "tiling", "batch_curve", "autotuned", "latency_target_ms")
     NAME_FIELD_NUMBER: _ClassVar[int]
     VERSIONS_FIELD_NUMBER: _ClassVar[int]
     NUM_LABELS_FIELD_NUMBER: _ClassVar[int]
@@ -110,6 +136,12 @@ class ModelInfo(_message.Message):
     DEFAULT_TOP_K_FIELD_NUMBER: _ClassVar[int]
     MAX_DELAY_MS_FIELD_NUMBER: _ClassVar[int]
     SERVING_VERSION_FIELD_NUMBER: _ClassVar[int]
+    ACTIVATION_FIELD_NUMBER: _ClassVar[int]
+    PRECISION_FIELD_NUMBER: _ClassVar[int]
+    PRECISION_NOTE_FIELD_NUMBER: _ClassVar[int]
+    CHANNELS_LAST_FIELD_NUMBER: _ClassVar[int]
+    LANGUAGES_FIELD_NUMBER: _ClassVar[int]
+    TILING_FIELD_NUMBER: _ClassVar[int]
     BATCH_CURVE_FIELD_NUMBER: _ClassVar[int]
     AUTOTUNED_FIELD_NUMBER: _ClassVar[int]
     LATENCY_TARGET_MS_FIELD_NUMBER: _ClassVar[int]
@@ -124,10 +156,16 @@ class ModelInfo(_message.Message):
     default_top_k: int
     max_delay_ms: float
     serving_version: int
+    activation: str
+    precision: str
+    precision_note: str
+    channels_last: bool
+    languages: _containers.RepeatedScalarFieldContainer[str]
+    tiling: Tiling
     batch_curve: _containers.RepeatedCompositeFieldContainer[BatchPoint]
     autotuned: bool
     latency_target_ms: float
-    def __init__(self, name: _Optional[str] = ..., versions: _Optional[_Iterable[_Union[VersionInfo, _Mapping]]] = ..., num_labels: _Optional[int] = ..., input: _Optional[_Union[InputSpec, _Mapping]] = ..., device: _Optional[str] = ..., max_batch_size: _Optional[int] = ..., is_default: _Optional[bool] = ..., architecture: _Optional[str] = ..., default_top_k: _Optional[int] = ..., max_delay_ms: _Optional[float] = ..., serving_version: _Optional[int] = ..., batch_curve: _Optional[_Iterable[_Union[BatchPoint, _Mapping]]] = ..., autotuned: _Optional[bool] = ..., latency_target_ms: _Optional[float] = ...) -> None: ...
+    def __init__(self, name: _Optional[str] = ..., versions: _Optional[_Iterable[_Union[VersionInfo, _Mapping]]] = ..., num_labels: _Optional[int] = ..., input: _Optional[_Union[InputSpec, _Mapping]] = ..., device: _Optional[str] = ..., max_batch_size: _Optional[int] = ..., is_default: _Optional[bool] = ..., architecture: _Optional[str] = ..., default_top_k: _Optional[int] = ..., max_delay_ms: _Optional[float] = ..., serving_version: _Optional[int] = ..., activation: _Optional[str] = ..., precision: _Optional[str] = ..., precision_note: _Optional[str] = ..., channels_last: _Optional[bool] = ..., languages: _Optional[_Iterable[str]] = ..., tiling: _Optional[_Union[Tiling, _Mapping]] = ..., batch_curve: _Optional[_Iterable[_Union[BatchPoint, _Mapping]]] = ..., autotuned: _Optional[bool] = ..., latency_target_ms: _Optional[float] = ...) -> None: ...
 
 class BatchPoint(_message.Message):
     __slots__ = ("batch_size", "images_per_second", "batch_ms")
@@ -139,17 +177,45 @@ class BatchPoint(_message.Message):
     batch_ms: float
     def __init__(self, batch_size: _Optional[int] = ..., images_per_second: _Optional[float] = ..., batch_ms: _Optional[float] = ...) -> None: ...
 
+class Tiling(_message.Message):
+    __slots__ = ("tile_height", "tile_width", "stride_y", "stride_x", "reduce", "max_tiles")
+    TILE_HEIGHT_FIELD_NUMBER: _ClassVar[int]
+    TILE_WIDTH_FIELD_NUMBER: _ClassVar[int]
+    STRIDE_Y_FIELD_NUMBER: _ClassVar[int]
+    STRIDE_X_FIELD_NUMBER: _ClassVar[int]
+    REDUCE_FIELD_NUMBER: _ClassVar[int]
+    MAX_TILES_FIELD_NUMBER: _ClassVar[int]
+    tile_height: int
+    tile_width: int
+    stride_y: int
+    stride_x: int
+    reduce: str
+    max_tiles: int
+    def __init__(self, tile_height: _Optional[int] = ..., tile_width: _Optional[int] = ..., stride_y: _Optional[int] = ..., stride_x: _Optional[int] = ..., reduce: _Optional[str] = ..., max_tiles: _Optional[int] = ...) -> None: ...
+
 class InputSpec(_message.Message):
-    __slots__ = ("height", "width", "channels", "color")
+    __slots__ = ("height", "width", "channels", "color", "mean", "std", "resize", "crop", "interpolation", "resolved_from")
     HEIGHT_FIELD_NUMBER: _ClassVar[int]
     WIDTH_FIELD_NUMBER: _ClassVar[int]
     CHANNELS_FIELD_NUMBER: _ClassVar[int]
     COLOR_FIELD_NUMBER: _ClassVar[int]
+    MEAN_FIELD_NUMBER: _ClassVar[int]
+    STD_FIELD_NUMBER: _ClassVar[int]
+    RESIZE_FIELD_NUMBER: _ClassVar[int]
+    CROP_FIELD_NUMBER: _ClassVar[int]
+    INTERPOLATION_FIELD_NUMBER: _ClassVar[int]
+    RESOLVED_FROM_FIELD_NUMBER: _ClassVar[int]
     height: int
     width: int
     channels: int
     color: str
-    def __init__(self, height: _Optional[int] = ..., width: _Optional[int] = ..., channels: _Optional[int] = ..., color: _Optional[str] = ...) -> None: ...
+    mean: _containers.RepeatedScalarFieldContainer[float]
+    std: _containers.RepeatedScalarFieldContainer[float]
+    resize: int
+    crop: str
+    interpolation: str
+    resolved_from: str
+    def __init__(self, height: _Optional[int] = ..., width: _Optional[int] = ..., channels: _Optional[int] = ..., color: _Optional[str] = ..., mean: _Optional[_Iterable[float]] = ..., std: _Optional[_Iterable[float]] = ..., resize: _Optional[int] = ..., crop: _Optional[str] = ..., interpolation: _Optional[str] = ..., resolved_from: _Optional[str] = ...) -> None: ...
 
 class WatchModelsRequest(_message.Message):
     __slots__ = ("model", "include_current")
