@@ -12,13 +12,24 @@ import grpc
 from classifier.v1 import classifier_pb2 as pb
 
 from client import bench as benchmark
-from client.api import DEFAULT_TARGET, ClassifierClient
+from client.api import DEFAULT_TARGET, ClassifierClient, read_token
+
+
+def _connection_flags(parser: argparse.ArgumentParser, default: object = None) -> None:
+    """TLS and token flags; sub-commands repeat them (default SUPPRESS) so they may follow the command too."""
+    parser.add_argument("--tls-ca", type=Path, default=default,
+                        help="PEM CA certificate that signed the server's certificate: connect with TLS")
+    parser.add_argument("--tls-cert", type=Path, default=default, help="PEM client certificate (mutual TLS)")
+    parser.add_argument("--tls-key", type=Path, default=default, help="PEM key of --tls-cert")
+    parser.add_argument("--token-file", type=Path, default=default,
+                        help="send the bearer token in this file (first non-empty line)")
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="python -m client", description="Talk to a classifyd daemon.")
     parser.add_argument("--target", default=DEFAULT_TARGET, help=f"host:port (default: {DEFAULT_TARGET})")
     parser.add_argument("--timeout", type=float, default=30.0, help="per-call deadline in seconds")
+    _connection_flags(parser)
     commands = parser.add_subparsers(dest="command", required=True)
     classify = commands.add_parser("classify", help="classify image files")
     classify.add_argument("images", nargs="+", type=Path)
@@ -38,7 +49,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     reload.add_argument("--target", default=argparse.SUPPRESS, help="host:port")
     bench = commands.add_parser("bench", help="measure throughput and latency under load (see docs/benchmarks.md)")
     benchmark.add_arguments(bench)
-    return parser.parse_args(argv)
+    for command in (classify, models, watch, reload):
+        _connection_flags(command, argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+    if (args.tls_cert is None) != (args.tls_key is None):
+        parser.error("--tls-cert and --tls-key go together")
+    return args
 
 
 def classify(client: ClassifierClient, args: argparse.Namespace) -> None:
@@ -94,14 +110,16 @@ def main(argv: list[str] | None = None) -> int:
         except KeyboardInterrupt:
             return 130
     try:
-        with ClassifierClient(args.target) as client:
+        token = read_token(args.token_file) if args.token_file else None
+        with ClassifierClient(args.target, tls_ca=args.tls_ca, tls_cert=args.tls_cert, tls_key=args.tls_key,
+                              token=token) as client:
             COMMANDS[args.command](client, args)
     except grpc.RpcError as exc:
         print(f"error: {exc.code().name}: {exc.details()}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
         return 130
-    except OSError as exc:
+    except (OSError, ValueError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1
     return 0

@@ -6,8 +6,10 @@ server's status code and message when a call fails.
 
 from __future__ import annotations
 
+from collections import namedtuple
 from collections.abc import AsyncIterator, Iterator, Sequence
 from pathlib import Path
+from typing import Any
 
 import grpc
 import numpy as np
@@ -41,11 +43,129 @@ def tensor_request(array: np.ndarray, *, model: str = "", version: int = 0, top_
                               lang=lang, return_tiles=return_tiles)
 
 
-class ClassifierClient:
-    """Blocking client. Use as a context manager or call ``close()``."""
+def channel_credentials(tls_ca: str | Path | None = None, tls_cert: str | Path | None = None,
+                        tls_key: str | Path | None = None) -> grpc.ChannelCredentials | None:
+    """TLS credentials from PEM files, or None for plaintext when none is given.
 
-    def __init__(self, target: str = DEFAULT_TARGET, *, channel: grpc.Channel | None = None) -> None:
-        self._channel = channel or grpc.insecure_channel(target, options=[_MAX_MESSAGE])
+    ``tls_ca`` verifies the server (default: the system's roots); ``tls_cert`` and ``tls_key`` are the client's
+    own certificate for mutual TLS. Blocks on file reads; raises ValueError or OSError.
+    """
+    if tls_ca is None and tls_cert is None and tls_key is None:
+        return None
+    if (tls_cert is None) != (tls_key is None):
+        raise ValueError("a client certificate needs its key: give both tls_cert and tls_key")
+    return grpc.ssl_channel_credentials(
+        root_certificates=Path(tls_ca).read_bytes() if tls_ca else None,
+        private_key=Path(tls_key).read_bytes() if tls_key else None,
+        certificate_chain=Path(tls_cert).read_bytes() if tls_cert else None,
+    )
+
+
+def read_token(path: str | Path) -> str:
+    """The bearer token in a file: its first non-empty line. Raises OSError or ValueError."""
+    for line in Path(path).read_text(encoding="utf-8").splitlines():
+        if line.strip():
+            return line.strip()
+    raise ValueError(f"token file {path} is empty")
+
+
+_CallDetails = namedtuple("_CallDetails", "method timeout metadata credentials wait_for_ready compression")
+
+
+class _SyncCallDetails(_CallDetails, grpc.ClientCallDetails):
+    pass
+
+
+def _with_token(metadata: Any, token: str) -> list[tuple[str, str | bytes]]:
+    return [*(tuple(m) for m in (metadata or ())), ("authorization", f"Bearer {token}")]
+
+
+class _BearerToken(grpc.UnaryUnaryClientInterceptor, grpc.UnaryStreamClientInterceptor,
+                   grpc.StreamUnaryClientInterceptor, grpc.StreamStreamClientInterceptor):
+    """Adds ``authorization: Bearer <token>`` to every call of a blocking channel."""
+
+    def __init__(self, token: str) -> None:
+        self._token = token
+
+    def _details(self, details: grpc.ClientCallDetails) -> grpc.ClientCallDetails:
+        return _SyncCallDetails(details.method, details.timeout, _with_token(details.metadata, self._token),
+                                details.credentials, details.wait_for_ready, getattr(details, "compression", None))
+
+    def intercept_unary_unary(self, continuation: Any, details: grpc.ClientCallDetails, request: Any) -> Any:
+        return continuation(self._details(details), request)
+
+    def intercept_unary_stream(self, continuation: Any, details: grpc.ClientCallDetails, request: Any) -> Any:
+        return continuation(self._details(details), request)
+
+    def intercept_stream_unary(self, continuation: Any, details: grpc.ClientCallDetails, requests: Any) -> Any:
+        return continuation(self._details(details), requests)
+
+    def intercept_stream_stream(self, continuation: Any, details: grpc.ClientCallDetails, requests: Any) -> Any:
+        return continuation(self._details(details), requests)
+
+
+class _AioBearerToken:
+    """Adds ``authorization: Bearer <token>`` to every call of an asyncio channel."""
+
+    def __init__(self, token: str) -> None:
+        self._token = token
+
+    async def _call(self, continuation: Any, details: grpc.aio.ClientCallDetails, request: Any) -> Any:
+        return await continuation(details._replace(metadata=_with_token(details.metadata, self._token)), request)
+
+
+class _AioUnaryUnary(_AioBearerToken, grpc.aio.UnaryUnaryClientInterceptor):
+    async def intercept_unary_unary(self, continuation: Any, details: Any, request: Any) -> Any:
+        return await self._call(continuation, details, request)
+
+
+class _AioUnaryStream(_AioBearerToken, grpc.aio.UnaryStreamClientInterceptor):
+    async def intercept_unary_stream(self, continuation: Any, details: Any, request: Any) -> Any:
+        return await self._call(continuation, details, request)
+
+
+class _AioStreamUnary(_AioBearerToken, grpc.aio.StreamUnaryClientInterceptor):
+    async def intercept_stream_unary(self, continuation: Any, details: Any, requests: Any) -> Any:
+        return await self._call(continuation, details, requests)
+
+
+class _AioStreamStream(_AioBearerToken, grpc.aio.StreamStreamClientInterceptor):
+    async def intercept_stream_stream(self, continuation: Any, details: Any, requests: Any) -> Any:
+        return await self._call(continuation, details, requests)
+
+
+def open_channel(target: str = DEFAULT_TARGET, *, tls_ca: str | Path | None = None, tls_cert: str | Path | None = None,
+                 tls_key: str | Path | None = None, token: str | None = None) -> grpc.Channel:
+    """A blocking channel: plaintext, or TLS when any TLS file is given; with a bearer token when given."""
+    credentials = channel_credentials(tls_ca, tls_cert, tls_key)
+    channel = (grpc.secure_channel(target, credentials, options=[_MAX_MESSAGE]) if credentials
+               else grpc.insecure_channel(target, options=[_MAX_MESSAGE]))
+    return grpc.intercept_channel(channel, _BearerToken(token)) if token else channel
+
+
+def open_aio_channel(target: str = DEFAULT_TARGET, *, tls_ca: str | Path | None = None,
+                     tls_cert: str | Path | None = None, tls_key: str | Path | None = None,
+                     token: str | None = None) -> grpc.aio.Channel:
+    """An asyncio channel, configured like :func:`open_channel`."""
+    credentials = channel_credentials(tls_ca, tls_cert, tls_key)
+    interceptors = ([_AioUnaryUnary(token), _AioUnaryStream(token), _AioStreamUnary(token), _AioStreamStream(token)]
+                    if token else None)
+    if credentials:
+        return grpc.aio.secure_channel(target, credentials, options=[_MAX_MESSAGE], interceptors=interceptors)
+    return grpc.aio.insecure_channel(target, options=[_MAX_MESSAGE], interceptors=interceptors)
+
+
+class ClassifierClient:
+    """Blocking client. Use as a context manager or call ``close()``.
+
+    TLS: pass ``tls_ca`` (and ``tls_cert`` / ``tls_key`` for mutual TLS); auth: pass ``token``.
+    """
+
+    def __init__(self, target: str = DEFAULT_TARGET, *, channel: grpc.Channel | None = None,
+                 tls_ca: str | Path | None = None, tls_cert: str | Path | None = None,
+                 tls_key: str | Path | None = None, token: str | None = None) -> None:
+        self._channel = channel or open_channel(target, tls_ca=tls_ca, tls_cert=tls_cert, tls_key=tls_key,
+                                                token=token)
         self.stub = pb_grpc.ClassifierStub(self._channel)
 
     def classify(self, image: bytes | str | Path, *, model: str = "", top_k: int = 0, version: int = 0,
@@ -87,10 +207,13 @@ class ClassifierClient:
 
 
 class AsyncClassifierClient:
-    """asyncio client. Use ``async with`` or ``await close()``."""
+    """asyncio client. Use ``async with`` or ``await close()``. TLS and token options as :class:`ClassifierClient`."""
 
-    def __init__(self, target: str = DEFAULT_TARGET, *, channel: grpc.aio.Channel | None = None) -> None:
-        self._channel = channel or grpc.aio.insecure_channel(target, options=[_MAX_MESSAGE])
+    def __init__(self, target: str = DEFAULT_TARGET, *, channel: grpc.aio.Channel | None = None,
+                 tls_ca: str | Path | None = None, tls_cert: str | Path | None = None,
+                 tls_key: str | Path | None = None, token: str | None = None) -> None:
+        self._channel = channel or open_aio_channel(target, tls_ca=tls_ca, tls_cert=tls_cert, tls_key=tls_key,
+                                                    token=token)
         self.stub = pb_grpc.ClassifierStub(self._channel)
 
     async def classify(self, image: bytes | str | Path, *, model: str = "", top_k: int = 0, version: int = 0,

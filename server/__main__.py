@@ -11,6 +11,7 @@ import sys
 from pathlib import Path
 
 from server.autotune import DEFAULT_BUDGET_S
+from server.logs import LOG_FORMATS, configure_logging
 from server.workers import run_workers
 
 log = logging.getLogger("classifyd")
@@ -64,7 +65,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--max-connection-age-seconds", type=float, default=0.0,
                         help="close client connections after this long (gracefully), so clients balancing over "
                              "replicas re-resolve their addresses and find new ones (default: 0 = never)")
+    _add_production_flags(parser)
     args = parser.parse_args(argv)
+    _check_production_flags(parser, args)
     if args.max_batch_size is not None and args.max_batch_size < 1:
         parser.error("--max-batch-size must be at least 1")
     if not args.autotune_budget_s > 0:
@@ -89,6 +92,48 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return args
 
 
+def _add_production_flags(parser: argparse.ArgumentParser) -> None:
+    """Limits, logs, metrics and security (docs/production.md, docs/metrics.md, docs/security.md)."""
+    group = parser.add_argument_group("limits, logs, metrics and security")
+    # Defaults live in ServerConfig: importing server.app here would load torch in the parent of --workers.
+    group.add_argument("--max-message-bytes", type=int,
+                       help="largest request or response; larger is RESOURCE_EXHAUSTED (default: 64 MiB)")
+    group.add_argument("--max-pixels", type=int,
+                       help="largest image or tensor, in pixels; more is INVALID_ARGUMENT (default: 100000000)")
+    group.add_argument("--log-format", choices=LOG_FORMATS, default="text",
+                       help="text, or json: one JSON object per line (default: text)")
+    group.add_argument("--metrics-port", type=int,
+                       help="serve Prometheus metrics on http://HOST:PORT/metrics (0 = any free port; default: off)")
+    group.add_argument("--metrics-host", help="address of the metrics endpoint (default: the same as --host)")
+    group.add_argument("--tls-cert", type=Path, help="PEM certificate chain: serve TLS instead of plaintext")
+    group.add_argument("--tls-key", type=Path, help="PEM private key of --tls-cert")
+    group.add_argument("--tls-client-ca", type=Path,
+                       help="PEM CA certificate(s): require client certificates signed by it (mutual TLS)")
+    group.add_argument("--auth-token-file", type=Path,
+                       help="require 'authorization: Bearer <token>' with a token from this file, one per line "
+                            "(health checks are exempt)")
+
+
+def _check_production_flags(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
+    if args.max_message_bytes is not None and args.max_message_bytes < 1024:
+        parser.error("--max-message-bytes must be at least 1024")
+    if args.max_pixels is not None and args.max_pixels < 1:
+        parser.error("--max-pixels must be at least 1")
+    if args.metrics_port is not None and not 0 <= args.metrics_port <= 65535:
+        parser.error("--metrics-port must be between 0 and 65535")
+    if (args.tls_cert is None) != (args.tls_key is None):
+        parser.error("--tls-cert and --tls-key go together")
+    if args.tls_client_ca and not args.tls_cert:
+        parser.error("--tls-client-ca needs --tls-cert and --tls-key")
+
+
+def _production_config(args: argparse.Namespace) -> dict[str, object]:
+    limits = {"max_message_bytes": args.max_message_bytes, "max_pixels": args.max_pixels}
+    return {**{k: v for k, v in limits.items() if v is not None}, "metrics_port": args.metrics_port,
+            "metrics_host": args.metrics_host, "tls_cert": args.tls_cert, "tls_key": args.tls_key,
+            "tls_client_ca": args.tls_client_ca, "auth_token_file": args.auth_token_file}
+
+
 async def serve(args: argparse.Namespace) -> None:
     """Run until SIGTERM or SIGINT, then stop gracefully."""
     from server.app import Daemon, ServerConfig  # here: the parent of --workers never needs torch
@@ -102,15 +147,15 @@ async def serve(args: argparse.Namespace) -> None:
                           autotune=args.autotune and args.max_batch_size is None,
                           autotune_budget_s=args.autotune_budget_s,
                           autotune_max_batch_size=args.autotune_max_batch_size, torch_threads=args.torch_threads,
-                          trust_code=args.trust_code)
+                          trust_code=args.trust_code, **_production_config(args))
     daemon = Daemon(config)
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):  # before loading: a signal during start-up stops it cleanly
+        loop.add_signal_handler(sig, stop.set)
     port = await daemon.start()
     if args.port_file:
         write_port_file(args.port_file, port)
-    stop = asyncio.Event()
-    loop = asyncio.get_running_loop()
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(sig, stop.set)
     await stop.wait()
     log.info("stopping: finishing in-flight requests (grace %.1f s)", args.grace_seconds)
     await daemon.stop(args.grace_seconds)
@@ -130,7 +175,7 @@ def main(argv: list[str] | None = None) -> int:
 
         return check_main(argv[1:])
     args = parse_args(argv)
-    logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    configure_logging(args.log_level, args.log_format)
     try:
         if args.workers > 1:
             return run_workers(args)

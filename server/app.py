@@ -21,13 +21,17 @@ from grpc_reflection.v1alpha import reflection
 
 from server import oip_api
 from server.autotune import DEFAULT_BUDGET_S, AutotuneDefaults
-from server.grpc_api import ClassifierServicer, ErrorInterceptor, HealthReporter
+from server.errors import ModelNotFound
+from server.grpc_api import ClassifierServicer, ErrorInterceptor, HealthReporter, RequestReport
 from server.host import apply_torch_threads
 from server.http_api import HttpContext
 from server.http_server import HttpServer, build_app
+from server.logs import log_request
 from server.manager import ManagerSettings, ModelManager
+from server.metrics import Metrics
 from server.preprocess import MAX_PIXELS
 from server.runtime import InferenceThread, pick_device
+from server.security import AuthInterceptor, check_tls_files, read_tokens, server_credentials
 from server.service import ClassifierService
 from server.stats import EventLog, StatsCollector
 from server.watcher import RepositoryWatcher
@@ -61,6 +65,13 @@ class ServerConfig:
     autotune_max_batch_size: int | None = None
     torch_threads: int | None = None
     trust_code: bool = False
+    # production: metrics, TLS / mTLS, bearer tokens (docs/production.md, docs/security.md)
+    metrics_port: int | None = None
+    metrics_host: str | None = None  # None: the same as host
+    tls_cert: Path | None = None
+    tls_key: Path | None = None
+    tls_client_ca: Path | None = None
+    auth_token_file: Path | None = None
 
 
 class Daemon:
@@ -69,6 +80,7 @@ class Daemon:
     def __init__(self, config: ServerConfig) -> None:
         if not config.models_dir.is_dir():
             raise FileNotFoundError(f"models directory {config.models_dir} does not exist")
+        check_tls_files(config.tls_cert, config.tls_key, config.tls_client_ca)
         self.config = config
         apply_torch_threads(config.torch_threads)
         self.inference = InferenceThread()
@@ -90,6 +102,9 @@ class Daemon:
         self.health = health.aio.HealthServicer()
         self.health_reporter = HealthReporter(self.health, self.manager)
         self.manager.add_listener(self.health_reporter.model_changed)
+        self.metrics = Metrics(self._model_lookup, self.service.queue_depths)
+        self.manager.add_listener(self.metrics.model_event)
+        self.service.add_batch_listener(self.metrics.batch_done)
         self.server = self._build_server()
         self.watcher: RepositoryWatcher | None = None
         self.port = 0
@@ -97,11 +112,23 @@ class Daemon:
         self.http = self._build_http() if config.http_port is not None else None
         self._started = time.time()
         self.ready = False  # accepting requests: between start() and stop()
+        self.metrics_port: int | None = None
 
     def _build_http(self) -> HttpServer:
         context = HttpContext(self.service, self.manager, self.config.max_message_bytes, self.stats, self.events,
                               self.server_info)
         return HttpServer(build_app(context), reuse_port=self.config.reuse_port)
+
+    def _model_lookup(self, name: str) -> tuple[str, frozenset[int]] | None:
+        try:
+            record = self.manager.get(name)
+        except ModelNotFound:
+            return None
+        return record.name, frozenset(record.versions)
+
+    def _request_done(self, report: RequestReport) -> None:
+        log_request(report)
+        self.metrics.request_done(report)
 
     def _build_server(self) -> grpc.aio.Server:
         options = [
@@ -111,8 +138,10 @@ class Daemon:
         ]
         if self.config.max_connection_age_s > 0:
             options.append(("grpc.max_connection_age_ms", round(self.config.max_connection_age_s * 1000)))
-        server = grpc.aio.server(interceptors=[ErrorInterceptor()], options=options)
-        pb_grpc.add_ClassifierServicer_to_server(ClassifierServicer(self.service, self.manager), server)
+        auth = [AuthInterceptor(read_tokens(self.config.auth_token_file))] if self.config.auth_token_file else []
+        server = grpc.aio.server(interceptors=[*auth, ErrorInterceptor()], options=options)
+        servicer = ClassifierServicer(self.service, self.manager, self._request_done)
+        pb_grpc.add_ClassifierServicer_to_server(servicer, server)
         health_pb2_grpc.add_HealthServicer_to_server(self.health, server)
         oip_name = oip_api.add_to_server(oip_api.OipServicer(self.service, self.manager, lambda: self.ready), server)
         names = (pb.DESCRIPTOR.services_by_name["Classifier"].full_name, oip_name, health.SERVICE_NAME,
@@ -125,11 +154,20 @@ class Daemon:
         await self.manager.load_repository()
         address = f"{self.config.host}:{self.config.port}"
         try:
-            self.port = self.server.add_insecure_port(address)
+            if self.config.tls_cert and self.config.tls_key:
+                credentials = server_credentials(self.config.tls_cert, self.config.tls_key,
+                                                 self.config.tls_client_ca)
+                self.port = self.server.add_secure_port(address, credentials)
+            else:
+                self.port = self.server.add_insecure_port(address)
         except RuntimeError:  # grpcio reports a port in use this way
             self.port = 0
         if self.port == 0:
             raise OSError(f"cannot listen on {address}")
+        if self.config.metrics_port is not None:
+            host = self.config.metrics_host or self.config.host
+            self.metrics_port = self.metrics.serve(host, self.config.metrics_port)
+            log.info("metrics on http://%s:%d/metrics", host, self.metrics_port)
         await self.server.start()
         if self.http:
             try:
@@ -167,8 +205,9 @@ class Daemon:
         return ", ".join(parts) or "none"
 
     async def stop(self, grace: float | None = 5.0) -> None:
-        """Report NOT_SERVING, finish in-flight requests within ``grace`` seconds, release everything."""
+        """Refuse new requests, report NOT_SERVING, finish accepted ones within ``grace`` seconds, release all."""
         self.ready = False
+        self.service.stop_accepting()
         await self.health_reporter.set_overall(False)
         if self.watcher:
             await self.watcher.aclose()
@@ -176,6 +215,7 @@ class Daemon:
         await self.service.aclose(drain=False)
         await self.manager.aclose()
         self.inference.shutdown()
+        await asyncio.to_thread(self.metrics.close)
 
     async def wait(self) -> None:
         """Block until the server stops."""

@@ -11,7 +11,9 @@ import contextlib
 import logging
 import os
 import time
+import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
+from dataclasses import dataclass
 from typing import Any, TypeVar
 
 import grpc
@@ -37,14 +39,44 @@ STATUS_FOR_ERROR: dict[type[errors.ClassifydError], grpc.StatusCode] = {
 Request = TypeVar("Request")
 Response = TypeVar("Response")
 _DTYPE_NAMES = {pb.Tensor.UINT8: "uint8", pb.Tensor.FLOAT32: "float32"}
+# Status details travel in a header: a client-supplied name echoed in full could exceed the header size limit.
+MAX_STATUS_MESSAGE = 2000
 
 
 def status_for(exc: BaseException) -> tuple[grpc.StatusCode, str]:
     """The status code and message a failed request gets."""
     for kind, code in STATUS_FOR_ERROR.items():
         if isinstance(exc, kind):
-            return code, str(exc)
-    return grpc.StatusCode.INTERNAL, f"internal error: {type(exc).__name__}: {exc}"
+            return code, _clip(str(exc))
+    return grpc.StatusCode.INTERNAL, _clip(f"internal error: {type(exc).__name__}: {exc}")
+
+
+def _clip(message: str) -> str:
+    return message if len(message) <= MAX_STATUS_MESSAGE else message[:MAX_STATUS_MESSAGE - 15] + "… (truncated)"
+
+
+@dataclass(frozen=True)
+class RequestReport:
+    """What became of one classification request: for the request log and metrics."""
+
+    request_id: str
+    model: str
+    """As requested ('' = the default model)."""
+    version: int
+    """As requested (0 = the serving version)."""
+    code: grpc.StatusCode
+    message: str
+    seconds: float
+    """From the servicer receiving the request to its answer."""
+    result: ClassifyResult | None = None
+
+
+RequestObserver = Callable[[RequestReport], None]
+
+
+def new_request_id() -> str:
+    """An id for a request that brought none."""
+    return uuid.uuid4().hex[:16]
 
 
 class ErrorInterceptor(grpc.aio.ServerInterceptor):
@@ -72,7 +104,7 @@ class ErrorInterceptor(grpc.aio.ServerInterceptor):
         )
 
 
-def call_from_request(request: pb.ClassifyRequest, deadline: float | None) -> ClassifyCall:
+def call_from_request(request: pb.ClassifyRequest, deadline: float | None, request_id: str = "") -> ClassifyCall:
     """Translate a ClassifyRequest. Raises InvalidInput when no input is set."""
     which = request.WhichOneof("input")
     if which == "image":
@@ -85,7 +117,7 @@ def call_from_request(request: pb.ClassifyRequest, deadline: float | None) -> Cl
     else:
         raise errors.InvalidInput("empty input: set either 'image' (encoded bytes) or 'tensor'")
     return ClassifyCall(request.model, payload, request.version, request.top_k, deadline, lang=request.lang,
-                        return_tiles=request.return_tiles)
+                        return_tiles=request.return_tiles, request_id=request_id or request.request_id)
 
 
 def response_from_result(result: ClassifyResult, request_id: str) -> pb.ClassifyResponse:
@@ -214,17 +246,47 @@ async def answer_concurrently(requests: AsyncIterator[Request],
             task.cancel()
 
 
+def _outcome(exc: BaseException, context: grpc.aio.ServicerContext) -> tuple[grpc.StatusCode, str]:
+    """The status a request ended with; a cancelled handler means the deadline passed or the client left."""
+    if isinstance(exc, asyncio.CancelledError):
+        remaining = context.time_remaining()
+        if remaining is not None and remaining <= 0:
+            return grpc.StatusCode.DEADLINE_EXCEEDED, "deadline exceeded"
+        return grpc.StatusCode.CANCELLED, "cancelled by the client"
+    return status_for(exc)
+
+
 class ClassifierServicer(pb_grpc.ClassifierServicer):
     """classifier.v1.Classifier, translating to :class:`ClassifierService` calls."""
 
-    def __init__(self, service: ClassifierService, manager: ModelManager) -> None:
+    def __init__(self, service: ClassifierService, manager: ModelManager,
+                 on_request: RequestObserver | None = None) -> None:
         self._service = service
         self._manager = manager
+        self._on_request = on_request
 
     async def Classify(self, request: pb.ClassifyRequest, context: grpc.aio.ServicerContext) -> pb.ClassifyResponse:
-        result = await self._service.classify(call_from_request(request, _deadline(context)))
+        request_id = request.request_id or new_request_id()
+        started = time.perf_counter()
+        try:
+            result = await self._service.classify(call_from_request(request, _deadline(context), request_id))
+        except BaseException as exc:
+            self._report(request, request_id, started, *_outcome(exc, context))
+            raise
+        self._report(request, request_id, started, grpc.StatusCode.OK, "", result)
         context.set_trailing_metadata((("classifyd-pid", str(os.getpid())),))  # which process served (--workers)
-        return response_from_result(result, request.request_id)
+        return response_from_result(result, request_id)
+
+    def _report(self, request: pb.ClassifyRequest, request_id: str, started: float, code: grpc.StatusCode,
+                message: str, result: ClassifyResult | None = None) -> None:
+        if self._on_request is None:
+            return
+        report = RequestReport(request_id, request.model, request.version, code, message,
+                               time.perf_counter() - started, result)
+        try:
+            self._on_request(report)
+        except Exception:
+            log.exception("request observer failed")
 
     async def ClassifyStream(self, request_iterator: AsyncIterator[pb.ClassifyRequest],
                              context: grpc.aio.ServicerContext) -> AsyncIterator[pb.ClassifyResponse]:
@@ -234,15 +296,21 @@ class ClassifierServicer(pb_grpc.ClassifierServicer):
             yield response
 
     async def _stream_answer(self, request: pb.ClassifyRequest, deadline: float | None) -> pb.ClassifyResponse:
+        request_id = request.request_id or new_request_id()
+        started = time.perf_counter()
         try:
-            result = await self._service.classify(call_from_request(request, deadline))
+            result = await self._service.classify(call_from_request(request, deadline, request_id))
+        except asyncio.CancelledError:
+            self._report(request, request_id, started, grpc.StatusCode.CANCELLED, "stream ended before the answer")
+            raise
         except Exception as exc:
             if not isinstance(exc, errors.ClassifydError):
                 log.exception("unexpected error in ClassifyStream")
             code, message = status_for(exc)
-            return pb.ClassifyResponse(request_id=request.request_id, error=pb.Error(code=code.value[0],
-                                                                                      message=message))
-        return response_from_result(result, request.request_id)
+            self._report(request, request_id, started, code, message)
+            return pb.ClassifyResponse(request_id=request_id, error=pb.Error(code=code.value[0], message=message))
+        self._report(request, request_id, started, grpc.StatusCode.OK, "", result)
+        return response_from_result(result, request_id)
 
     async def ListModels(self, request: pb.ListModelsRequest, context: grpc.aio.ServicerContext) \
             -> pb.ListModelsResponse:

@@ -12,6 +12,7 @@ them in a thread pool. Every problem with the input raises
 from __future__ import annotations
 
 import io
+import math
 import warnings
 from dataclasses import dataclass
 
@@ -23,6 +24,9 @@ from server.manifest import COLOR_CHANNELS, InputSpec, TilingSpec
 
 SUPPORTED_FORMATS = ("JPEG", "PNG", "WEBP", "BMP", "GIF", "TIFF", "MPO")
 MAX_PIXELS = 100_000_000
+# An image so elongated that scaling its shorter side to `resize` would make a larger intermediate image than
+# this is resized through its crop box only: a 1x100000 image must not become a 256x25,600,000 one.
+MAX_INTERMEDIATE_PIXELS = 1 << 22
 _RESAMPLE = {
     "nearest": Image.Resampling.NEAREST,
     "bilinear": Image.Resampling.BILINEAR,
@@ -90,8 +94,13 @@ def _starts(length: int, tile: int, stride: int) -> list[int]:
 def load_source(payload: bytes | RawTensor, spec: InputSpec, max_pixels: int = MAX_PIXELS) -> Source:
     """Decode an image and convert it to the model's colour mode, or validate a tensor and match its channels."""
     if isinstance(payload, RawTensor):
-        return tensor_to_array(payload, spec)
-    return _convert(decode_image(payload, max_pixels), spec)
+        return tensor_to_array(payload, spec, max_pixels)
+    image = decode_image(payload, max_pixels)
+    try:
+        return _convert(image, spec)
+    except Exception as exc:  # noqa: BLE001 - whatever a decoded-but-odd image makes Pillow raise is bad input
+        raise InvalidInput(f"cannot convert image ({image.format} {image.mode} {image.width}x{image.height}): "
+                           f"{type(exc).__name__}: {exc}") from None
 
 
 def crop(source: Source, box: Box) -> Source:
@@ -131,6 +140,8 @@ def decode_image(data: bytes, max_pixels: int = MAX_PIXELS) -> Image.Image:
         raise InvalidInput(_decode_message(exc)) from None
     except (OSError, SyntaxError, ValueError, EOFError) as exc:
         raise InvalidInput(f"cannot decode image: {exc}") from None
+    except Exception as exc:  # noqa: BLE001 - corrupt files make decoders raise almost anything; all are bad input
+        raise InvalidInput(f"cannot decode image: {type(exc).__name__}: {exc}") from None
 
 
 def _check_image(image: Image.Image, max_pixels: int) -> None:
@@ -215,6 +226,8 @@ def _fit_band(image: Image.Image, spec: InputSpec) -> np.ndarray:
     scaled_long = spec.resize * long // short
     scaled = (spec.resize, scaled_long) if width <= height else (scaled_long, spec.resize)
     new_size = (max(spec.width, scaled[0]), max(spec.height, scaled[1]))
+    if new_size[0] * new_size[1] > MAX_INTERMEDIATE_PIXELS:
+        return np.asarray(_resize_crop_box(image, new_size, spec, resample))
     if new_size != image.size:
         image = image.resize(new_size, resample, reducing_gap=3.0)
     left = round((image.width - spec.width) / 2.0)
@@ -223,11 +236,20 @@ def _fit_band(image: Image.Image, spec: InputSpec) -> np.ndarray:
     return np.asarray(image)
 
 
+def _resize_crop_box(image: Image.Image, new_size: tuple[int, int], spec: InputSpec,
+                     resample: Image.Resampling) -> Image.Image:
+    """The centre crop of the image scaled to ``new_size``, resampling only the source region it covers."""
+    sx, sy = new_size[0] / image.width, new_size[1] / image.height
+    left, top = round((new_size[0] - spec.width) / 2.0), round((new_size[1] - spec.height) / 2.0)
+    box = (left / sx, top / sy, (left + spec.width) / sx, (top + spec.height) / sy)
+    return image.resize((spec.width, spec.height), resample, box=box)
+
+
 def _as_hwc(array: np.ndarray) -> np.ndarray:
     return array[:, :, None] if array.ndim == 2 else array
 
 
-def tensor_to_array(tensor: RawTensor, spec: InputSpec) -> np.ndarray:
+def tensor_to_array(tensor: RawTensor, spec: InputSpec, max_pixels: int = MAX_PIXELS) -> np.ndarray:
     """Validate a raw tensor and view it as ``H x W x C`` with the model's channel count."""
     dtype = _DTYPES.get(tensor.dtype)
     if dtype is None:
@@ -235,7 +257,9 @@ def tensor_to_array(tensor: RawTensor, spec: InputSpec) -> np.ndarray:
     shape = tensor.shape
     if len(shape) not in (2, 3) or any(d < 1 for d in shape):
         raise InvalidInput(f"tensor shape must be [height, width] or [height, width, channels], got {list(shape)}")
-    count = int(np.prod(shape, dtype=np.int64))
+    if shape[0] * shape[1] > max_pixels:
+        raise InvalidInput(f"tensor of {shape[0]}x{shape[1]} pixels exceeds the limit of {max_pixels} pixels")
+    count = math.prod(shape)  # Python ints: huge dimensions must not wrap around
     if count * dtype.itemsize != len(tensor.data):
         raise InvalidInput(f"tensor of shape {list(shape)} and dtype {tensor.dtype} needs "
                            f"{count * dtype.itemsize} bytes, got {len(tensor.data)}")

@@ -23,6 +23,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from server import batcher as batching
+from server.admission import Admission, Ticket
 from server.batch_policy import LatencyTargetPolicy
 from server.errors import (
     ClassifydError,
@@ -32,6 +33,7 @@ from server.errors import (
     ModelUnavailable,
     Overloaded,
 )
+from server.isolation import BatchReport, FailureLog, is_out_of_memory, predict_splitting_on_oom
 from server.manager import ModelManager
 from server.manifest import InputSpec
 from server.outputs import Prediction, reduce_tiles, select
@@ -54,6 +56,7 @@ class ClassifyCall:
     deadline: float | None = None  # time.monotonic() seconds
     lang: str = ""  # labels.<lang>.txt to answer with; "" = labels.txt
     return_tiles: bool = False
+    request_id: str = ""
 
 
 @dataclass(frozen=True)
@@ -92,6 +95,7 @@ class _Item:
     admitted: LoadedVersion  # leased by the request: computes it if no other version can
     box: Box | None = None  # a tile: the region of the payload it was cut from
     exact: bool = False  # computed by ``admitted`` only, so all tiles of an image share one version
+    request_id: str = ""
 
 
 @dataclass(frozen=True)
@@ -118,12 +122,26 @@ class ClassifierService:
         self._pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="classifyd-pre")
         self._batchers: dict[str, batching.Batcher[_Item, _Computed]] = {}
         self._policies: weakref.WeakKeyDictionary[LoadedVersion, LatencyTargetPolicy] = weakref.WeakKeyDictionary()
+        self.admission = Admission()
+        self._failures = FailureLog()
+        self._batch_listeners: list[Callable[[BatchReport], None]] = []
+        self._accepting = True
+
+    def add_batch_listener(self, listener: Callable[[BatchReport], None]) -> None:
+        """Call ``listener(report)`` on the event loop after every forward pass (metrics)."""
+        self._batch_listeners.append(listener)
+
+    def stop_accepting(self) -> None:
+        """Refuse new requests with ModelUnavailable; requests already accepted carry on (graceful shutdown)."""
+        self._accepting = False
 
     async def classify(self, call: ClassifyCall) -> ClassifyResult:
         """Preprocess, batch and compute one request.
 
         Raises ModelNotFound, ModelUnavailable, InvalidInput, Overloaded, DeadlineExpired or InferenceFailed.
         """
+        if not self._accepting:
+            raise ModelUnavailable("the server is shutting down and accepts no new requests")
         started = time.perf_counter()
         version = self._manager.resolve(call.model, call.version)
         version.lease()  # the admitting version stays loaded until this request is answered
@@ -137,13 +155,19 @@ class ClassifierService:
 
     async def _classify(self, call: ClassifyCall, admitted: LoadedVersion) -> ClassifyResult:
         top_k = _check_top_k(call.top_k, admitted)
+        batcher = self._batcher_for(admitted)
+        ticket = self.admission.admit(admitted.name, queued=batcher.queue_depth, max_queue=admitted.max_queue,
+                                      max_batch_size=admitted.max_batch_size, deadline=call.deadline)
         if admitted.manifest.tiling is not None:
-            return await self._classify_tiled(call, admitted, top_k)
+            return await self._classify_tiled(call, admitted, top_k, ticket)
         started = time.perf_counter()
-        array = await self._preprocess(call.payload, admitted.manifest.input)
+        try:
+            array = await self._preprocess(call.payload, admitted.manifest.input)
+        finally:
+            ticket.release()  # no await between this and submit: the request moves straight into the queue
         preprocess_s = time.perf_counter() - started
-        item = _Item(array, admitted.manifest.input, call.payload, call.version, admitted)
-        batched = await self._submit(self._batcher_for(admitted), item, call.deadline)
+        item = _Item(array, admitted.manifest.input, call.payload, call.version, admitted, request_id=call.request_id)
+        batched = await self._submit(batcher, item, call.deadline)
         computed = batched.value
         manifest = computed.version.manifest
         lang, labels = manifest.labels_for(call.lang)
@@ -158,17 +182,21 @@ class ClassifierService:
             lang=lang,
         )
 
-    async def _classify_tiled(self, call: ClassifyCall, admitted: LoadedVersion, top_k: int) -> ClassifyResult:
+    async def _classify_tiled(self, call: ClassifyCall, admitted: LoadedVersion, top_k: int,
+                              ticket: Ticket) -> ClassifyResult:
         """Cut the image into tiles, submit each to the batcher, and reduce the tiles' scores to one row."""
         manifest = admitted.manifest
         assert manifest.tiling is not None
         started = time.perf_counter()
         loop = asyncio.get_running_loop()
-        tiles = await loop.run_in_executor(self._pool, preprocess_tiles, call.payload, manifest.input,
-                                           manifest.tiling, self._max_pixels)
+        try:
+            tiles = await loop.run_in_executor(self._pool, preprocess_tiles, call.payload, manifest.input,
+                                               manifest.tiling, self._max_pixels)
+        finally:
+            ticket.release()  # the admission counted the request; its tiles now wait in the batcher's queue
         preprocess_s = time.perf_counter() - started
-        items = [_Item(array, manifest.input, call.payload, admitted.version, admitted, box, exact=True)
-                 for box, array in tiles]
+        items = [_Item(array, manifest.input, call.payload, admitted.version, admitted, box, exact=True,
+                       request_id=call.request_id) for box, array in tiles]
         results = await self._submit_all(self._batcher_for(admitted), items, call.deadline)
         lang, labels = manifest.labels_for(call.lang)
         k = min(top_k, len(labels))
@@ -246,6 +274,7 @@ class ClassifierService:
 
     async def _run_batch(self, name: str, items: list[_Item]) -> list[_Computed | BaseException]:
         """Compute a batch. Versions are resolved now, so a swap takes effect between batches."""
+        started = time.perf_counter()
         results: list[_Computed | BaseException] = [ModelUnavailable("not computed")] * len(items)
         groups: dict[LoadedVersion, list[int]] = defaultdict(list)
         for position, item in enumerate(items):
@@ -259,6 +288,7 @@ class ClassifierService:
                 await self._run_group(version, [items[p] for p in positions], positions, results)
             finally:
                 version.unlease()
+        self.admission.observe_batch(name, time.perf_counter() - started)
         return results
 
     def _version_for(self, name: str, item: _Item) -> LoadedVersion:
@@ -274,22 +304,43 @@ class ClassifierService:
 
     async def _run_group(self, version: LoadedVersion, items: list[_Item], positions: list[int],
                          results: list[_Computed | BaseException]) -> None:
-        """One forward pass of one version over its share of the batch."""
+        """One forward pass of one version over its share of the batch; out of memory splits it (isolation.py)."""
+        splits: list[int] = []
+        started = time.perf_counter()
         try:
             arrays = await self._arrays_for(version, items)
-            probabilities = await self._inference.run(version.predict, arrays)
-        except ClassifydError as exc:
-            failure: BaseException = exc
-        except Exception as exc:
-            log.exception("model %s version %d: batch of %d failed", version.name, version.version, len(items))
-            failure = InferenceFailed(f"model {version.name} version {version.version} failed on this batch: "
-                                      f"{type(exc).__name__}: {exc}")
-        else:
-            for position, row in zip(positions, probabilities, strict=True):
+            rows = await self._inference.run(predict_splitting_on_oom, version.predict, arrays, splits)
+        except Exception as exc:  # noqa: BLE001 - fails this group only; FailureLog logs model errors
+            rows = [exc] * len(items)
+        if not all(isinstance(row, ClassifydError) for row in rows):
+            self._account(version, items, rows, time.perf_counter() - started, len(splits))
+        for position, row in zip(positions, rows, strict=True):
+            if isinstance(row, ClassifydError):
+                results[position] = row
+            elif isinstance(row, BaseException):
+                results[position] = InferenceFailed(_failure_message(version, row))
+            else:
                 results[position] = _Computed(version, row, len(items))
-            return
-        for position in positions:
-            results[position] = failure
+
+    def _account(self, version: LoadedVersion, items: list[_Item], rows: list[np.ndarray | BaseException],
+                 seconds: float, splits: int) -> None:
+        """Count and log a model failure, and tell the batch listeners."""
+        failed = [(item, row) for item, row in zip(items, rows, strict=True)
+                  if isinstance(row, BaseException) and not isinstance(row, ClassifydError)]
+        if failed:
+            ids = [item.request_id for item, _ in failed]
+            self._failures.failed(version.name, version.version, len(items), failed[0][1], ids)
+        else:
+            self._failures.succeeded(version.name, version.version)
+        error = type(failed[0][1]).__name__ if failed else ""
+        self._report_batch(BatchReport(version.name, version.version, len(items), seconds, error, splits))
+
+    def _report_batch(self, report: BatchReport) -> None:
+        for listener in list(self._batch_listeners):
+            try:
+                listener(report)
+            except Exception:
+                log.exception("batch listener failed")
 
     async def _arrays_for(self, version: LoadedVersion, items: list[_Item]) -> list[np.ndarray]:
         """Input arrays for ``version``; an item preprocessed for another input spec (a swap) is redone."""
@@ -304,10 +355,25 @@ class ClassifierService:
         batcher = self._batchers.get(name)
         return batcher.queue_depth if batcher else 0
 
+    def queue_depths(self) -> dict[str, tuple[int, int]]:
+        """Per model: requests counted against its queue limit (preprocessing + waiting), and the limit.
+
+        Safe to call from another thread (the metrics exporter): it only copies and reads sizes.
+        """
+        return {name: (b.queue_depth + self.admission.preparing(name), b.max_queue or 0)
+                for name, b in dict(self._batchers).items()}
+
     async def aclose(self, *, drain: bool = True) -> None:
         """Finish (drain=True) or fail queued requests, then stop the batchers and the preprocessing pool."""
         await asyncio.gather(*(b.aclose(drain=drain) for b in self._batchers.values()))
         self._pool.shutdown(wait=True)
+
+
+def _failure_message(version: LoadedVersion, exc: BaseException) -> str:
+    if is_out_of_memory(exc):
+        return (f"model {version.name} version {version.version} ran out of memory even for a single request "
+                f"(the batch was split down to one): {exc}")
+    return f"model {version.name} version {version.version} failed on this batch: {type(exc).__name__}: {exc}"
 
 
 def _check_top_k(top_k: int, version: LoadedVersion) -> int:

@@ -46,6 +46,12 @@ def reserve_port(host: str, port: int) -> tuple[socket.socket, int]:
     return holder, holder.getsockname()[1]
 
 
+def _metrics_port(args: argparse.Namespace, index: int) -> int | None:
+    """Each worker has its own metrics registry, so its own port: ``--metrics-port`` + the worker's index."""
+    port = getattr(args, "metrics_port", None)
+    return port + index if port else port
+
+
 def worker_main(args: argparse.Namespace, index: int) -> None:
     """Entry point of one worker process: a whole daemon on the shared port."""
     from server.__main__ import serve  # here, not at the top: server.__main__ imports this module
@@ -78,7 +84,8 @@ class Supervisor:
         # Each worker gets its share of the cores: N processes with all cores each would oversubscribe them.
         threads = getattr(self._args, "torch_threads", None) or default_torch_threads(self._args.workers)
         child_args = argparse.Namespace(**{**vars(self._args), "workers": 1, "port": self._port, "reuse_port": True,
-                                           "port_file": self._ready_file(index), "torch_threads": threads})
+                                           "port_file": self._ready_file(index), "torch_threads": threads,
+                                           "metrics_port": _metrics_port(self._args, index)})
         process = self._context.Process(target=worker_main, args=(child_args, index), name=f"classifyd-worker-{index}")
         process.start()
         self.workers[index] = process
