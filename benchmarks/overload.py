@@ -52,10 +52,11 @@ class OverloadReport:
         return self.offered - self.codes["OK"] - self.codes["RESOURCE_EXHAUSTED"]
 
     def summary(self, latency_bound_s: float | None = None) -> str:
+        others = {k: v for k, v in self.codes.items() if k not in ("OK", "RESOURCE_EXHAUSTED")}
         lines = [f"offered {self.offered} requests in {self.duration_s:.1f} s ({self.offered_rate:.0f}/s)",
                  f"answered {self.codes['OK']} ({self.codes['OK'] / max(self.duration_s, 1e-9):.0f}/s), "
                  f"shed {self.codes['RESOURCE_EXHAUSTED']}, other errors {self.other_errors} "
-                 f"{dict((k, v) for k, v in self.codes.items() if k not in ('OK', 'RESOURCE_EXHAUSTED'))}",
+                 f"{others}",
                  f"accepted latency ms: {_percentiles(self.ok_latencies)}",
                  f"shed latency ms:     {_percentiles(self.shed_latencies)}"]
         if latency_bound_s is not None:

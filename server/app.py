@@ -25,13 +25,14 @@ from server.errors import ModelNotFound
 from server.grpc_api import ClassifierServicer, ErrorInterceptor, HealthReporter, RequestReport
 from server.host import apply_torch_threads
 from server.http_api import HttpContext
+from server.http_security import http_ssl_context, token_middleware
 from server.http_server import HttpServer, build_app
 from server.logs import log_request
 from server.manager import ManagerSettings, ModelManager
 from server.metrics import Metrics
 from server.preprocess import MAX_PIXELS
 from server.runtime import InferenceThread, pick_device
-from server.security import AuthInterceptor, check_tls_files, read_tokens, server_credentials
+from server.security import AuthInterceptor, TokenChecker, check_tls_files, read_tokens, server_credentials
 from server.service import ClassifierService
 from server.stats import EventLog, StatsCollector
 from server.watcher import RepositoryWatcher
@@ -105,6 +106,7 @@ class Daemon:
         self.metrics = Metrics(self._model_lookup, self.service.queue_depths)
         self.manager.add_listener(self.metrics.model_event)
         self.service.add_batch_listener(self.metrics.batch_done)
+        self._tokens = read_tokens(config.auth_token_file) if config.auth_token_file else []
         self.server = self._build_server()
         self.watcher: RepositoryWatcher | None = None
         self.port = 0
@@ -117,7 +119,10 @@ class Daemon:
     def _build_http(self) -> HttpServer:
         context = HttpContext(self.service, self.manager, self.config.max_message_bytes, self.stats, self.events,
                               self.server_info)
-        return HttpServer(build_app(context), reuse_port=self.config.reuse_port)
+        auth = [token_middleware(TokenChecker(self._tokens))] if self._tokens else []
+        tls = (http_ssl_context(self.config.tls_cert, self.config.tls_key, self.config.tls_client_ca)
+               if self.config.tls_cert and self.config.tls_key else None)
+        return HttpServer(build_app(context, auth), reuse_port=self.config.reuse_port, ssl_context=tls)
 
     def _model_lookup(self, name: str) -> tuple[str, frozenset[int]] | None:
         try:
@@ -138,7 +143,7 @@ class Daemon:
         ]
         if self.config.max_connection_age_s > 0:
             options.append(("grpc.max_connection_age_ms", round(self.config.max_connection_age_s * 1000)))
-        auth = [AuthInterceptor(read_tokens(self.config.auth_token_file))] if self.config.auth_token_file else []
+        auth = [AuthInterceptor(self._tokens)] if self._tokens else []
         server = grpc.aio.server(interceptors=[*auth, ErrorInterceptor()], options=options)
         servicer = ClassifierServicer(self.service, self.manager, self._request_done)
         pb_grpc.add_ClassifierServicer_to_server(servicer, server)

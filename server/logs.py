@@ -74,11 +74,17 @@ def log_request(report: RequestReport) -> None:
     model = result.model if result else report.model
     version = result.version if result else report.version
     latency_ms = round(report.seconds * 1000, 3)
-    fields: dict[str, object] = {"request_id": report.request_id, "model": model, "version": version,
+    fields: dict[str, object] = {"request_id": report.request_id[:200], "model": model[:200], "version": version,
                                  "code": report.code.name, "latency_ms": latency_ms}
     if result:
         fields.update(batch_size=result.batch_size, queue_ms=round(result.queue_s * 1000, 3),
                       compute_ms=round(result.compute_s * 1000, 3))
     outcome = report.code.name + (f": {report.message}" if report.message else "")
-    request_log.log(level, "request %s model %s version %s: %s (%.1f ms)", report.request_id, model or "(default)",
-                    version, outcome, latency_ms, extra=fields)
+    # Client-supplied strings go into text logs as capped reprs: a newline must not forge a log line.
+    request_log.log(level, "request %s model %s version %s: %s (%.1f ms)", _quoted(report.request_id),
+                    _quoted(model) if model else "(default)", version, outcome, latency_ms, extra=fields)
+
+
+def _quoted(value: str, limit: int = 200) -> str:
+    text = repr(value)
+    return text if len(text) <= limit else text[:limit] + "…"

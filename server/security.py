@@ -61,21 +61,19 @@ def read_tokens(path: Path) -> list[str]:
     return tokens
 
 
-class AuthInterceptor(grpc.aio.ServerInterceptor):
-    """Requires ``authorization: Bearer <token>`` on every call except health checks → UNAUTHENTICATED."""
+class TokenChecker:
+    """Decides whether an ``authorization`` value carries one of the accepted bearer tokens. Never blocks."""
 
-    def __init__(self, tokens: Sequence[str], exempt_prefixes: Sequence[str] = (HEALTH_PREFIX,)) -> None:
+    def __init__(self, tokens: Sequence[str]) -> None:
         if not tokens:
             raise SecurityConfigError("token auth needs at least one token")
         self._tokens = [t.encode() for t in tokens]
-        self._exempt = tuple(exempt_prefixes)
 
-    def _problem(self, metadata: Sequence[tuple[str, str | bytes]] | None) -> str | None:
-        """Why the call is refused, or None when its token is valid."""
-        values = [v for k, v in metadata or () if k == "authorization"]
-        if not values:
+    def problem(self, authorization: str | bytes | None) -> str | None:
+        """Why a call with this ``authorization`` value is refused, or None when its token is valid."""
+        if authorization is None:
             return "missing bearer token: send the metadata 'authorization: Bearer <token>'"
-        value = values[0] if isinstance(values[0], str) else values[0].decode("latin-1")
+        value = authorization if isinstance(authorization, str) else authorization.decode("latin-1")
         scheme, _, token = value.partition(" ")
         if scheme.lower() != "bearer" or not token:
             return "malformed authorization metadata: expected 'Bearer <token>'"
@@ -86,12 +84,21 @@ class AuthInterceptor(grpc.aio.ServerInterceptor):
             matched |= hmac.compare_digest(presented, accepted)
         return None if matched else "invalid bearer token"
 
+
+class AuthInterceptor(grpc.aio.ServerInterceptor):
+    """Requires ``authorization: Bearer <token>`` on every call except health checks → UNAUTHENTICATED."""
+
+    def __init__(self, tokens: Sequence[str], exempt_prefixes: Sequence[str] = (HEALTH_PREFIX,)) -> None:
+        self._checker = TokenChecker(tokens)
+        self._exempt = tuple(exempt_prefixes)
+
     async def intercept_service(self, continuation: Callable[[Any], Awaitable[Any]],
                                 handler_call_details: grpc.HandlerCallDetails) -> Any:
         handler = await continuation(handler_call_details)
         if handler is None or handler_call_details.method.startswith(self._exempt):
             return handler
-        problem = self._problem(handler_call_details.invocation_metadata)
+        values = [v for k, v in handler_call_details.invocation_metadata or () if k == "authorization"]
+        problem = self._checker.problem(values[0] if values else None)
         return handler if problem is None else _refusing(handler, problem)
 
 

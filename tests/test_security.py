@@ -5,7 +5,11 @@ from __future__ import annotations
 import asyncio
 import datetime
 import ipaddress
+import json
 import shutil
+import ssl
+import urllib.error
+import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -177,3 +181,34 @@ def test_bad_security_settings_are_refused_at_start(pki: Pki, models: Path, tmp_
         Daemon(ServerConfig(models_dir=models, auth_token_file=empty))
     with pytest.raises(SecurityConfigError, match="cannot read token file"):
         Daemon(ServerConfig(models_dir=models, auth_token_file=tmp_path / "missing"))
+
+
+def _http_get(port: int, path: str, context: ssl.SSLContext, token: str | None = None) -> tuple[int, dict]:
+    headers = {"Authorization": f"Bearer {token}"} if token else {}
+    request = urllib.request.Request(f"https://127.0.0.1:{port}{path}", headers=headers)
+    try:
+        with urllib.request.urlopen(request, timeout=20, context=context) as response:
+            return response.status, json.loads(response.read())
+    except urllib.error.HTTPError as exc:
+        return exc.code, json.loads(exc.read())
+
+
+def test_the_http_port_requires_the_same_tls_client_certificate_and_token(pki: Pki, models: Path,
+                                                                           tmp_path: Path) -> None:
+    tokens = tmp_path / "tokens"
+    tokens.write_text("http-token-1\n")
+    with running_daemon(models, watch=False, http_port=0, tls_cert=pki.server_cert, tls_key=pki.server_key,
+                        tls_client_ca=pki.ca, auth_token_file=tokens) as daemon:
+        port = daemon.daemon.http_port
+        context = ssl.create_default_context(cafile=pki.ca)
+        context.load_cert_chain(pki.client_cert, pki.client_key)
+        status, body = _http_get(port, "/v1/models", context, "http-token-1")
+        assert status == 200 and [m["name"] for m in body["models"]] == ["digits"]
+        for token, words in ((None, "missing bearer token"), ("nope", "invalid bearer token")):
+            status, body = _http_get(port, "/v1/models", context, token)
+            assert status == 401 and body["error"]["code"] == "UNAUTHENTICATED"
+            assert words in body["error"]["message"]
+        assert _http_get(port, "/v2/health/live", context)[0] == 200  # probes need no token
+        without_certificate = ssl.create_default_context(cafile=pki.ca)
+        with pytest.raises(OSError):  # the TLS handshake refuses it (SSLError, URLError or a reset)
+            _http_get(port, "/v2/health/live", without_certificate)
