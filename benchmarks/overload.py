@@ -147,9 +147,9 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m benchmarks.overload", description=__doc__.splitlines()[0])
     parser.add_argument("--duration", type=float, default=30.0, help="seconds of overload (default: 30)")
     parser.add_argument("--multiplier", type=float, default=4.0, help="offered load / capacity (default: 4)")
-    parser.add_argument("--delay-ms", type=float, default=20.0, help="forward pass time per batch (default: 20)")
-    parser.add_argument("--batch", type=int, default=4, help="max_batch_size (default: 4)")
-    parser.add_argument("--max-queue", type=int, default=32, help="max_queue (default: 32)")
+    parser.add_argument("--delay-ms", type=float, default=40.0, help="forward pass time per batch (default: 40)")
+    parser.add_argument("--batch", type=int, default=2, help="max_batch_size (default: 2)")
+    parser.add_argument("--max-queue", type=int, default=16, help="max_queue (default: 16)")
     args = parser.parse_args(argv)
     print(f"model: batches of {args.batch} in {args.delay_ms} ms = capacity {args.batch / args.delay_ms * 1000:.0f}"
           f"/s; max_queue {args.max_queue}; offering {args.multiplier}x for {args.duration} s")

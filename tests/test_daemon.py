@@ -126,7 +126,7 @@ def test_bad_requests_get_precise_status_and_the_server_still_serves(
     assert stub.Classify(tensor_request(np.zeros((8, 8), np.uint8)), timeout=20).predictions
 
 
-def test_deadline_passed_while_queued_is_deadline_exceeded(channel: grpc.Channel) -> None:
+def test_deadline_passed_while_queued_is_deadline_exceeded_and_never_computed(channel: grpc.Channel) -> None:
     stub = pb_grpc.ClassifierStub(channel)
     request = tensor_request(np.zeros((8, 8), np.uint8), model="gated")
     GATE.close()
@@ -139,6 +139,8 @@ def test_deadline_passed_while_queued_is_deadline_exceeded(channel: grpc.Channel
     finally:
         GATE.open.set()
     assert blocker.result().batch_size == 1
+    assert stub.Classify(request, timeout=20).batch_size == 1  # the worker has certainly passed the expired one
+    assert GATE.batches == [1, 1]  # the blocker and the last request: the expired one never reached the model
 
 
 def test_stream_echoes_request_ids_and_isolates_a_bad_request(channel: grpc.Channel) -> None:

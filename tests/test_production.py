@@ -73,24 +73,7 @@ def failures(outcomes: list[object]) -> list[grpc.aio.AioRpcError]:
     return [o for o in outcomes if isinstance(o, grpc.aio.AioRpcError)]
 
 
-# ----- deadlines and cancellation
-
-
-def test_a_queued_request_whose_deadline_passes_is_never_computed(stub: pb_grpc.ClassifierStub) -> None:
-    request = tensor_request(BLANK, model="held")
-    GATE.close()
-    try:
-        blocker = stub.Classify.future(request, timeout=60)
-        assert GATE.entered.acquire(timeout=20)  # the inference thread is held: the next request must queue
-        with pytest.raises(grpc.RpcError) as caught:
-            stub.Classify(request, timeout=0.5)
-        assert caught.value.code() is grpc.StatusCode.DEADLINE_EXCEEDED
-    finally:
-        GATE.open.set()
-    assert blocker.result().batch_size == 1
-    after = stub.Classify(request, timeout=20)  # the worker has certainly passed the expired request by now
-    assert after.batch_size == 1
-    assert GATE.batches == [1, 1]  # the blocker and the last request: the expired one never reached the model
+# ----- deadlines and cancellation (a request whose deadline passes in the queue: tests/test_daemon.py)
 
 
 def test_a_cancelled_queued_request_is_never_computed(stub: pb_grpc.ClassifierStub) -> None:
