@@ -47,6 +47,7 @@ class JsonFormatter(logging.Formatter):
             "level": record.levelname,
             "logger": record.name,
             "message": record.getMessage(),
+            "pid": record.process,  # tells the processes of --workers apart
         }
         data.update((k, v) for k, v in vars(record).items() if k not in _STANDARD_ATTRS and not k.startswith("_"))
         if record.exc_info:

@@ -55,9 +55,13 @@ def _metrics_port(args: argparse.Namespace, index: int) -> int | None:
 def worker_main(args: argparse.Namespace, index: int) -> None:
     """Entry point of one worker process: a whole daemon on the shared port."""
     from server.__main__ import serve  # here, not at the top: server.__main__ imports this module
+    from server.logs import configure_logging
 
-    logging.basicConfig(level=args.log_level.upper(),
-                        format=f"%(asctime)s %(levelname)s worker {index} (pid %(process)d) %(name)s: %(message)s")
+    if getattr(args, "log_format", "text") == "json":
+        configure_logging(args.log_level, "json")  # every JSON record carries its "pid"
+    else:
+        logging.basicConfig(level=args.log_level.upper(),
+                            format=f"%(asctime)s %(levelname)s worker {index} (pid %(process)d) %(name)s: %(message)s")
     try:
         asyncio.run(serve(args))
     except (FileNotFoundError, OSError, ValueError) as exc:
