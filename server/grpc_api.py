@@ -80,28 +80,54 @@ def new_request_id() -> str:
 
 
 class ErrorInterceptor(grpc.aio.ServerInterceptor):
-    """Turns exceptions escaping unary handlers into status codes; unexpected ones are logged as INTERNAL."""
+    """Turns exceptions escaping handlers into status codes; unexpected ones are logged as INTERNAL.
+
+    Unary and server-streaming handlers are wrapped (a stream fails with the status once its error surfaces);
+    ClassifyStream answers bad requests inside the stream itself.
+    """
 
     async def intercept_service(self, continuation: Callable[[Any], Awaitable[Any]],
                                 handler_call_details: grpc.HandlerCallDetails) -> Any:
         handler = await continuation(handler_call_details)
-        if handler is None or handler.unary_unary is None:
-            return handler
-        inner = handler.unary_unary
+        method = handler_call_details.method
+        codec = {"request_deserializer": getattr(handler, "request_deserializer", None),
+                 "response_serializer": getattr(handler, "response_serializer", None)}
+        if handler is not None and handler.unary_unary is not None:
+            return grpc.unary_unary_rpc_method_handler(_guard_unary(handler.unary_unary, method), **codec)
+        if handler is not None and handler.unary_stream is not None:
+            return grpc.unary_stream_rpc_method_handler(_guard_stream(handler.unary_stream, method), **codec)
+        return handler
 
-        async def unary(request: Any, context: grpc.aio.ServicerContext) -> Any:
-            try:
-                return await inner(request, context)
-            except errors.ClassifydError as exc:
-                code, message = status_for(exc)
-            except Exception as exc:
-                log.exception("unexpected error in %s", handler_call_details.method)
-                code, message = status_for(exc)
-            return await context.abort(code, message)
 
-        return grpc.unary_unary_rpc_method_handler(
-            unary, request_deserializer=handler.request_deserializer, response_serializer=handler.response_serializer
-        )
+async def _abort_for(exc: Exception, context: grpc.aio.ServicerContext, method: str) -> None:
+    if isinstance(exc, grpc.aio.AbortError):  # the handler already chose its status
+        raise exc
+    if not isinstance(exc, errors.ClassifydError):
+        log.exception("unexpected error in %s", method)
+    code, message = status_for(exc)
+    await context.abort(code, message)
+
+
+def _guard_unary(inner: Callable[..., Awaitable[Any]], method: str) -> Callable[..., Awaitable[Any]]:
+    async def unary(request: Any, context: grpc.aio.ServicerContext) -> Any:
+        try:
+            return await inner(request, context)
+        except Exception as exc:
+            await _abort_for(exc, context, method)
+            raise  # unreachable: abort raises
+
+    return unary
+
+
+def _guard_stream(inner: Callable[..., AsyncIterator[Any]], method: str) -> Callable[..., AsyncIterator[Any]]:
+    async def stream(request: Any, context: grpc.aio.ServicerContext) -> AsyncIterator[Any]:
+        try:
+            async for response in inner(request, context):
+                yield response
+        except Exception as exc:  # noqa: BLE001 - every failure becomes a status, never a crash
+            await _abort_for(exc, context, method)
+
+    return stream
 
 
 def call_from_request(request: pb.ClassifyRequest, deadline: float | None, request_id: str = "") -> ClassifyCall:

@@ -15,7 +15,7 @@ import binascii
 import json
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from functools import partial
 from typing import Any
@@ -27,6 +27,7 @@ from aiohttp.typedefs import Handler
 from server import errors
 from server.grpc_api import status_for
 from server.manager import ModelManager
+from server.outputs import Prediction
 from server.service import ClassifierService, ClassifyCall, ClassifyResult
 from server.stats import EventLog, StatsCollector
 
@@ -46,7 +47,7 @@ _CODE_FOR_HTTP = {400: "INVALID_ARGUMENT", 401: "UNAUTHENTICATED", 403: "PERMISS
                   503: "UNAVAILABLE", 504: "DEADLINE_EXCEEDED"}
 RETRY_AFTER_S = 1
 RAW_IMAGE_TYPES = ("application/octet-stream",)  # and every image/* type
-CLASSIFY_FIELDS = ("top_k", "version", "lang", "request_id", "timeout_ms")
+CLASSIFY_FIELDS = ("top_k", "version", "lang", "return_tiles", "request_id", "timeout_ms")
 dumps = partial(json.dumps, ensure_ascii=False)  # labels go out as UTF-8, not \u escapes
 
 
@@ -287,10 +288,30 @@ def deadline_after(timeout_s: float | None) -> float | None:
     return None if timeout_s is None else time.monotonic() + timeout_s
 
 
+def _predictions_json(predictions: Sequence[Prediction]) -> list[dict[str, Any]]:
+    return [{"index": p.index, "label": p.label, "score": p.score} for p in predictions]
+
+
+def bool_field(fields: Mapping[str, Any], name: str) -> bool:
+    """A true/false field (JSON boolean, or "true"/"1"/"false"/"0" in a query or form). Raises InvalidInput."""
+    value = fields.get(name, False)
+    if isinstance(value, bool):
+        return value
+    text = str(value).strip().lower()
+    if text not in ("true", "1", "false", "0", ""):
+        raise errors.InvalidInput(f"field '{name}' must be true or false, got {value!r}")
+    return text in ("true", "1")
+
+
 def result_json(result: ClassifyResult, request_id: str) -> dict[str, Any]:
     """The same content as a ClassifyResponse."""
+    tiles = [{"x": t.box[0], "y": t.box[1], "width": t.box[2], "height": t.box[3], "batch_size": t.batch_size,
+              "predictions": _predictions_json(t.predictions)} for t in result.tiles]
     return {
-        "predictions": [{"index": p.index, "label": p.label, "score": p.score} for p in result.predictions],
+        "predictions": _predictions_json(result.predictions),
+        "lang": result.lang,
+        "tile_count": result.tile_count,
+        "tiles": tiles,
         "model": result.model,
         "version": result.version,
         "request_id": request_id,
@@ -306,9 +327,9 @@ async def classify_handler(request: web.Request) -> web.Response:
     context = request.app[CONTEXT]
     image, fields = await read_classify_input(request, context.max_body_bytes)
     timeout_s = timeout_field(fields, "timeout_ms", 1e-3)
-    # ``lang`` is accepted for per-language labels (issue 4) and ignored until ClassifyCall can carry it.
     call = ClassifyCall(request.match_info.get("name", ""), image, int_field(fields, "version"),
-                        int_field(fields, "top_k"), deadline_after(timeout_s))
+                        int_field(fields, "top_k"), deadline_after(timeout_s), lang=str(fields.get("lang", "")),
+                        return_tiles=bool_field(fields, "return_tiles"))
     result = await classify(context.service, call, timeout_s)
     request_id = str(fields.get("request_id", request.headers.get("X-Request-Id", "")))
     return web.json_response(result_json(result, request_id), dumps=dumps)

@@ -327,3 +327,11 @@ def test_validation_samples_gate_a_version(repo: Path, daemon: DaemonThread, tmp
     wait_for(lambda: model(stub).serving_version == 3)
     ready = next(v for v in model(stub).versions if v.version == 3)
     assert ready.validation_accuracy == pytest.approx(1.0)
+
+
+def test_watching_an_unknown_model_with_current_state_is_not_found(daemon: DaemonThread) -> None:
+    events = stub_for(daemon).WatchModels(pb.WatchModelsRequest(model="nope", include_current=True), timeout=10)
+    with pytest.raises(grpc.RpcError) as caught:
+        next(events)
+    assert caught.value.code() is grpc.StatusCode.NOT_FOUND
+    assert "unknown model 'nope'" in caught.value.details()

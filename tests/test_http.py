@@ -339,3 +339,24 @@ def test_oip_errors_use_the_protocols_body_and_the_same_codes(web: DaemonThread)
     body = answer.json()
     assert body["id"] == "x" and body["outputs"][0]["shape"] == [1, 2] and body["outputs"][0]["datatype"] == "BYTES"
     assert body["outputs"][0]["data"][0].endswith(":8:八")
+
+
+def test_lang_and_return_tiles_reach_the_service(tmp_path: Path) -> None:
+    labels = ["猫", "狗", "鸟", "鱼"]
+    write_model(tmp_path, "pets", labels=labels, manifest={
+        "input": {"color": "L", "size": 8, "resize": 8}, "batching": {"max_batch_size": 8},
+        "tiling": {"tile": 16, "stride": 16, "reduce": "max"}})
+    (tmp_path / "pets" / "labels.en.txt").write_text("cat\ndog\nbird\nfish\n", encoding="utf-8")
+    image = encode(np.zeros((32, 32), np.uint8))
+    with running_daemon(tmp_path, http_port=0) as daemon:
+        english = http("POST", url(daemon, "/v1/models/pets/classify?lang=en&top_k=4"), data=form(image)).json()
+        assert english["lang"] == "en"
+        assert {p["label"] for p in english["predictions"]} == {"cat", "dog", "bird", "fish"}
+        tiled = http("POST", url(daemon, "/v1/models/pets/classify"),
+                     json={"image_b64": base64.b64encode(image).decode(), "return_tiles": True}).json()
+        assert tiled["tile_count"] == 4 and len(tiled["tiles"]) == 4
+        assert {(t["x"], t["y"], t["width"], t["height"]) for t in tiled["tiles"]} == \
+            {(0, 0, 16, 16), (16, 0, 16, 16), (0, 16, 16, 16), (16, 16, 16, 16)}
+        assert all(p["label"] in labels for p in tiled["predictions"])
+        bad = http("POST", url(daemon, "/v1/models/pets/classify?return_tiles=maybe"), data=form(image))
+        assert bad.status == 400 and "return_tiles" in bad.json()["error"]["message"]
