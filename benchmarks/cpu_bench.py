@@ -203,10 +203,16 @@ def measure_in_process(version_dir: Path, workload: Workload, args: argparse.Nam
 
 # ----- daemon
 
-def measure_daemon(models_dir: Path, model: str, max_batch_size: int, workload: Workload,
+# The --max-batch-size of each daemon setup; "batching" uses the best in-process size (or --max-batch-size).
+SETUP_BATCH: dict[str, int | None] = {"default": None, "mbs1": 1}
+
+def measure_daemon(models_dir: Path, model: str, max_batch_size: int | None, workload: Workload,
                    args: argparse.Namespace, log_path: Path) -> list[dict[str, Any]]:
-    """Start the daemon with ``--max-batch-size``, run every concurrency level, stop it. Returns bench levels."""
-    flags = ["--device", args.device, "--no-watch", "--max-batch-size", str(max_batch_size)]
+    """Start the daemon with ``--max-batch-size`` (None: default settings, the cap autotuned at load), run every
+    concurrency level, stop it. Returns bench levels."""
+    flags = ["--device", args.device, "--no-watch"]
+    if max_batch_size is not None:
+        flags += ["--max-batch-size", str(max_batch_size)]
     with DaemonProcess(models_dir, log_path, *flags) as daemon:
         options = BenchOptions(target=daemon.target, model=model, top_k=1, concurrency=tuple(args.concurrency),
                                warmup_s=args.warmup, duration_s=args.duration, processes=args.client_processes,
@@ -231,10 +237,11 @@ def model_section(model: str, inproc: InProcess, daemon: dict[str, list[dict[str
              fmt(float(np.median(single)), 2), fmt(float(np.percentile(single, 99)), 2), 1, "–",
              f"{1000 / single.mean() / limit:.0%}"]]
     for setup, levels in daemon.items():
-        size = batch_used if setup == "batching" else 1
+        size = SETUP_BATCH.get(setup, batch_used)
+        label = "daemon, default settings (cap autotuned)" if size is None else f"daemon, max_batch_size {size}"
         for level in levels:
             lat = level["latency_ms"]
-            rows.append([f"daemon, max_batch_size {size}", size, level["concurrency"], fmt(level["throughput"]),
+            rows.append([label, "auto" if size is None else size, level["concurrency"], fmt(level["throughput"]),
                          fmt(lat["p50"], 2), fmt(lat["p99"], 2), fmt(level["mean_batch_size"]),
                          _server_ms(level["server_mean_us"]), f"{level['throughput'] / limit:.0%}"])
     table = markdown_table(["setup", "max batch", "concurrency", "img/s", "p50 ms", "p99 ms", "mean batch",
@@ -276,6 +283,11 @@ def target_lines(inproc: InProcess, daemon: dict[str, list[dict[str, Any]]]) -> 
             ratio = batching[top]["throughput"] / unbatched[top]["throughput"]
             lines.append(f"- concurrency {top}: batching gives {ratio:.2f}× the throughput of max_batch_size = 1 "
                          f"(target > 1)")
+    default = {level["concurrency"]: level for level in daemon.get("default", [])}
+    if default:
+        top = max(default)
+        lines.append(f"- concurrency {top}, default settings (cap autotuned at load): the daemon reaches "
+                     f"{default[top]['throughput'] / inproc.limit:.0%} of the in-process limit (issue 8 target ≥ 95%)")
     return lines
 
 
@@ -308,7 +320,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         help="preprocessing threads of the in-process pipeline; 1 = sequential (default)")
     parser.add_argument("--max-batch-size", default="auto",
                         help="daemon --max-batch-size for the batching run: auto = best in-process batch size")
-    parser.add_argument("--setups", default="batching,mbs1", help="daemon runs: batching, mbs1 (max_batch_size 1)")
+    parser.add_argument("--setups", default="default,batching,mbs1",
+                        help="daemon runs: default (no batch flags: the cap is autotuned at load), batching "
+                             "(--max-batch-size), mbs1 (max_batch_size 1)")
     parser.add_argument("--warmup", type=float, default=2.0, help="seconds of warm-up per level (default: 2)")
     parser.add_argument("--duration", type=float, default=8.0, help="measured seconds per level (default: 8)")
     parser.add_argument("--client-processes", type=int, default=1, help="bench client processes (default: 1)")
@@ -334,8 +348,8 @@ def main(argv: list[str] | None = None) -> int:
             batch = inproc.best_batch if args.max_batch_size == "auto" else int(args.max_batch_size)
             daemon = {}
             for setup in [s.strip() for s in args.setups.split(",") if s.strip()]:
-                size = batch if setup == "batching" else 1
-                _progress(f"{model}: daemon, max_batch_size {size}")
+                size = SETUP_BATCH.get(setup, batch)
+                _progress(f"{model}: daemon, max_batch_size {size or 'autotuned'}")
                 daemon[setup] = measure_daemon(models_dir, model, size, workload, args,
                                                Path(tmp) / f"{model}-{setup}.log")
             text, record = model_section(model, inproc, daemon, batch)
