@@ -16,7 +16,6 @@ Every image of a request is classified as its own call, so they batch with all o
 from __future__ import annotations
 
 import asyncio
-import struct
 from dataclasses import dataclass
 from typing import Any
 
@@ -35,6 +34,7 @@ from server.http_api import (
     timeout_field,
 )
 from server.manager import ModelRecord, VersionRecord, VersionState
+from server.oip_tensors import split_bytes_elements
 from server.preprocess import RawTensor
 from server.service import ClassifyCall, ClassifyResult
 
@@ -61,21 +61,6 @@ async def read_infer_body(request: web.Request, limit: int) -> tuple[dict[str, A
     if not isinstance(document, dict):
         raise errors.InvalidInput("inference request must be a JSON object with 'inputs'")
     return document, body[size:]
-
-
-def split_bytes_elements(raw: bytes) -> list[bytes]:
-    """Binary BYTES data: each element is a 4-byte little-endian length followed by that many bytes."""
-    elements, offset = [], 0
-    while offset < len(raw):
-        if offset + 4 > len(raw):
-            raise errors.InvalidInput("binary BYTES data ends inside an element's 4-byte length")
-        (length,) = struct.unpack_from("<I", raw, offset)
-        offset += 4
-        if offset + length > len(raw):
-            raise errors.InvalidInput(f"binary BYTES element of {length} bytes runs past the end of the data")
-        elements.append(raw[offset:offset + length])
-        offset += length
-    return elements
 
 
 def _flatten(data: Any) -> list[Any]:
