@@ -11,6 +11,7 @@ import sys
 from pathlib import Path
 
 from server.autotune import DEFAULT_BUDGET_S
+from server.host import default_workers
 from server.logs import LOG_FORMATS, configure_logging
 from server.workers import run_workers
 
@@ -57,8 +58,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--log-level", default="INFO")
     parser.add_argument("--port-file", type=Path,
                         help="once serving, write the bound port (useful with --port 0) to this file")
-    parser.add_argument("--workers", type=int, default=1,
-                        help="server processes sharing the port, each with its own batchers and models (default: 1)")
+    parser.add_argument("--workers", type=_workers, default=1,
+                        help="server processes sharing the port, each with its own batchers and models; 'auto' = "
+                             "the host rule of docs/batching.md (one per core on a CPU, cores // 4 on a GPU) "
+                             "(default: 1)")
     parser.add_argument("--reuse-port", action="store_true",
                         help="listen with SO_REUSEPORT so other processes may serve the same port (implied by "
                              "--workers)")
@@ -83,6 +86,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         parser.error("--http-port must be from 0 to 65535")
     if args.settle_seconds < 0:
         parser.error("--settle-seconds must be >= 0")
+    if args.workers == "auto":
+        args.workers = default_workers(_device_type(args.device))
     if args.workers < 1:
         parser.error("--workers must be at least 1")
     if args.workers > 1 and args.http_port == 0:
@@ -90,6 +95,17 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     if args.max_connection_age_seconds < 0:
         parser.error("--max-connection-age-seconds must be >= 0")
     return args
+
+
+def _workers(text: str) -> int | str:
+    return "auto" if text == "auto" else int(text)
+
+
+def _device_type(device: str) -> str:
+    """cuda or cpu, without importing torch (the parent of --workers never loads it)."""
+    if device.startswith("cuda") or (device == "auto" and Path("/dev/nvidia0").exists()):
+        return "cuda"
+    return "cpu"
 
 
 def _add_production_flags(parser: argparse.ArgumentParser) -> None:

@@ -170,15 +170,15 @@ class ModelManager:
         if record is None or record.removed:
             record = self._models[name] = ModelRecord(name, directory)
         async with record.lock:
-            wait, kept = await self._load_newest(record, settle, force)
+            on_disk = await asyncio.to_thread(version_numbers, record.directory)  # slow on network filesystems
+            wait, kept = await self._load_newest(record, on_disk, settle, force)
             if wait == 0.0 or not any(v.state is VersionState.READY for v in record.versions.values()):
-                self._retire_all_but(record, kept)
+                self._retire_all_but(record, kept, set(on_disk))
         self.default_model = self._choose_default()
         return wait
 
-    async def _load_newest(self, record: ModelRecord, settle: SettleTracker | None,
+    async def _load_newest(self, record: ModelRecord, on_disk: list[int], settle: SettleTracker | None,
                            force: bool) -> tuple[float, set[int]]:
-        on_disk = await asyncio.to_thread(version_numbers, record.directory)
         if not on_disk:
             log.error("model %s: no version directories (expected %s/<N>/)", record.name, record.directory)
         wait, kept, keep = 0.0, set(), 1
@@ -287,8 +287,7 @@ class ModelManager:
 
     # ----- retiring and removing
 
-    def _retire_all_but(self, record: ModelRecord, kept: set[int]) -> None:
-        on_disk = set(version_numbers(record.directory))
+    def _retire_all_but(self, record: ModelRecord, kept: set[int], on_disk: set[int]) -> None:
         for number, entry in list(record.versions.items()):
             if number in kept:
                 continue

@@ -79,6 +79,3 @@ class SettleTracker:
         newest = max((mtime for _, _, mtime in current), default=0) / 1e9
         quiet_for = time.time() - newest
         return max(0.0, self.settle_s - stable_for, self.settle_s - quiet_for)
-
-    def forget(self, key: tuple[str, int]) -> None:
-        self._seen.pop(key, None)

@@ -122,3 +122,12 @@ def test_a_busy_port_is_an_error_without_reuse_port(tmp_path: Path) -> None:
         daemon = DaemonProcess(REPO / "models", tmp_path, "--workers", "2", port=port).start()
         assert daemon.process is not None and daemon.process.wait(60) == 2
         assert f"cannot listen on 127.0.0.1:{port}: Address already in use" in daemon.log()
+
+
+def test_workers_auto_applies_the_host_rule_without_loading_torch() -> None:
+    from server.__main__ import parse_args
+    from server.host import default_workers
+
+    assert parse_args(["--workers", "auto", "--device", "cpu"]).workers == default_workers("cpu")
+    assert parse_args(["--workers", "auto", "--device", "cuda"]).workers == default_workers("cuda")
+    assert parse_args([]).workers == 1
