@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
@@ -41,5 +42,19 @@ def test_apply_sets_and_returns_the_thread_count() -> None:
         assert host.apply_torch_threads(1) == 1
         assert torch.get_num_threads() == 1
         assert host.apply_torch_threads(None, workers=1) == host.default_torch_threads(1)
+    finally:
+        torch.set_num_threads(before)
+
+
+def test_loader_thread_runs_torch_alone_and_leaves_the_process_count_alone() -> None:
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        with ThreadPoolExecutor(1, initializer=host.keep_torch_on_one_thread) as loader:
+            # torch's count on a thread is its OpenMP setting: the size of the team a parallel op there would start
+            assert loader.submit(torch.get_num_threads).result() == 1
+        assert torch.get_num_threads() == 2
+        with ThreadPoolExecutor(1) as other:  # threads started later still get the process-wide count
+            assert other.submit(torch.get_num_threads).result() == 2
     finally:
         torch.set_num_threads(before)
