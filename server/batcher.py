@@ -218,7 +218,8 @@ class Batcher(Generic[T, R]):
     takes every item already waiting up to ``max_batch_size`` and, when
     ``max_delay_s > 0`` and the batch is not full, keeps collecting until the
     first item's submit time plus ``max_delay_s``. Batches are computed one at a
-    time, so items arriving during a computation make up the next batch. With a
+    time (or up to ``max_concurrent_batches`` at a time), so items arriving during a
+    computation make up the next batch. With a
     ``policy``, the policy decides admission, the wait and the batch size instead
     (``max_delay_s`` is then unused; ``max_batch_size`` stays the upper bound).
     """
@@ -233,11 +234,13 @@ class Batcher(Generic[T, R]):
         clock: Clock | None = None,
         name: str = "batcher",
         policy: BatchPolicy | None = None,
+        max_concurrent_batches: int = 1,
     ) -> None:
         """Configure the batcher; nothing runs until :meth:`start`.
 
-        Raises ValueError for ``max_batch_size < 1``, ``max_delay_s < 0`` or
-        ``max_queue < 1``.
+        ``max_concurrent_batches > 1`` lets the next batch be formed and handed to the handler while earlier ones
+        are still being computed (a GPU handler prepares and copies it meanwhile). Raises ValueError for
+        ``max_batch_size < 1``, ``max_delay_s < 0``, ``max_queue < 1`` or ``max_concurrent_batches < 1``.
         """
         self._handler = handler
         self._max_batch_size = _check_batch_size(max_batch_size)
@@ -246,7 +249,13 @@ class Batcher(Generic[T, R]):
         self._clock: Clock = clock if clock is not None else SystemClock()
         self._name = name
         self._policy = policy
-        self._busy: tuple[int, float] | None = None  # (size, dispatch time) of the batch being computed
+        if isinstance(max_concurrent_batches, bool) or not isinstance(max_concurrent_batches, int) \
+                or max_concurrent_batches < 1:
+            raise ValueError(f"max_concurrent_batches must be an int >= 1, got {max_concurrent_batches!r}")
+        self._max_concurrent = max_concurrent_batches
+        # (size, dispatch time) of every batch being computed, oldest first
+        self._busy: deque[tuple[int, float]] = deque()
+        self._in_flight: set[asyncio.Task[None]] = set()
         self._queue: deque[_Entry[T, R]] = deque()
         # Set on every change the worker may be waiting for: an arrival, a
         # configure() or aclose().
@@ -373,7 +382,7 @@ class Batcher(Generic[T, R]):
     def _state(self) -> QueueState:
         now = self._clock.now()
         oldest = now - self._queue[0].submitted if self._queue else 0.0
-        size, since = self._busy if self._busy is not None else (0, now)
+        size, since = self._busy[0] if self._busy else (0, now)
         return QueueState(now, len(self._queue), oldest, size, now - since, self._max_batch_size)
 
     def _consult(self, method: str, fallback: object, *args: object,
@@ -397,18 +406,33 @@ class Batcher(Generic[T, R]):
                 future.set_exception(exc)
 
     async def _run(self) -> None:
-        while await self._wait_for_batch():
-            now = self._clock.now()
-            batch = self._take(now, self._take_limit())
-            self._busy = (len(batch), now)
-            try:
-                await self._dispatch(batch, now)
-            except Exception as exc:
-                # Only a batcher bug gets here; its callers must not hang on it.
-                logger.exception("%s: delivering a batch failed", self._name)
-                self._fail_all(batch, exc)
-            finally:
-                self._busy = None
+        try:
+            while await self._wait_for_batch():
+                now = self._clock.now()
+                batch = self._take(now, self._take_limit())
+                if self._max_concurrent == 1:
+                    await self._dispatch_tracked(batch, now)
+                    continue
+                task = asyncio.ensure_future(self._dispatch_tracked(batch, now))
+                self._in_flight.add(task)
+                task.add_done_callback(self._in_flight.discard)
+                if len(self._in_flight) >= self._max_concurrent:
+                    await asyncio.wait(self._in_flight, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            if self._in_flight:  # closing: the batches already handed over still complete
+                await asyncio.gather(*self._in_flight, return_exceptions=True)
+
+    async def _dispatch_tracked(self, batch: list[_Entry[T, R]], now: float) -> None:
+        busy = (len(batch), now)
+        self._busy.append(busy)
+        try:
+            await self._dispatch(batch, now)
+        except Exception as exc:
+            # Only a batcher bug gets here; its callers must not hang on it.
+            logger.exception("%s: delivering a batch failed", self._name)
+            self._fail_all(batch, exc)
+        finally:
+            self._busy.remove(busy)
 
     def _take_limit(self) -> int:
         if self._policy is None or self._closing:

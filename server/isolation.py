@@ -17,9 +17,12 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from server.staging import StagedBatch
+
 log = logging.getLogger("classifyd.isolation")
 
-Predict = Callable[[Sequence[np.ndarray]], np.ndarray]
+Batch = Sequence[np.ndarray] | StagedBatch
+Predict = Callable[[Batch], np.ndarray]
 
 
 @dataclass(frozen=True)
@@ -41,7 +44,7 @@ def is_out_of_memory(exc: BaseException) -> bool:
     return isinstance(exc, torch.cuda.OutOfMemoryError)
 
 
-def predict_splitting_on_oom(predict: Predict, arrays: Sequence[np.ndarray],
+def predict_splitting_on_oom(predict: Predict, arrays: Batch,
                              splits: list[int]) -> list[np.ndarray | BaseException]:
     """One probability row per array; on out-of-memory, free cached memory and predict each half the same way.
 

@@ -21,6 +21,7 @@ from torch import nn
 from server.autotune import BatchCurve
 from server.manifest import Manifest
 from server.precision import autocast, effective_precision
+from server.staging import StagedBatch, Stager
 
 T = TypeVar("T")
 log = logging.getLogger("classifyd.models")
@@ -86,6 +87,7 @@ class LoadedVersion:
         self.precision, self.precision_note = effective_precision(self.manifest.precision, self.device)
         if self.precision_note:
             log.warning("model %s version %d: %s", self.name, self.version, self.precision_note)
+        self._stager = Stager(self.device)
         self._lock = threading.Lock()
         self._leases = 0
         self._idle = asyncio.Event()
@@ -111,17 +113,24 @@ class LoadedVersion:
     def labels(self) -> tuple[str, ...]:
         return self.manifest.labels
 
-    def predict(self, arrays: Sequence[np.ndarray]) -> np.ndarray:
-        """Scores, one row per ``H x W x C`` input array: softmax probabilities, or per-label sigmoids for
-        ``activation = "sigmoid"``. Runs under autocast at the version's precision. Blocks; raises
-        OutputShapeError."""
+    def stage(self, arrays: Sequence[np.ndarray]) -> StagedBatch:
+        """Stack a batch's arrays and, on CUDA, start copying them to the device from pinned memory (see
+        server/staging.py). Blocks on the copy into host memory; call it from the preprocessing pool, not the
+        event loop. Raises ValueError for arrays of different shapes."""
+        return self._stager.stage(arrays, self.max_batch_size)
+
+    def predict(self, inputs: Sequence[np.ndarray] | StagedBatch) -> np.ndarray:
+        """Scores, one row per ``H x W x C`` input array (or per image of a staged batch): softmax
+        probabilities, or per-label sigmoids for ``activation = "sigmoid"``. Runs under autocast at the
+        version's precision. Blocks; raises OutputShapeError."""
         with self._lock, torch.inference_mode():
             if self.released:
                 raise RuntimeError(f"model {self.name} version {self.version} was already released")
-            batch = self._to_tensor(arrays)
+            staged = inputs if isinstance(inputs, StagedBatch) else self._stager.stage(inputs, self.max_batch_size)
+            batch = self._normalize(staged.wait())
             with autocast(self.precision, self.device):
                 logits = self.module(batch)
-            self._check_output(logits, len(arrays))
+            self._check_output(logits, len(staged))
             if self.manifest.activation == "sigmoid":
                 return torch.sigmoid(logits.float()).cpu().numpy()
             return torch.softmax(logits.float(), dim=1).cpu().numpy()
@@ -152,14 +161,11 @@ class LoadedVersion:
                 return ""
         return ""
 
-    def _to_tensor(self, arrays: Sequence[np.ndarray]) -> torch.Tensor:
-        if all(a.dtype == np.uint8 for a in arrays):
-            stacked = torch.from_numpy(np.stack(arrays)).to(self.device, non_blocking=True)
-            batch = stacked.permute(0, 3, 1, 2).float().div_(255.0)
-        else:
-            floats = [a.astype(np.float32) / 255.0 if a.dtype == np.uint8 else a for a in arrays]
-            batch = torch.from_numpy(np.stack(floats)).to(self.device).permute(0, 3, 1, 2)
-        batch = batch.sub_(self._mean).mul_(self._inv_std) if batch.is_contiguous() else \
+    def _normalize(self, stacked: torch.Tensor) -> torch.Tensor:
+        """``N x H x W x C`` uint8 (or float 0..1) → normalised ``N x C x H x W`` float in the model's layout."""
+        batch = stacked.permute(0, 3, 1, 2)
+        batch = batch.float().div_(255.0) if batch.dtype == torch.uint8 else batch.float()
+        batch = batch.sub_(self._mean).mul_(self._inv_std) if batch.data_ptr() != stacked.data_ptr() else \
             (batch - self._mean) * self._inv_std
         layout = torch.channels_last if self.manifest.channels_last else torch.contiguous_format
         return batch.contiguous(memory_format=layout)

@@ -39,6 +39,7 @@ from server.manifest import InputSpec
 from server.outputs import Prediction, reduce_tiles, select
 from server.preprocess import MAX_PIXELS, Box, RawTensor, preprocess, preprocess_tiles
 from server.runtime import InferenceThread, LoadedVersion
+from server.staging import StagedBatch
 
 log = logging.getLogger("classifyd.service")
 # Called on the event loop for every answered request: (model, version, batch_size, latency_s). Must not block.
@@ -251,8 +252,10 @@ class ClassifierService:
         limits = {"max_batch_size": version.max_batch_size, "max_delay_s": version.max_delay_ms / 1000.0,
                   "max_queue": version.max_queue, "policy": self._policy_for(version)}
         if batcher is None:
+            # On CUDA the next batch is staged (stacked, copied to the device) while the current one computes.
             batcher = batching.Batcher(lambda items, name=version.name: self._run_batch(name, items),
-                                       name=f"model {version.name}", **limits)
+                                       name=f"model {version.name}",
+                                       max_concurrent_batches=2 if version.device.type == "cuda" else 1, **limits)
             batcher.start()
             self._batchers[version.name] = batcher
         elif (batcher.max_batch_size, batcher.max_delay_s, batcher.max_queue, batcher.policy) != \
@@ -308,8 +311,8 @@ class ClassifierService:
         splits: list[int] = []
         started = time.perf_counter()
         try:
-            arrays = await self._arrays_for(version, items)
-            rows = await self._inference.run(predict_splitting_on_oom, version.predict, arrays, splits)
+            batch = await self._staged(version, await self._arrays_for(version, items))
+            rows = await self._inference.run(predict_splitting_on_oom, version.predict, batch, splits)
         except Exception as exc:  # noqa: BLE001 - fails this group only; FailureLog logs model errors
             rows = [exc] * len(items)
         if not all(isinstance(row, ClassifydError) for row in rows):
@@ -341,6 +344,13 @@ class ClassifierService:
                 listener(report)
             except Exception:
                 log.exception("batch listener failed")
+
+    async def _staged(self, version: LoadedVersion, arrays: list[np.ndarray]) -> list[np.ndarray] | StagedBatch:
+        """On CUDA, the batch stacked into pinned memory and on its way to the device, staged in the
+        preprocessing pool; on the CPU the arrays as they are (stacking them there would only add a thread hop)."""
+        if version.device.type != "cuda":
+            return arrays
+        return await asyncio.get_running_loop().run_in_executor(self._pool, version.stage, arrays)
 
     async def _arrays_for(self, version: LoadedVersion, items: list[_Item]) -> list[np.ndarray]:
         """Input arrays for ``version``; an item preprocessed for another input spec (a swap) is redone."""

@@ -604,3 +604,89 @@ def test_system_clock_smoke() -> None:
         await batcher.aclose()
 
     run(body)
+
+
+class PerBatchGates:
+    """Every call blocks on a gate of its own (``gates[i]`` for the i-th batch), so batches finish in any order."""
+
+    def __init__(self) -> None:
+        self.batches: list[list[Any]] = []
+        self.gates: list[asyncio.Event] = []
+
+    async def __call__(self, items: list[Any]) -> list[Any]:
+        self.batches.append(list(items))
+        gate = asyncio.Event()
+        self.gates.append(gate)
+        await gate.wait()
+        return [x * 10 for x in items]
+
+
+def test_next_batch_is_handed_over_while_the_first_computes_with_two_in_flight() -> None:
+    async def body() -> None:
+        handler = PerBatchGates()
+        batcher: Batcher[Any, Any] = Batcher(handler, clock=FakeClock(), max_batch_size=4, max_concurrent_batches=2)
+        batcher.start()
+        first = spawn(batcher, 1)
+        await settle()
+        second = spawn(batcher, 2, 3)
+        await settle()
+        assert handler.batches == [[1], [2, 3]]  # formed and handed over while [1] is still computing
+        third = spawn(batcher, 4)
+        await settle()
+        assert handler.batches == [[1], [2, 3]]  # two in flight: the third waits for a free slot
+        assert batcher.queue_depth == 1
+        handler.gates[1].set()  # the second batch finishes first
+        assert [r.value for r in await asyncio.gather(*second)] == [20, 30]
+        await settle()
+        assert handler.batches == [[1], [2, 3], [4]]
+        handler.gates[0].set()
+        handler.gates[2].set()
+        assert [r.value for r in await asyncio.gather(*first, *third)] == [10, 40]
+        await batcher.aclose()
+
+    run(body)
+
+
+def test_one_batch_at_a_time_by_default() -> None:
+    async def body() -> None:
+        handler = PerBatchGates()
+        batcher = make(handler, max_batch_size=4)  # type: ignore[arg-type]
+        first = spawn(batcher, 1)
+        await settle()
+        second = spawn(batcher, 2, 3)
+        await settle()
+        assert handler.batches == [[1]]
+        handler.gates[0].set()
+        await settle()
+        assert handler.batches == [[1], [2, 3]]
+        handler.gates[1].set()
+        assert [r.value for r in await asyncio.gather(*first, *second)] == [10, 20, 30]
+        await batcher.aclose()
+
+    run(body)
+
+
+def test_closing_waits_for_every_batch_in_flight() -> None:
+    async def body() -> None:
+        handler = PerBatchGates()
+        batcher: Batcher[Any, Any] = Batcher(handler, clock=FakeClock(), max_batch_size=1, max_concurrent_batches=2)
+        batcher.start()
+        tasks = spawn(batcher, 1, 2)
+        await settle()
+        closing = asyncio.ensure_future(batcher.aclose())
+        await settle()
+        assert not closing.done()
+        handler.gates[1].set()
+        await settle()
+        assert not closing.done()  # the first batch is still computing
+        handler.gates[0].set()
+        await closing
+        assert [r.value for r in await asyncio.gather(*tasks)] == [10, 20]
+
+    run(body)
+
+
+@pytest.mark.parametrize("value", [0, -1, 1.5, True])
+def test_max_concurrent_batches_must_be_a_positive_int(value: Any) -> None:
+    with pytest.raises(ValueError, match="max_concurrent_batches"):
+        Batcher(echo, max_batch_size=1, max_concurrent_batches=value)
