@@ -21,9 +21,11 @@ from __future__ import annotations
 import argparse
 import gc
 import json
+import shlex
 import sys
 import tempfile
 import time
+import tomllib
 from collections.abc import Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -36,10 +38,10 @@ import torch
 from benchmarks.support import DaemonProcess, facts_block, fmt, markdown_table, run_facts, write_torchvision_model
 from client.api import image_request, tensor_request
 from client.bench import BenchOptions, Payloads, parse_size, run_benchmark, synthetic_jpeg
+from server.loading import build_for_serving
 from server.manifest import load_manifest
 from server.preprocess import RawTensor, preprocess
 from server.runtime import LoadedVersion
-from server.weights import build_model
 
 Input = bytes | RawTensor
 
@@ -97,9 +99,9 @@ class InProcess:
 
 
 def load_version(version_dir: Path, device: str, max_batch_size: int) -> LoadedVersion:
-    """The daemon's own loading path: manifest, strict weights, module on the device."""
+    """The daemon's own loading path: manifest, strict weights, module on the device in the manifest's layout."""
     manifest = load_manifest(version_dir)
-    module = build_model(version_dir, manifest).to(device)
+    module, manifest = build_for_serving(version_dir, manifest, torch.device(device))
     return LoadedVersion(name=version_dir.parent.name, version=1, manifest=manifest, module=module,
                          device=torch.device(device), max_batch_size=max_batch_size, max_delay_ms=0.0)
 
@@ -210,7 +212,7 @@ def measure_daemon(models_dir: Path, model: str, max_batch_size: int | None, wor
                    args: argparse.Namespace, log_path: Path) -> list[dict[str, Any]]:
     """Start the daemon with ``--max-batch-size`` (None: default settings, the cap autotuned at load), run every
     concurrency level, stop it. Returns bench levels."""
-    flags = ["--device", args.device, "--no-watch"]
+    flags = ["--device", args.device, "--no-watch", *shlex.split(args.daemon_flags)]
     if max_batch_size is not None:
         flags += ["--max-batch-size", str(max_batch_size)]
     with DaemonProcess(models_dir, log_path, *flags) as daemon:
@@ -302,6 +304,20 @@ def _ints(text: str) -> list[int]:
     return values
 
 
+def manifest_tables(settings: list[str]) -> dict[str, dict[str, Any]]:
+    """``["precision=\"bf16\"", "input.decode=\"device\""]`` → ``{"top": {...}, "input_table": {...}}``."""
+    tables: dict[str, dict[str, Any]] = {"top": {}, "input_table": {}}
+    for setting in settings:
+        key, _, value = setting.partition("=")
+        try:
+            parsed = tomllib.loads(f"v = {value}")["v"]
+        except tomllib.TOMLDecodeError:
+            parsed = value  # a bare word: a string
+        table, _, name = key.strip().rpartition(".")
+        tables["input_table" if table == "input" else "top"][name] = parsed
+    return tables
+
+
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="python -m benchmarks.cpu_bench", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -326,6 +342,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--warmup", type=float, default=2.0, help="seconds of warm-up per level (default: 2)")
     parser.add_argument("--duration", type=float, default=8.0, help="measured seconds per level (default: 8)")
     parser.add_argument("--client-processes", type=int, default=1, help="bench client processes (default: 1)")
+    parser.add_argument("--manifest", action="append", default=[], metavar="KEY=VALUE",
+                        help="a manifest setting for the benchmarked model, TOML value, e.g. precision=\"bf16\", "
+                             "channels_last=true, input.decode=\"device\" (repeatable)")
+    parser.add_argument("--daemon-flags", default="", help="extra flags for python -m server, e.g. '--workers 4'")
     parser.add_argument("--markdown", type=Path, help="append the results section to this Markdown file")
     parser.add_argument("--json", type=Path, help="write every figure as JSON to this file")
     parser.add_argument("--title", default="", help="heading of the Markdown section")
@@ -342,7 +362,7 @@ def main(argv: list[str] | None = None) -> int:
     with tempfile.TemporaryDirectory(prefix="classifyd-bench-") as tmp:
         for model in [m.strip() for m in args.models.split(",") if m.strip()]:
             models_dir = Path(tmp) / model / "models"
-            version_dir = write_torchvision_model(models_dir, model, seed=0)
+            version_dir = write_torchvision_model(models_dir, model, seed=0, **manifest_tables(args.manifest))
             _progress(f"{model}: in-process, {workload.description}")
             inproc = measure_in_process(version_dir, workload, args)
             batch = inproc.best_batch if args.max_batch_size == "auto" else int(args.max_batch_size)

@@ -70,9 +70,9 @@ class DaemonProcess:
 
 
 def manifest_text(architecture: str, *, input_table: dict[str, Any] | None = None,
-                  batching: dict[str, Any] | None = None) -> str:
-    """A model.toml with an architecture and optional [input] and [batching] tables."""
-    lines = [f'architecture = "{architecture}"']
+                  batching: dict[str, Any] | None = None, top: dict[str, Any] | None = None) -> str:
+    """A model.toml with an architecture, optional top-level keys (``top``) and [input] and [batching] tables."""
+    lines = [f'architecture = "{architecture}"'] + [f"{k} = {_toml(v)}" for k, v in (top or {}).items()]
     for name, table in (("input", input_table), ("batching", batching)):
         if table:
             lines += ["", f"[{name}]"] + [f"{k} = {_toml(v)}" for k, v in table.items()]
@@ -80,6 +80,8 @@ def manifest_text(architecture: str, *, input_table: dict[str, Any] | None = Non
 
 
 def _toml(value: Any) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
     if isinstance(value, str):
         return f'"{value}"'
     if isinstance(value, list | tuple):
@@ -102,11 +104,14 @@ def torchvision_weights(arch: str, path: Path, *, seed: int, num_classes: int = 
 
 
 def write_torchvision_model(models_dir: Path, arch: str, *, seed: int = 0, num_classes: int = 1000,
-                            batching: dict[str, Any] | None = None) -> Path:
-    """``models_dir/<arch>/`` with a manifest, ``num_classes`` labels and version 1. Returns the version dir."""
+                            batching: dict[str, Any] | None = None, top: dict[str, Any] | None = None,
+                            input_table: dict[str, Any] | None = None) -> Path:
+    """``models_dir/<arch>/`` with a manifest (``top``-level keys, ``[input]`` and ``[batching]`` tables as
+    given), ``num_classes`` labels and version 1. Returns the version dir."""
     model_dir = models_dir / arch
     model_dir.mkdir(parents=True, exist_ok=True)
-    (model_dir / "model.toml").write_text(manifest_text(f"torchvision:{arch}", batching=batching), encoding="utf-8")
+    manifest = manifest_text(f"torchvision:{arch}", batching=batching, top=top, input_table=input_table)
+    (model_dir / "model.toml").write_text(manifest, encoding="utf-8")
     (model_dir / "labels.txt").write_text("".join(f"class{i}\n" for i in range(num_classes)), encoding="utf-8")
     torchvision_weights(arch, model_dir / "1" / "model.safetensors", seed=seed, num_classes=num_classes)
     return model_dir / "1"

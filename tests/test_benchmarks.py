@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from benchmarks import swap_bench
+from benchmarks import cpu_bench, swap_bench
 
 
 def test_swap_bench_publishes_a_version_under_load_without_failed_requests(
@@ -30,3 +30,29 @@ def test_swap_bench_publishes_a_version_under_load_without_failed_requests(
     text = markdown.read_text(encoding="utf-8")
     assert "| steady |" in text and "| during swaps |" in text and "Failed requests over the whole run: 0" in text
     assert "publish → ready" in capsys.readouterr().out
+
+
+def test_cpu_bench_at_its_smallest_runs_the_model_as_the_manifest_settings_say(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    out = tmp_path / "cpu.json"
+    code = cpu_bench.main(["--models", "mobilenet_v3_small", "--payloads", "2", "--size", "64x48",
+                           "--batch-sizes", "1,2", "--inproc-seconds", "0.2", "--inproc-warmup", "0.1",
+                           "--concurrency", "2", "--setups", "batching", "--warmup", "0.2", "--duration", "0.5",
+                           "--manifest", "channels_last=true", "--manifest", "input.resize=64",
+                           "--manifest", "input.size=[56, 56]", "--json", str(out)])
+    assert code == 0
+    record = json.loads(out.read_text(encoding="utf-8"))
+    (model,) = record["models"]
+    assert set(model["in_process"]["pipeline"]) == {"1", "2"}
+    (level,) = model["daemon"]["batching"]
+    assert level["requests"] > 0 and level["errors"] == {}
+    assert "mobilenet_v3_small" in capsys.readouterr().out
+
+
+def test_manifest_settings_from_the_command_line_parse_as_toml_values() -> None:
+    assert cpu_bench.manifest_tables(['precision="bf16"', "channels_last=true", "input.decode=device",
+                                      "input.size=[56, 56]"]) == {
+        "top": {"precision": "bf16", "channels_last": True},
+        "input_table": {"decode": "device", "size": [56, 56]},
+    }
