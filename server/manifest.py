@@ -18,6 +18,7 @@ WEIGHT_SUFFIXES = (".safetensors", ".pt", ".pth", ".ts", ".pt2")
 COLOR_CHANNELS = {"L": 1, "RGB": 3, "RGBA": 4}
 INTERPOLATIONS = ("nearest", "bilinear", "bicubic", "lanczos", "box", "hamming")
 CROPS = ("center", "none")
+DECODES = ("auto", "cpu", "device")
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 ACTIVATIONS = ("softmax", "sigmoid")
@@ -29,7 +30,7 @@ _LANG_FILE = re.compile(r"^labels\.([A-Za-z]{2,8}(?:[-_][A-Za-z0-9]{1,8})*)\.txt
 _TOP_KEYS = {"architecture", "num_classes", "weights", "top_k", "default", "model_args", "input", "batching",
              "description", "keep_versions", "min_accuracy", "activation", "threshold", "thresholds", "precision",
              "channels_last", "tiling"}
-_INPUT_KEYS = {"color", "size", "resize", "crop", "mean", "std", "interpolation", "fill_alpha"}
+_INPUT_KEYS = {"color", "size", "resize", "crop", "mean", "std", "interpolation", "fill_alpha", "decode"}
 _BATCHING_KEYS = {"max_batch_size", "max_delay_ms", "max_queue", "autotune", "autotune_budget_s",
                   "autotune_max_batch_size", "latency_target_ms"}
 _TILING_KEYS = {"tile", "stride", "reduce", "max_tiles"}
@@ -58,6 +59,9 @@ class InputSpec:
     std: tuple[float, ...] = IMAGENET_STD
     interpolation: str = "bilinear"
     fill_alpha: bool = False
+    decode: str = "auto"
+    """Where JPEGs are decoded: ``cpu`` (Pillow, preprocessing pool), ``device`` (torchvision on the model's
+    device) or ``auto`` (``device`` when that is CUDA); see :mod:`server.device_decode`."""
     explicit: frozenset[str] = frozenset()
     """The ``[input]`` keys the manifest sets; the others may be resolved from the architecture at load."""
     resolved_from: str = ""
@@ -305,6 +309,7 @@ def _parse_input(raw: dict[str, Any], path: Path) -> InputSpec:
         std=std,
         interpolation=_choice(raw, "interpolation", INTERPOLATIONS, "bilinear", path),
         fill_alpha=_get(raw, "fill_alpha", bool, path, default=False, key_prefix="input."),
+        decode=_choice(raw, "decode", DECODES, "auto", path),
         explicit=frozenset(raw),
     )
 

@@ -11,9 +11,11 @@ them in a thread pool. Every problem with the input raises
 
 from __future__ import annotations
 
+import contextlib
 import io
 import math
 import warnings
+from collections.abc import Iterator
 from dataclasses import dataclass
 
 import numpy as np
@@ -124,16 +126,33 @@ def _source_size(source: Source) -> tuple[int, int]:
 
 def decode_image(data: bytes, max_pixels: int = MAX_PIXELS) -> Image.Image:
     """Decode an encoded image, EXIF orientation applied. Raises InvalidInput."""
+    with _decode_errors():
+        image = open_image(data, max_pixels)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            image.load()
+        return ImageOps.exif_transpose(image) or image
+
+
+def open_image(data: bytes, max_pixels: int = MAX_PIXELS) -> Image.Image:
+    """Read an encoded image's header only (format, mode, size, EXIF), not its pixels, and check its format and
+    size against ``max_pixels``. Raises InvalidInput with the same messages as :func:`decode_image`."""
     if not data:
         raise InvalidInput("empty image: the request's image field has no bytes")
-    try:
+    with _decode_errors():
         with warnings.catch_warnings():
             # The daemon enforces its own, configurable pixel limit below; PIL's fixed one only as a backstop.
             warnings.simplefilter("ignore", Image.DecompressionBombWarning)
             image = Image.open(io.BytesIO(data))
-            _check_image(image, max_pixels)
-            image.load()
-        return ImageOps.exif_transpose(image) or image
+        _check_image(image, max_pixels)
+        return image
+
+
+@contextlib.contextmanager
+def _decode_errors() -> Iterator[None]:
+    """Whatever decoding an image raises becomes InvalidInput."""
+    try:
+        yield
     except InvalidInput:
         raise
     except (UnidentifiedImageError, Image.DecompressionBombError) as exc:
@@ -220,27 +239,36 @@ def _fit_band(image: Image.Image, spec: InputSpec) -> np.ndarray:
         if image.size != (spec.width, spec.height):
             image = image.resize((spec.width, spec.height), resample)
         return np.asarray(image)
-    # the same arithmetic as torchvision's Resize(resize) + CenterCrop, which most models were trained with
-    width, height = image.size
-    short, long = min(width, height), max(width, height)
-    scaled_long = spec.resize * long // short
-    scaled = (spec.resize, scaled_long) if width <= height else (scaled_long, spec.resize)
-    new_size = (max(spec.width, scaled[0]), max(spec.height, scaled[1]))
+    new_size = scaled_size(image.width, image.height, spec)
     if new_size[0] * new_size[1] > MAX_INTERMEDIATE_PIXELS:
         return np.asarray(_resize_crop_box(image, new_size, spec, resample))
     if new_size != image.size:
         image = image.resize(new_size, resample, reducing_gap=3.0)
-    left = round((image.width - spec.width) / 2.0)
-    top = round((image.height - spec.height) / 2.0)
+    left, top = crop_origin(image.width, image.height, spec)
     image = image.crop((left, top, left + spec.width, top + spec.height))
     return np.asarray(image)
+
+
+def scaled_size(width: int, height: int, spec: InputSpec) -> tuple[int, int]:
+    """``(width, height)`` an image is scaled to before the centre crop (``crop = "center"``): the shorter side to
+    ``resize``, each side at least the input size."""
+    # the same arithmetic as torchvision's Resize(resize) + CenterCrop, which most models were trained with
+    short, long = min(width, height), max(width, height)
+    scaled_long = spec.resize * long // short
+    scaled = (spec.resize, scaled_long) if width <= height else (scaled_long, spec.resize)
+    return max(spec.width, scaled[0]), max(spec.height, scaled[1])
+
+
+def crop_origin(width: int, height: int, spec: InputSpec) -> tuple[int, int]:
+    """``(left, top)`` of the centred input-size crop of an image of ``width x height``."""
+    return round((width - spec.width) / 2.0), round((height - spec.height) / 2.0)
 
 
 def _resize_crop_box(image: Image.Image, new_size: tuple[int, int], spec: InputSpec,
                      resample: Image.Resampling) -> Image.Image:
     """The centre crop of the image scaled to ``new_size``, resampling only the source region it covers."""
     sx, sy = new_size[0] / image.width, new_size[1] / image.height
-    left, top = round((new_size[0] - spec.width) / 2.0), round((new_size[1] - spec.height) / 2.0)
+    left, top = crop_origin(*new_size, spec)
     box = (left / sx, top / sy, (left + spec.width) / sx, (top + spec.height) / sy)
     return image.resize((spec.width, spec.height), resample, box=box)
 
