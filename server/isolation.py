@@ -17,11 +17,11 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from server.staging import StagedBatch
+from server.staging import Pixels, StagedBatch
 
 log = logging.getLogger("classifyd.isolation")
 
-Batch = Sequence[np.ndarray] | StagedBatch
+Batch = Sequence[Pixels] | StagedBatch
 Predict = Callable[[Batch], np.ndarray]
 
 

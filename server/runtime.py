@@ -21,7 +21,7 @@ from torch import nn
 from server.autotune import BatchCurve
 from server.manifest import Manifest
 from server.precision import autocast, effective_precision
-from server.staging import StagedBatch, Stager
+from server.staging import Pixels, StagedBatch, Stager
 
 T = TypeVar("T")
 log = logging.getLogger("classifyd.models")
@@ -113,13 +113,13 @@ class LoadedVersion:
     def labels(self) -> tuple[str, ...]:
         return self.manifest.labels
 
-    def stage(self, arrays: Sequence[np.ndarray]) -> StagedBatch:
-        """Stack a batch's arrays and, on CUDA, start copying them to the device from pinned memory (see
-        server/staging.py). Blocks on the copy into host memory; call it from the preprocessing pool, not the
-        event loop. Raises ValueError for arrays of different shapes."""
-        return self._stager.stage(arrays, self.max_batch_size)
+    def stage(self, inputs: Sequence[Pixels]) -> StagedBatch:
+        """Stack a batch's inputs and, on CUDA, start copying the arrays among them to the device from pinned
+        memory (see server/staging.py). Blocks on the copy into host memory; call it from the preprocessing pool
+        on CUDA, never from the event loop."""
+        return self._stager.stage(inputs, self.max_batch_size)
 
-    def predict(self, inputs: Sequence[np.ndarray] | StagedBatch) -> np.ndarray:
+    def predict(self, inputs: Sequence[Pixels] | StagedBatch) -> np.ndarray:
         """Scores, one row per ``H x W x C`` input array (or per image of a staged batch): softmax
         probabilities, or per-label sigmoids for ``activation = "sigmoid"``. Runs under autocast at the
         version's precision. Blocks; raises OutputShapeError."""

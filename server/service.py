@@ -19,12 +19,15 @@ from collections import defaultdict
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
+from typing import cast
 
 import numpy as np
+import torch
 
 from server import batcher as batching
 from server.admission import Admission, Ticket
 from server.batch_policy import LatencyTargetPolicy
+from server.device_decode import DeviceJpeg, decode_batch, probe, uses_device_decode
 from server.errors import (
     ClassifydError,
     DeadlineExpired,
@@ -39,7 +42,7 @@ from server.manifest import InputSpec
 from server.outputs import Prediction, reduce_tiles, select
 from server.preprocess import MAX_PIXELS, Box, RawTensor, preprocess, preprocess_tiles
 from server.runtime import InferenceThread, LoadedVersion
-from server.staging import StagedBatch
+from server.staging import Pixels, StagedBatch
 
 log = logging.getLogger("classifyd.service")
 # Called on the event loop for every answered request: (model, version, batch_size, latency_s). Must not block.
@@ -89,7 +92,8 @@ class ClassifyResult:
 class _Item:
     """A preprocessed request waiting in a model's batcher."""
 
-    array: np.ndarray
+    array: np.ndarray | DeviceJpeg
+    """The input pixels, or a JPEG the inference side decodes on the model's device."""
     spec: InputSpec
     payload: bytes | RawTensor
     version: int
@@ -163,7 +167,7 @@ class ClassifierService:
             return await self._classify_tiled(call, admitted, top_k, ticket)
         started = time.perf_counter()
         try:
-            array = await self._preprocess(call.payload, admitted.manifest.input)
+            array = await self._preprocess(call.payload, admitted)
         finally:
             ticket.release()  # no await between this and submit: the request moves straight into the queue
         preprocess_s = time.perf_counter() - started
@@ -228,9 +232,13 @@ class ClassifierService:
                 task.cancel()
             raise
 
-    async def _preprocess(self, payload: bytes | RawTensor, spec: InputSpec, box: Box | None = None) -> np.ndarray:
+    async def _preprocess(self, payload: bytes | RawTensor, version: LoadedVersion,
+                          box: Box | None = None) -> np.ndarray | DeviceJpeg:
+        """The pixels for ``version`` (Pillow, in the pool), or the checked JPEG when it decodes on the device."""
         loop = asyncio.get_running_loop()
-        return await loop.run_in_executor(self._pool, preprocess, payload, spec, self._max_pixels, box)
+        device_decode = box is None and uses_device_decode(version.manifest, version.device)
+        return await loop.run_in_executor(self._pool, _prepare, payload, version.manifest.input, self._max_pixels,
+                                          box, device_decode)
 
     async def _submit(self, batcher: batching.Batcher[_Item, _Computed], item: _Item,
                       deadline: float | None) -> batching.Batched[_Computed]:
@@ -311,8 +319,8 @@ class ClassifierService:
         splits: list[int] = []
         started = time.perf_counter()
         try:
-            batch = await self._staged(version, await self._arrays_for(version, items))
-            rows = await self._inference.run(predict_splitting_on_oom, version.predict, batch, splits)
+            pixels = await self._decoded(version, await self._arrays_for(version, items))
+            rows = await self._predict(version, pixels, splits)
         except Exception as exc:  # noqa: BLE001 - fails this group only; FailureLog logs model errors
             rows = [exc] * len(items)
         if not all(isinstance(row, ClassifydError) for row in rows):
@@ -324,6 +332,18 @@ class ClassifierService:
                 results[position] = InferenceFailed(_failure_message(version, row))
             else:
                 results[position] = _Computed(version, row, len(items))
+
+    async def _predict(self, version: LoadedVersion, pixels: list[Pixels | InvalidInput],
+                       splits: list[int]) -> list[np.ndarray | BaseException]:
+        """A probability row per input; an input that failed to decode keeps its InvalidInput in its slot."""
+        rows: list[np.ndarray | BaseException] = [p for p in pixels if isinstance(p, InvalidInput)]
+        good = [p for p in pixels if not isinstance(p, InvalidInput)]
+        if len(rows) == len(pixels):
+            return rows
+        batch = await self._staged(version, good)
+        computed = iter(await self._inference.run(predict_splitting_on_oom, version.predict, batch, splits))
+        failed = iter(rows)
+        return [next(failed) if isinstance(p, InvalidInput) else next(computed) for p in pixels]
 
     def _account(self, version: LoadedVersion, items: list[_Item], rows: list[np.ndarray | BaseException],
                  seconds: float, splits: int) -> None:
@@ -345,19 +365,38 @@ class ClassifierService:
             except Exception:
                 log.exception("batch listener failed")
 
-    async def _staged(self, version: LoadedVersion, arrays: list[np.ndarray]) -> list[np.ndarray] | StagedBatch:
+    async def _staged(self, version: LoadedVersion, pixels: list[Pixels]) -> list[Pixels] | StagedBatch:
         """On CUDA, the batch stacked into pinned memory and on its way to the device, staged in the
-        preprocessing pool; on the CPU the arrays as they are (stacking them there would only add a thread hop)."""
+        preprocessing pool; on the CPU the inputs as they are (stacking them there would only add a thread hop)."""
         if version.device.type != "cuda":
-            return arrays
-        return await asyncio.get_running_loop().run_in_executor(self._pool, version.stage, arrays)
+            return pixels
+        return await asyncio.get_running_loop().run_in_executor(self._pool, version.stage, pixels)
 
-    async def _arrays_for(self, version: LoadedVersion, items: list[_Item]) -> list[np.ndarray]:
-        """Input arrays for ``version``; an item preprocessed for another input spec (a swap) is redone."""
+    async def _decoded(self, version: LoadedVersion,
+                       inputs: list[np.ndarray | DeviceJpeg]) -> list[Pixels | InvalidInput]:
+        """The inputs with every device JPEG decoded and fitted on the version's device (``H x W x C``), or the
+        InvalidInput of one that fails to decode. On CUDA in the preprocessing pool (nvJPEG's host stages overlap
+        the running forward pass); on the CPU on the inference thread, the only one that runs torch operators."""
+        positions = [i for i, item in enumerate(inputs) if isinstance(item, DeviceJpeg)]
+        if not positions:
+            return cast(list[Pixels | InvalidInput], inputs)
+        jpegs = [cast(DeviceJpeg, inputs[i]) for i in positions]
+        if version.device.type == "cuda":
+            loop = asyncio.get_running_loop()
+            decoded = await loop.run_in_executor(self._pool, _decode_hwc, jpegs, version.manifest.input, version.device)
+        else:
+            decoded = await self._inference.run(_decode_hwc, jpegs, version.manifest.input, version.device)
+        out = cast(list[Pixels | InvalidInput], list(inputs))
+        for position, pixels in zip(positions, decoded, strict=True):
+            out[position] = pixels
+        return out
+
+    async def _arrays_for(self, version: LoadedVersion, items: list[_Item]) -> list[np.ndarray | DeviceJpeg]:
+        """Inputs for ``version``; an item preprocessed for another input spec (a swap) is redone."""
         spec = version.manifest.input
         arrays = []
         for item in items:
-            arrays.append(item.array if item.spec == spec else await self._preprocess(item.payload, spec, item.box))
+            arrays.append(item.array if item.spec == spec else await self._preprocess(item.payload, version, item.box))
         return arrays
 
     def batcher_depth(self, name: str) -> int:
@@ -377,6 +416,22 @@ class ClassifierService:
         """Finish (drain=True) or fail queued requests, then stop the batchers and the preprocessing pool."""
         await asyncio.gather(*(b.aclose(drain=drain) for b in self._batchers.values()))
         self._pool.shutdown(wait=True)
+
+
+def _prepare(payload: bytes | RawTensor, spec: InputSpec, max_pixels: int, box: Box | None,
+             device_decode: bool) -> np.ndarray | DeviceJpeg:
+    """Preprocessing-pool work for one input: the checked JPEG when the device decodes it, else the pixels.
+    Blocks; raises InvalidInput."""
+    if device_decode and isinstance(payload, bytes):
+        jpeg = probe(payload, spec, max_pixels)
+        if jpeg is not None:
+            return jpeg
+    return preprocess(payload, spec, max_pixels, box)
+
+
+def _decode_hwc(jpegs: list[DeviceJpeg], spec: InputSpec, device: torch.device) -> list[torch.Tensor | InvalidInput]:
+    """:func:`decode_batch` with each image as ``H x W x C``, the layout of preprocessed arrays. Blocks."""
+    return [t if isinstance(t, InvalidInput) else t.permute(1, 2, 0) for t in decode_batch(jpegs, spec, device)]
 
 
 def _failure_message(version: LoadedVersion, exc: BaseException) -> str:

@@ -20,25 +20,28 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+Pixels = np.ndarray | torch.Tensor
+"""One image's ``H x W x C`` pixels: a preprocessed array, or a tensor already on the device (decoded there)."""
+
 
 @dataclass(eq=False)
 class StagedBatch:
     """One batch's input, stacked: ``tensor`` is ``N x H x W x C`` (uint8, or float32 in 0..1) on its device.
 
     ``ready`` (CUDA only) is recorded on the copy stream after the host → device copy; the forward pass waits
-    on it. ``arrays`` are kept so an out-of-memory split can stage halves again if it must.
+    on it. ``inputs`` are what was stacked, one per image.
     """
 
-    arrays: Sequence[np.ndarray]
+    inputs: Sequence[Pixels]
     tensor: torch.Tensor
     ready: torch.cuda.Event | None = None
 
     def __len__(self) -> int:
-        return len(self.arrays)
+        return len(self.inputs)
 
     def __getitem__(self, part: slice) -> StagedBatch:
         """A contiguous part of the batch (the halves of an out-of-memory split)."""
-        return StagedBatch(self.arrays[part], self.tensor[part], self.ready)
+        return StagedBatch(self.inputs[part], self.tensor[part], self.ready)
 
     def wait(self) -> torch.Tensor:
         """The tensor, once the current CUDA stream has been made to wait for its copy. Call on the
@@ -74,10 +77,22 @@ class Stager:
         self._turn = 0
         self._stream: torch.cuda.Stream | None = None
 
-    def stage(self, arrays: Sequence[np.ndarray], capacity: int) -> StagedBatch:
-        """Stack ``arrays`` and start moving them to the device; ``capacity`` sizes the pinned buffers (the
-        version's max_batch_size). Blocks on the numpy copy, and on CUDA until the pinned buffer it takes has
-        finished its previous copy. Raises ValueError for arrays of different shapes."""
+    def stage(self, inputs: Sequence[Pixels], capacity: int) -> StagedBatch:
+        """Stack ``inputs`` and start moving them to the device; ``capacity`` sizes the pinned buffers (the
+        version's max_batch_size). Arrays go through pinned memory on CUDA; tensors already on the device (JPEGs
+        decoded there) join them on the device. Blocks on the numpy copy, and on CUDA until the pinned buffer it
+        takes has finished its previous copy. Raises ValueError (numpy) or RuntimeError (torch) for inputs of
+        different shapes."""
+        arrays = [x for x in inputs if isinstance(x, np.ndarray)]
+        if len(arrays) == len(inputs):
+            return self._stage_arrays(arrays, capacity)
+        staged = iter(self._stage_arrays(arrays, capacity).wait() if arrays else ())
+        rows = [next(staged) if isinstance(x, np.ndarray) else x for x in inputs]
+        if any(row.dtype != torch.uint8 for row in rows):
+            rows = [row.float().div(255.0) if row.dtype == torch.uint8 else row for row in rows]
+        return StagedBatch(inputs, torch.stack(rows).to(self.device))
+
+    def _stage_arrays(self, arrays: Sequence[np.ndarray], capacity: int) -> StagedBatch:
         if not self._pinned or len(arrays) > capacity or not _same_shape(arrays):
             return StagedBatch(arrays, torch.from_numpy(stack(arrays)).to(self.device))
         buffer = self._take((capacity, *arrays[0].shape), _dtype_of(arrays))
