@@ -3,7 +3,8 @@
 The device alternative to :mod:`server.preprocess`'s Pillow path, for JPEG payloads only. Two steps:
 :func:`probe` reads a payload's header in the preprocessing pool and says whether the device path can take it;
 :func:`decode_batch` decodes a batch of such payloads with ``torchvision.io.decode_jpeg`` (batched nvJPEG on CUDA)
-and resizes and crops them on the device, on the inference thread. The geometry (scaled size, centre crop,
+and resizes and crops them on the device: in the preprocessing pool on CUDA (no CPU torch operators run there, so
+it may overlap the forward pass), on the inference thread on the CPU. The geometry (scaled size, centre crop,
 EXIF orientation, filter) is exactly the Pillow path's; pixel values differ by a few levels (another JPEG decoder
 and resampler). Anything the device path cannot reproduce goes to the Pillow path instead: other formats, CMYK
 JPEGs, filters other than nearest/bilinear/bicubic, extremely elongated images, tiled models, and single JPEGs
@@ -98,7 +99,8 @@ def decode_batch(jpegs: Sequence[DeviceJpeg], spec: InputSpec,
     """One ``C x H x W`` uint8 tensor of the model's input size on ``device`` per JPEG, in order.
 
     Blocks for the decoder's host work (on CUDA, nvJPEG's CPU stages; the device work is queued on the current
-    stream), and for Pillow on the JPEGs the device decoder refuses: call it on the inference thread. Such a JPEG
+    stream), and for Pillow on the JPEGs the device decoder refuses: on the CPU call it on the inference thread (the
+only one that runs torch CPU operators); on CUDA any worker thread will do. Such a JPEG
     is decoded by the Pillow path instead, so a corrupt one gets, in its slot, the InvalidInput the Pillow path
     would raise, and the others are unaffected. The tensors may be views of a shared batch tensor. Raises
     ``torch.cuda.OutOfMemoryError`` when the device runs out of memory, ValueError when ``spec`` fails
