@@ -112,10 +112,13 @@ class BucketedModule(nn.Module):
         count = batch.shape[0]
         bucket = self.bucket_for(count)
         layout = _memory_format(batch)
-        padded = torch.empty((bucket, *batch.shape[1:]), dtype=batch.dtype, device=batch.device,
-                             memory_format=layout)
-        padded[:count].copy_(batch)
-        padded[count:].zero_()
+        if count == bucket and batch.is_contiguous(memory_format=layout):
+            padded = batch  # already the shape and strides the bucket was compiled for
+        else:
+            padded = torch.empty((bucket, *batch.shape[1:]), dtype=batch.dtype, device=batch.device,
+                                 memory_format=layout)
+            padded[:count].copy_(batch)
+            padded[count:].zero_()
         out = self._invoke(bucket, padded)
         # a copy: CUDA graph replays overwrite their output buffers, and the rows past count are padding
         return out[:count].clone()
