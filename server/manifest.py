@@ -30,11 +30,12 @@ _LANG_FILE = re.compile(r"^labels\.([A-Za-z]{2,8}(?:[-_][A-Za-z0-9]{1,8})*)\.txt
 
 _TOP_KEYS = {"architecture", "num_classes", "weights", "top_k", "default", "model_args", "input", "batching",
              "description", "keep_versions", "min_accuracy", "activation", "threshold", "thresholds", "precision",
-             "channels_last", "tiling", "compile", "compile_batch_sizes"}
+             "channels_last", "tiling"}
 _INPUT_KEYS = {"color", "size", "resize", "crop", "mean", "std", "interpolation", "fill_alpha"}
 _BATCHING_KEYS = {"max_batch_size", "max_delay_ms", "max_queue", "autotune", "autotune_budget_s",
                   "autotune_max_batch_size", "latency_target_ms"}
 _TILING_KEYS = {"tile", "stride", "reduce", "max_tiles"}
+_COMPILE_KEYS = {"compile", "compile_batch_sizes"}
 
 
 class ManifestError(ValueError):
@@ -200,7 +201,7 @@ def load_manifest(version_dir: Path) -> Manifest:
 def parse_manifest(raw: dict[str, Any], path: Path, labels: tuple[str, ...],
                    translations: dict[str, tuple[str, ...]] | None = None) -> Manifest:
     """Validate a decoded manifest. Raises ManifestError naming the offending key."""
-    _reject_unknown(raw, _TOP_KEYS, path, "")
+    _reject_unknown(raw, _TOP_KEYS | _COMPILE_KEYS, path, "")
     architecture = _get(raw, "architecture", str, path)
     if architecture is None:
         raise ManifestError(path, "required", "architecture")
