@@ -95,6 +95,9 @@ def _describe(manifest: Manifest, version_dir: Path) -> None:
         print(f"              ({spec.resolved_from})")
     print(f"output        {_output(manifest)}")
     print(f"precision     {manifest.precision} requested, channels_last {str(manifest.channels_last).lower()}")
+    if manifest.compile != "off":
+        sizes = ", ".join(map(str, manifest.compile_batch_sizes)) or "powers of two up to max_batch_size, and it"
+        print(f"compile       torch.compile mode {manifest.compile}, batch sizes {sizes}")
     if manifest.tiling:
         t = manifest.tiling
         print(f"tiling        tiles {t.tile[1]}x{t.tile[0]} every {t.stride[1]}x{t.stride[0]} px, reduce {t.reduce}, "

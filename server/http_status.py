@@ -39,7 +39,7 @@ def model_json(record: ModelRecord, context: HttpContext) -> dict[str, Any]:
     if manifest:
         spec = manifest.input
         description.update(architecture=manifest.architecture, num_labels=manifest.num_classes,
-                           default_top_k=manifest.top_k,
+                           default_top_k=manifest.top_k, compile=manifest.compile,
                            input={"height": spec.height, "width": spec.width, "channels": spec.channels,
                                   "color": spec.color})
     return description

@@ -1,4 +1,5 @@
-"""From a parsed manifest to a module ready to serve: build, resolve preprocessing, place on the device.
+"""From a parsed manifest to a module ready to serve: build, resolve preprocessing, place on the device
+(wrapped for ``torch.compile`` at bucketed batch sizes when the manifest asks).
 
 Shared by the model manager (the daemon) and ``python -m server check``, so
 both load a version the same way. Everything here blocks (file reads, weight
@@ -16,6 +17,7 @@ import torch
 from torch import nn
 
 from server.architectures import preprocessing_defaults
+from server.compiled import BucketedModule
 from server.manifest import INTERPOLATIONS, Manifest, default_resize
 from server.weights import build_model
 
@@ -28,6 +30,9 @@ def build_for_serving(version_dir: Path, manifest: Manifest, device: torch.devic
     module = module.to(device)
     if manifest.channels_last:
         module = module.to(memory_format=torch.channels_last)
+    if manifest.compile != "off":
+        # compiled lazily, bucket by bucket, by LoadedVersion.warm_up on the inference thread (its thread count)
+        module = BucketedModule(module, manifest.compile, manifest.compile_batch_sizes)
     return module, manifest
 
 

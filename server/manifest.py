@@ -6,6 +6,7 @@ Pure parsing: no torch, no file watching. Every problem raises
 
 from __future__ import annotations
 
+import itertools
 import re
 import tomllib
 from dataclasses import dataclass, field
@@ -23,6 +24,7 @@ IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 ACTIVATIONS = ("softmax", "sigmoid")
 PRECISIONS = ("fp32", "fp16", "bf16")
+COMPILE_MODES = ("off", "default", "reduce-overhead", "max-autotune")
 REDUCTIONS = ("max", "mean")
 # labels.<lang>.txt: a BCP 47-like tag such as zh, en, pt-BR or zh_Hant
 _LANG_FILE = re.compile(r"^labels\.([A-Za-z]{2,8}(?:[-_][A-Za-z0-9]{1,8})*)\.txt$")
@@ -34,6 +36,7 @@ _INPUT_KEYS = {"color", "size", "resize", "crop", "mean", "std", "interpolation"
 _BATCHING_KEYS = {"max_batch_size", "max_delay_ms", "max_queue", "autotune", "autotune_budget_s",
                   "autotune_max_batch_size", "latency_target_ms"}
 _TILING_KEYS = {"tile", "stride", "reduce", "max_tiles"}
+_COMPILE_KEYS = {"compile", "compile_batch_sizes"}
 
 
 class ManifestError(ValueError):
@@ -117,6 +120,10 @@ class Manifest:
     precision: str = "fp32"
     channels_last: bool = False
     tiling: TilingSpec | None = None
+    compile: str = "off"
+    """torch.compile mode, or "off" (eager)."""
+    compile_batch_sizes: tuple[int, ...] = ()
+    """The batch-size buckets to compile; empty: powers of two up to max_batch_size, and max_batch_size."""
     translations: dict[str, tuple[str, ...]] = field(default_factory=dict)
     """Labels by language tag (lower case, ``-`` separated), from ``labels.<lang>.txt``."""
 
@@ -198,7 +205,7 @@ def load_manifest(version_dir: Path) -> Manifest:
 def parse_manifest(raw: dict[str, Any], path: Path, labels: tuple[str, ...],
                    translations: dict[str, tuple[str, ...]] | None = None) -> Manifest:
     """Validate a decoded manifest. Raises ManifestError naming the offending key."""
-    _reject_unknown(raw, _TOP_KEYS, path, "")
+    _reject_unknown(raw, _TOP_KEYS | _COMPILE_KEYS, path, "")
     architecture = _get(raw, "architecture", str, path)
     if architecture is None:
         raise ManifestError(path, "required", "architecture")
@@ -237,7 +244,22 @@ def parse_manifest(raw: dict[str, Any], path: Path, labels: tuple[str, ...],
         channels_last=_get(raw, "channels_last", bool, path, default=False),
         tiling=_parse_tiling(_get(raw, "tiling", dict, path), path),
         translations=dict(translations or {}),
+        **_parse_compile(raw, path),
     )
+
+
+def _parse_compile(raw: dict[str, Any], path: Path) -> dict[str, Any]:
+    mode = _choice(raw, "compile", COMPILE_MODES, "off", path, prefix="")
+    sizes = _get(raw, "compile_batch_sizes", list, path)
+    if sizes is None:
+        return {"compile": mode, "compile_batch_sizes": ()}
+    if mode == "off":
+        raise ManifestError(path, 'applies only when compile is not "off"', "compile_batch_sizes")
+    if not sizes or not all(isinstance(s, int) and not isinstance(s, bool) and s > 0 for s in sizes):
+        raise ManifestError(path, "must be a non-empty list of positive integers", "compile_batch_sizes")
+    if any(b <= a for a, b in itertools.pairwise(sizes)):
+        raise ManifestError(path, f"must be strictly increasing; got {sizes}", "compile_batch_sizes")
+    return {"compile": mode, "compile_batch_sizes": tuple(sizes)}
 
 
 def _parse_thresholds(raw: dict[str, Any], activation: str, labels: tuple[str, ...],

@@ -19,6 +19,7 @@ import torch
 from torch import nn
 
 from server.autotune import BatchCurve
+from server.compiled import warm_up_sizes
 from server.manifest import Manifest
 from server.precision import autocast, effective_precision
 from server.staging import Pixels, StagedBatch, Stager
@@ -137,17 +138,18 @@ class LoadedVersion:
 
     def warm_up(self) -> None:
         """Run one batch of ``max_batch_size`` blank images: catches shape errors and OOM before serving.
-
-        Raises WarmUpError saying what failed."""
+        A compiled module runs one batch per batch-size bucket instead, which compiles every bucket here, on the
+        inference thread (seconds per bucket; other models wait). Raises WarmUpError saying what failed."""
         spec = self.manifest.input
         blank = np.zeros((spec.height, spec.width, spec.channels), dtype=np.uint8)
-        try:
-            self.predict([blank] * self.max_batch_size)
-        except Exception as exc:
-            reason = str(exc) if isinstance(exc, OutputShapeError) else f"{type(exc).__name__}: {exc}"
-            raise WarmUpError(f"warm-up on a batch of {self.max_batch_size} blank {spec.height}x{spec.width}"
-                              f"x{spec.channels} ({spec.color}) inputs failed: {reason}{self._channel_hint()}") \
-                from exc
+        for size in warm_up_sizes(self.module, self.max_batch_size):
+            try:
+                self.predict([blank] * size)
+            except Exception as exc:
+                reason = str(exc) if isinstance(exc, OutputShapeError) else f"{type(exc).__name__}: {exc}"
+                raise WarmUpError(f"warm-up on a batch of {size} blank {spec.height}x{spec.width}"
+                                  f"x{spec.channels} ({spec.color}) inputs failed: {reason}{self._channel_hint()}") \
+                    from exc
 
     def _channel_hint(self) -> str:
         """Name the first convolution when its input channels differ from the manifest's colour mode."""
