@@ -40,7 +40,7 @@ print(f"torch {torch.__version__} on {torch.cuda.get_device_name(0)}", file=sys.
 PY
 
 echo "== CUDA tests" >&2
-"$PYTHON" -m pytest -q -p no:cacheprovider -k cuda tests/test_staging.py tests/test_device_decode.py \
+"$PYTHON" -m pytest -q -p no:cacheprovider -k cuda tests/test_staging.py tests/test_cuda_path.py \
     tests/test_compile.py tests/test_production.py 2>&1 | tee "$RESULTS_DIR/cuda-tests.txt" | tail -n 15 >&2 || true
 
 markdown_args=()
