@@ -277,6 +277,14 @@ def _as_hwc(array: np.ndarray) -> np.ndarray:
     return array[:, :, None] if array.ndim == 2 else array
 
 
+def is_model_sized(payload: bytes | RawTensor, spec: InputSpec) -> bool:
+    """Whether ``payload`` is a uint8 tensor of exactly the model's input shape with the right byte count: then
+    :func:`tensor_to_array` only views it (constant time, no copy) and may run on the event loop."""
+    return (isinstance(payload, RawTensor) and payload.dtype == "uint8"
+            and payload.shape == (spec.height, spec.width, spec.channels)
+            and len(payload.data) == spec.height * spec.width * spec.channels)
+
+
 def tensor_to_array(tensor: RawTensor, spec: InputSpec, max_pixels: int = MAX_PIXELS) -> np.ndarray:
     """Validate a raw tensor and view it as ``H x W x C`` with the model's channel count."""
     dtype = _DTYPES.get(tensor.dtype)

@@ -40,7 +40,15 @@ from server.isolation import BatchReport, FailureLog, is_out_of_memory, predict_
 from server.manager import ModelManager
 from server.manifest import InputSpec
 from server.outputs import Prediction, reduce_tiles, select
-from server.preprocess import MAX_PIXELS, Box, RawTensor, preprocess, preprocess_tiles
+from server.preprocess import (
+    MAX_PIXELS,
+    Box,
+    RawTensor,
+    is_model_sized,
+    preprocess,
+    preprocess_tiles,
+    tensor_to_array,
+)
 from server.runtime import InferenceThread, LoadedVersion
 from server.staging import Pixels, StagedBatch
 
@@ -234,7 +242,13 @@ class ClassifierService:
 
     async def _preprocess(self, payload: bytes | RawTensor, version: LoadedVersion,
                           box: Box | None = None) -> np.ndarray | DeviceJpeg:
-        """The pixels for ``version`` (Pillow, in the pool), or the checked JPEG when it decodes on the device."""
+        """The pixels for ``version`` (Pillow, in the pool), or the checked JPEG when it decodes on the device.
+
+        A uint8 tensor already of the model's input size is only viewed, on the loop: no thread hop for the
+        callers that preprocess themselves (the tensor path of the GPU benchmark)."""
+        spec = version.manifest.input
+        if box is None and is_model_sized(payload, spec):
+            return tensor_to_array(payload, spec, self._max_pixels)  # type: ignore[arg-type]
         loop = asyncio.get_running_loop()
         device_decode = box is None and uses_device_decode(version.manifest, version.device)
         return await loop.run_in_executor(self._pool, _prepare, payload, version.manifest.input, self._max_pixels,

@@ -19,6 +19,8 @@ from classifier.v1 import classifier_pb2_grpc as pb_grpc
 from PIL import Image
 
 from client import image_request, tensor_request
+from server.manifest import InputSpec
+from server.preprocess import RawTensor, is_model_sized
 from tests.kit import encode, running_daemon, write_model
 from tests.probe_model import decode, probe_labels, probe_manifest
 
@@ -153,3 +155,13 @@ def test_images_of_any_shape_are_fitted(stub: pb_grpc.ClassifierStub) -> None:
     for height, width in [(3, 500), (700, 2), (1, 1)]:
         means = seen(stub, image_request(encode(np.full((height, width, 3), 64, np.uint8)), model="rgb"))
         assert means["channel1"] == pytest.approx(64 / 255, abs=1e-3)
+
+
+def test_only_uint8_tensors_of_exactly_the_input_shape_skip_the_preprocessing_pool() -> None:
+    spec = InputSpec(height=4, width=6, color="RGB")
+    assert is_model_sized(RawTensor("uint8", (4, 6, 3), bytes(72)), spec)
+    assert not is_model_sized(RawTensor("uint8", (4, 6, 3), bytes(71)), spec)  # wrong length: the pool says why
+    assert not is_model_sized(RawTensor("float32", (4, 6, 3), bytes(288)), spec)  # NaN checks read every value
+    assert not is_model_sized(RawTensor("uint8", (4, 6), bytes(24)), spec)  # channels to match
+    assert not is_model_sized(RawTensor("uint8", (6, 4, 3), bytes(72)), spec)  # to resize
+    assert not is_model_sized(b"\x89PNG", spec)
