@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import logging
 import os
-import threading
 from pathlib import Path
 
 log = logging.getLogger("classifyd")
@@ -85,19 +84,3 @@ def apply_torch_threads(threads: int | None, workers: int = 1) -> int:
              f"rule: {available_cores()} cores // {workers} worker(s)")
     return count
 
-
-def keep_torch_on_one_thread() -> None:
-    """Make torch run single-threaded on the calling thread only; the process-wide count stays as it was.
-
-    Use as the initializer of helper threads that touch torch (the model loader). With GNU OpenMP every thread
-    that runs a parallel region keeps a team of worker threads of its own; a second team makes libgomp count
-    more threads than cores and stop spinning between parallel regions, so every forward pass on the inference
-    thread waits on futex wake-ups: measured +4 to +6 ms per single-image mobilenet_v3_small forward on 2 cores.
-    """
-    import torch
-
-    count = torch.get_num_threads()  # also settles this thread's lazy torch thread set-up first
-    torch.set_num_threads(1)  # this thread's OpenMP setting, and torch's process-wide count ...
-    restore = threading.Thread(target=torch.set_num_threads, args=(count,), name="classifyd-torch-threads")
-    restore.start()  # ... which another thread puts back, leaving this thread's setting at 1
-    restore.join()

@@ -22,7 +22,6 @@ import torch
 
 from server.autotune import AutotuneDefaults, plan_for, tune
 from server.errors import ModelNotFound, ModelUnavailable
-from server.host import keep_torch_on_one_thread
 from server.loading import build_for_serving
 from server.manifest import Manifest, ManifestError, load_manifest
 from server.repository import Fingerprint, SettleTracker, fingerprint, model_names, version_numbers
@@ -125,8 +124,7 @@ class ModelManager:
     def __init__(self, settings: ManagerSettings, inference: InferenceThread) -> None:
         self.settings = settings
         self._inference = inference
-        self._loader = ThreadPoolExecutor(max_workers=1, thread_name_prefix="classifyd-load",
-                                          initializer=keep_torch_on_one_thread)
+        self._loader = ThreadPoolExecutor(max_workers=1, thread_name_prefix="classifyd-load")
         self._models: dict[str, ModelRecord] = {}
         self._listeners: list[Listener] = []
         self._retiring: set[asyncio.Task[None]] = set()

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
@@ -45,16 +44,3 @@ def test_apply_sets_and_returns_the_thread_count() -> None:
     finally:
         torch.set_num_threads(before)
 
-
-def test_loader_thread_runs_torch_alone_and_leaves_the_process_count_alone() -> None:
-    before = torch.get_num_threads()
-    torch.set_num_threads(2)
-    try:
-        with ThreadPoolExecutor(1, initializer=host.keep_torch_on_one_thread) as loader:
-            # torch's count on a thread is its OpenMP setting: the size of the team a parallel op there would start
-            assert loader.submit(torch.get_num_threads).result() == 1
-        assert torch.get_num_threads() == 2
-        with ThreadPoolExecutor(1) as other:  # threads started later still get the process-wide count
-            assert other.submit(torch.get_num_threads).result() == 2
-    finally:
-        torch.set_num_threads(before)
