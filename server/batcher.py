@@ -410,7 +410,7 @@ class Batcher(Generic[T, R]):
             while await self._wait_for_batch():
                 now = self._clock.now()
                 batch = self._take(now, self._take_limit())
-                if self._max_concurrent == 1:
+                if self._max_concurrent == 1:  # awaited here: no task per batch on the common (CPU) path
                     await self._dispatch_tracked(batch, now)
                     continue
                 task = asyncio.ensure_future(self._dispatch_tracked(batch, now))

@@ -10,7 +10,8 @@ exists before the version serves.
 
 Compilation happens on the first call of a bucket, on the calling thread. Call it on the inference thread:
 inductor's CPU kernels bake in the torch thread count of the thread that compiles them (a kernel compiled on
-the single-threaded loader thread stays single-threaded; see docs/manifest.md#compile). Everything here blocks.
+a thread that runs torch single-threaded stays single-threaded; see docs/manifest.md#compile). Everything here
+blocks.
 """
 
 from __future__ import annotations

@@ -83,4 +83,3 @@ def apply_torch_threads(threads: int | None, workers: int = 1) -> int:
     log.info("torch intra-op threads: %d (%s)", count, "--torch-threads" if threads is not None else
              f"rule: {available_cores()} cores // {workers} worker(s)")
     return count
-

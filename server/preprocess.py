@@ -17,6 +17,7 @@ import math
 import warnings
 from collections.abc import Iterator
 from dataclasses import dataclass
+from typing import TypeGuard
 
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
@@ -277,7 +278,7 @@ def _as_hwc(array: np.ndarray) -> np.ndarray:
     return array[:, :, None] if array.ndim == 2 else array
 
 
-def is_model_sized(payload: bytes | RawTensor, spec: InputSpec) -> bool:
+def is_model_sized(payload: bytes | RawTensor, spec: InputSpec) -> TypeGuard[RawTensor]:
     """Whether ``payload`` is a uint8 tensor of exactly the model's input shape with the right byte count: then
     :func:`tensor_to_array` only views it (constant time, no copy) and may run on the event loop."""
     return (isinstance(payload, RawTensor) and payload.dtype == "uint8"

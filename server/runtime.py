@@ -20,6 +20,7 @@ from torch import nn
 
 from server.autotune import BatchCurve
 from server.compiled import warm_up_sizes
+from server.device_decode import uses_device_decode
 from server.manifest import Manifest
 from server.precision import autocast, effective_precision
 from server.staging import Pixels, StagedBatch, Stager
@@ -89,6 +90,8 @@ class LoadedVersion:
         if self.precision_note:
             log.warning("model %s version %d: %s", self.name, self.version, self.precision_note)
         self._stager = Stager(self.device)
+        self.decodes_on_device = uses_device_decode(self.manifest, self.device)
+        """Whether JPEG payloads are decoded on the device (``[input] decode``); decided once, at load."""
         self._lock = threading.Lock()
         self._leases = 0
         self._idle = asyncio.Event()

@@ -27,7 +27,7 @@ import torch
 from server import batcher as batching
 from server.admission import Admission, Ticket
 from server.batch_policy import LatencyTargetPolicy
-from server.device_decode import DeviceJpeg, decode_batch, probe, uses_device_decode
+from server.device_decode import DeviceJpeg, decode_batch, probe
 from server.errors import (
     ClassifydError,
     DeadlineExpired,
@@ -248,11 +248,10 @@ class ClassifierService:
         callers that preprocess themselves (the tensor path of the GPU benchmark)."""
         spec = version.manifest.input
         if box is None and is_model_sized(payload, spec):
-            return tensor_to_array(payload, spec, self._max_pixels)  # type: ignore[arg-type]
+            return tensor_to_array(payload, spec, self._max_pixels)
         loop = asyncio.get_running_loop()
-        device_decode = box is None and uses_device_decode(version.manifest, version.device)
-        return await loop.run_in_executor(self._pool, _prepare, payload, version.manifest.input, self._max_pixels,
-                                          box, device_decode)
+        return await loop.run_in_executor(self._pool, _prepare, payload, spec, self._max_pixels, box,
+                                          box is None and version.decodes_on_device)
 
     async def _submit(self, batcher: batching.Batcher[_Item, _Computed], item: _Item,
                       deadline: float | None) -> batching.Batched[_Computed]:
@@ -350,14 +349,12 @@ class ClassifierService:
     async def _predict(self, version: LoadedVersion, pixels: list[Pixels | InvalidInput],
                        splits: list[int]) -> list[np.ndarray | BaseException]:
         """A probability row per input; an input that failed to decode keeps its InvalidInput in its slot."""
-        rows: list[np.ndarray | BaseException] = [p for p in pixels if isinstance(p, InvalidInput)]
         good = [p for p in pixels if not isinstance(p, InvalidInput)]
-        if len(rows) == len(pixels):
-            return rows
+        if not good:
+            return list(pixels)
         batch = await self._staged(version, good)
         computed = iter(await self._inference.run(predict_splitting_on_oom, version.predict, batch, splits))
-        failed = iter(rows)
-        return [next(failed) if isinstance(p, InvalidInput) else next(computed) for p in pixels]
+        return [p if isinstance(p, InvalidInput) else next(computed) for p in pixels]
 
     def _account(self, version: LoadedVersion, items: list[_Item], rows: list[np.ndarray | BaseException],
                  seconds: float, splits: int) -> None:

@@ -13,8 +13,9 @@ starting a torch thread team there (see server/host.py).
 
 from __future__ import annotations
 
+import itertools
 import threading
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -54,10 +55,11 @@ class StagedBatch:
 
 
 def stack(arrays: Sequence[np.ndarray]) -> np.ndarray:
-    """``N x H x W x C``: uint8 when every input is uint8, else float32 in 0..1. Blocks on a numpy copy."""
-    if all(a.dtype == np.uint8 for a in arrays):
-        return np.stack(arrays)
-    return np.stack([a.astype(np.float32) / 255.0 if a.dtype == np.uint8 else a for a in arrays])
+    """``N x H x W x C``: uint8 when every input is uint8, else float32 in 0..1. Blocks on a numpy copy; raises
+    ValueError for arrays of different shapes."""
+    out = np.empty((len(arrays), *_common_shape(arrays)), dtype=_dtype_of(arrays))
+    stack_into(arrays, out)
+    return out
 
 
 class Stager:
@@ -73,16 +75,15 @@ class Stager:
         self._pinned = device.type == "cuda"
         self._buffers = buffers
         self._lock = threading.Lock()
-        self._rings: dict[tuple[tuple[int, ...], str], list[_PinnedBuffer]] = {}
-        self._turn = 0
+        self._rings: dict[tuple[tuple[int, ...], np.dtype], Iterator[_PinnedBuffer]] = {}
         self._stream: torch.cuda.Stream | None = None
 
     def stage(self, inputs: Sequence[Pixels], capacity: int) -> StagedBatch:
         """Stack ``inputs`` and start moving them to the device; ``capacity`` sizes the pinned buffers (the
         version's max_batch_size). Arrays go through pinned memory on CUDA; tensors already on the device (JPEGs
         decoded there) join them on the device. Blocks on the numpy copy, and on CUDA until the pinned buffer it
-        takes has finished its previous copy. Raises ValueError (numpy) or RuntimeError (torch) for inputs of
-        different shapes."""
+        takes has finished its previous copy. Raises ValueError (arrays) or RuntimeError (device tensors) for
+        inputs of different shapes."""
         arrays = [x for x in inputs if isinstance(x, np.ndarray)]
         if len(arrays) == len(inputs):
             return self._stage_arrays(arrays, capacity)
@@ -93,9 +94,9 @@ class Stager:
         return StagedBatch(inputs, torch.stack(rows).to(self.device))
 
     def _stage_arrays(self, arrays: Sequence[np.ndarray], capacity: int) -> StagedBatch:
-        if not self._pinned or len(arrays) > capacity or not _same_shape(arrays):
+        if not self._pinned or len(arrays) > capacity:
             return StagedBatch(arrays, torch.from_numpy(stack(arrays)).to(self.device))
-        buffer = self._take((capacity, *arrays[0].shape), _dtype_of(arrays))
+        buffer = self._take((capacity, *_common_shape(arrays)), _dtype_of(arrays))
         with buffer.lock:
             if buffer.copied is not None:
                 buffer.copied.synchronize()  # the batch staged here before has left for the device
@@ -108,13 +109,14 @@ class Stager:
             buffer.copied.record(stream)
             return StagedBatch(arrays, tensor, buffer.copied)
 
-    def _take(self, shape: tuple[int, ...], dtype: str) -> _PinnedBuffer:
+    def _take(self, shape: tuple[int, ...], dtype: np.dtype) -> _PinnedBuffer:
+        """The next buffer of the ring for this shape and dtype (the ring is made on first use)."""
         with self._lock:
             ring = self._rings.get((shape, dtype))
             if ring is None:
-                ring = self._rings[(shape, dtype)] = [_PinnedBuffer(shape, dtype) for _ in range(self._buffers)]
-            self._turn = (self._turn + 1) % len(ring)
-            return ring[self._turn]
+                ring = self._rings[(shape, dtype)] = itertools.cycle(
+                    [_PinnedBuffer(shape, dtype) for _ in range(self._buffers)])
+            return next(ring)
 
     def _copy_stream(self) -> torch.cuda.Stream:
         with self._lock:
@@ -126,8 +128,8 @@ class Stager:
 class _PinnedBuffer:
     """A page-locked host tensor of a batch of images and the event of its last copy to the device."""
 
-    def __init__(self, shape: tuple[int, ...], dtype: str) -> None:
-        self.host = torch.empty(shape, dtype=torch.uint8 if dtype == "uint8" else torch.float32, pin_memory=True)
+    def __init__(self, shape: tuple[int, ...], dtype: np.dtype) -> None:
+        self.host = torch.empty(shape, dtype=torch.uint8 if dtype == np.uint8 else torch.float32, pin_memory=True)
         self.copied: torch.cuda.Event | None = None
         self.lock = threading.Lock()
 
@@ -144,9 +146,13 @@ def stack_into(arrays: Sequence[np.ndarray], out: np.ndarray) -> None:
             row[...] = array
 
 
-def _same_shape(arrays: Sequence[np.ndarray]) -> bool:
-    return bool(arrays) and all(a.shape == arrays[0].shape for a in arrays)
+def _common_shape(arrays: Sequence[np.ndarray]) -> tuple[int, ...]:
+    shapes = {a.shape for a in arrays}
+    if len(shapes) != 1:
+        raise ValueError(f"a batch needs inputs of one shape, got {sorted(shapes)}")
+    return shapes.pop()
 
 
-def _dtype_of(arrays: Sequence[np.ndarray]) -> str:
-    return "uint8" if all(a.dtype == np.uint8 for a in arrays) else "float32"
+def _dtype_of(arrays: Sequence[np.ndarray]) -> np.dtype:
+    """uint8 when every array is uint8, else float32 (uint8 ones scaled to 0..1 by :func:`stack_into`)."""
+    return np.dtype(np.uint8) if all(a.dtype == np.uint8 for a in arrays) else np.dtype(np.float32)

@@ -43,4 +43,3 @@ def test_apply_sets_and_returns_the_thread_count() -> None:
         assert host.apply_torch_threads(None, workers=1) == host.default_torch_threads(1)
     finally:
         torch.set_num_threads(before)
-

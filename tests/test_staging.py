@@ -38,7 +38,7 @@ def images(count: int, shape: tuple[int, int, int] = (8, 8, 1), seed: int = 0) -
     return [rng.integers(0, 256, shape, dtype=np.uint8) for _ in range(count)]
 
 
-def test_cpu_stage_stacks_without_copying_again() -> None:
+def test_cpu_stage_stacks_the_arrays_in_order_and_slices_them() -> None:
     arrays = images(3)
     staged = Stager(torch.device("cpu")).stage(arrays, capacity=4)
     assert staged.ready is None
