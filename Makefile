@@ -58,8 +58,10 @@ bench: setup
 	$(PY) -m benchmarks.cpu_bench
 	$(PY) -m benchmarks.swap_bench
 
+# ruff, then the layer rules of docs/architecture.md (import-linter contracts in pyproject.toml).
 lint: setup lint-deploy
 	$(VENV)/bin/ruff check .
+	$(VENV)/bin/lint-imports
 
 # The Dockerfile (hadolint) and the Kubernetes manifests against the API schemas (offline).
 lint-deploy: setup

@@ -5,7 +5,8 @@
                                                             # settings and compare with its in-process best
 
 Curves: each model is built with random-init weights (never downloaded) as a ``LoadedVersion`` and timed by
-``server.autotune.measure`` over the whole ladder (no early stop), on this process's main thread with the thread
+``server.models.loader.autotune.measure`` over the whole ladder (no early stop), on this process's main thread
+with the thread
 count the daemon would use. ``--serve`` then writes each torchvision model to a temporary repository with an
 unpinned manifest, starts ``python -m server`` on it (so the daemon autotunes it), drives it closed-loop with
 raw uint8 224×224 tensors from ``--concurrency`` asyncio clients, and reports served images/s as a share of the
@@ -32,12 +33,13 @@ from classifier.v1 import classifier_pb2_grpc as pb_grpc
 from safetensors.torch import save_file
 
 from client import tensor_request
-from server.architectures import build_architecture
-from server.autotune import BatchCurve, TunePlan, curve_from, ladder, measure, timed_predict
-from server.host import apply_torch_threads
-from server.manifest import load_manifest, parse_manifest
-from server.runtime import LoadedVersion
-from server.weights import build_model
+from server.batching.curve import BatchCurve, ladder
+from server.core.manifest import load_manifest, parse_manifest
+from server.inference.runtime import LoadedVersion
+from server.models.loader.architectures import build_architecture
+from server.models.loader.autotune import TunePlan, curve_from, measure, timed_predict
+from server.models.loader.weights import build_model
+from server.ops.host import apply_torch_threads
 
 REPO = Path(__file__).resolve().parent.parent
 DIGITS = REPO / "models" / "digits" / "1"
@@ -169,7 +171,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--warm-s", type=float, default=3.0)
     parser.add_argument("--seconds", type=float, default=10.0)
     parser.add_argument("--torch-threads", type=int, default=None,
-                        help="for the curves and the daemon (default: the daemon's rule, server/host.py)")
+                        help="for the curves and the daemon (default: the daemon's rule, server/ops/host.py)")
     args = parser.parse_args(argv)
     device = torch.device(args.device)
     threads = apply_torch_threads(args.torch_threads)

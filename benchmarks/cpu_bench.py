@@ -2,7 +2,8 @@
 
 For each model (random-init torchvision weights saved to a temporary model directory):
 
-1. **In-process limit**, no server: decode + preprocess (``server.preprocess``) + forward (``LoadedVersion.predict``,
+1. **In-process limit**, no server: decode + preprocess (``server.inference.preprocess``) + forward
+   (``LoadedVersion.predict``,
    the daemon's own code) at each batch size; the best batch size gives the limit. Also the forward pass alone,
    and the single-image pipeline's latency.
 2. **Daemon with batching** (``python -m server`` in a subprocess, ``--max-batch-size`` = the best batch size
@@ -38,10 +39,11 @@ import torch
 from benchmarks.support import DaemonProcess, facts_block, fmt, markdown_table, run_facts, write_torchvision_model
 from client.api import image_request, tensor_request
 from client.bench import BenchOptions, Payloads, parse_size, run_benchmark, synthetic_jpeg
-from server.loading import build_for_serving
-from server.manifest import load_manifest
-from server.preprocess import RawTensor, preprocess
-from server.runtime import LoadedVersion
+from server.core.manifest import load_manifest
+from server.core.types import RawTensor
+from server.inference.preprocess import preprocess
+from server.inference.runtime import LoadedVersion
+from server.models.loader.build import build_for_serving
 
 Input = bytes | RawTensor
 

@@ -24,7 +24,7 @@ mkdir -p "$RESULTS_DIR"
 import importlib, sys
 missing = []
 for name in ("torch", "torchvision", "grpc", "grpc_health.v1", "grpc_reflection.v1alpha", "google.protobuf",
-             "PIL", "numpy", "safetensors", "watchfiles", "pytest", "classifier.v1.classifier_pb2", "server.app"):
+             "PIL", "numpy", "safetensors", "watchfiles", "pytest", "classifier.v1.classifier_pb2", "server.daemon"):
     try:
         importlib.import_module(name)
     except Exception as exc:  # ImportError, or protobuf's version check of the generated stubs
@@ -40,8 +40,8 @@ print(f"torch {torch.__version__} on {torch.cuda.get_device_name(0)}", file=sys.
 PY
 
 echo "== CUDA tests" >&2
-"$PYTHON" -m pytest -q -p no:cacheprovider -k cuda tests/test_staging.py tests/test_cuda_path.py \
-    tests/test_compile.py tests/test_production.py 2>&1 | tee "$RESULTS_DIR/cuda-tests.txt" | tail -n 15 >&2 || true
+"$PYTHON" -m pytest -q -p no:cacheprovider -k cuda tests/inference/test_staging.py tests/inference/test_cuda_path.py \
+    tests/inference/test_compile.py tests/daemon/test_production.py 2>&1 | tee "$RESULTS_DIR/cuda-tests.txt" | tail -n 15 >&2 || true
 
 markdown_args=()
 [ "$MARKDOWN" != "-" ] && markdown_args=(--markdown "$MARKDOWN")

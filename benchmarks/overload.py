@@ -3,12 +3,12 @@
     PYTHONPATH=.:protos .venv/bin/python -m benchmarks.overload               # 30 s at 4x capacity
     PYTHONPATH=.:protos .venv/bin/python -m benchmarks.overload --duration 60 --multiplier 8
 
-It starts the daemon in its own process (``python -m tests.serve``) with one test model whose forward pass takes
+It starts the daemon in its own process (``python -m tests.support.serve``) with one test model whose forward pass takes
 ``--delay-ms`` per batch of up to ``--batch`` requests, so capacity is known and the CPU stays free for the load
 generator. Requests are offered open-loop, at a fixed rate whatever the answers, as real clients do. It prints how
 many requests were answered, shed (RESOURCE_EXHAUSTED) or failed otherwise, latency percentiles of each, the bound
 that ``max_queue`` puts on the latency of accepted requests, and the daemon's resident memory over time.
-``tests/test_overload.py`` runs the same code for a few seconds.
+``tests/daemon/test_overload.py`` runs the same code for a few seconds.
 """
 
 from __future__ import annotations
@@ -118,7 +118,7 @@ async def offer_load(target: str, rate: float, duration_s: float, *, rss: Callab
 
 def slow_repository(root: Path, delay_ms: float, batch: int, max_queue: int) -> Path:
     """A repository with one model, ``slow``, of known capacity: ``batch`` requests per ``delay_ms``."""
-    from tests.kit import write_model  # tests/ helpers: the benchmark runs from the repository root
+    from tests.support.kit import write_model  # tests/ helpers: the benchmark runs from the repository root
 
     write_model(root, "slow", architecture="classifyd:test_slow",
                 manifest={"input": {"color": "L", "size": 8, "resize": 8},
@@ -134,7 +134,7 @@ def latency_bound_s(delay_ms: float, batch: int, max_queue: int) -> float:
 
 def run(duration_s: float, multiplier: float, delay_ms: float, batch: int, max_queue: int) -> OverloadReport:
     """Start a daemon, offer ``multiplier`` times its capacity for ``duration_s``, stop it; return the report."""
-    from tests.process import DaemonProcess
+    from tests.support.process import DaemonProcess
 
     capacity = batch / (delay_ms / 1000)
     with tempfile.TemporaryDirectory(prefix="classifyd-overload-") as tmp:

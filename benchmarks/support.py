@@ -94,7 +94,7 @@ def torchvision_weights(arch: str, path: Path, *, seed: int, num_classes: int = 
     import torch
     from safetensors.torch import save_file
 
-    from server.architectures import build_architecture
+    from server.models.loader.architectures import build_architecture
 
     torch.manual_seed(seed)
     module = build_architecture(f"torchvision:{arch}", num_classes, 3, {})

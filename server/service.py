@@ -5,7 +5,7 @@ pool (decode and resize, off the event loop), one dynamic batcher per model
 and the inference thread (forward passes). A model with ``[tiling]`` sends
 each tile of an image through its batcher as an item of its own, so tiles
 batch with each other and with other requests. It knows nothing of gRPC:
-callers get :mod:`server.errors` exceptions, which the edge maps to status codes.
+callers get :mod:`server.core.errors` exceptions, which the edge maps to status codes.
 """
 
 from __future__ import annotations
@@ -18,17 +18,16 @@ import weakref
 from collections import defaultdict
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import cast
 
 import numpy as np
 import torch
 
-from server import batcher as batching
-from server.admission import Admission, Ticket
-from server.batch_policy import LatencyTargetPolicy
-from server.device_decode import DeviceJpeg, decode_batch, probe
-from server.errors import (
+from server.batching import batcher as batching
+from server.batching.admission import Admission, Ticket
+from server.batching.policy import LatencyTargetPolicy
+from server.core.errors import (
     ClassifydError,
     DeadlineExpired,
     InferenceFailed,
@@ -36,64 +35,19 @@ from server.errors import (
     ModelUnavailable,
     Overloaded,
 )
-from server.isolation import BatchReport, FailureLog, is_out_of_memory, predict_splitting_on_oom
-from server.manager import ModelManager
-from server.manifest import InputSpec
-from server.outputs import Prediction, reduce_tiles, select
-from server.preprocess import (
-    MAX_PIXELS,
-    Box,
-    RawTensor,
-    is_model_sized,
-    preprocess,
-    preprocess_tiles,
-    tensor_to_array,
-)
-from server.runtime import InferenceThread, LoadedVersion
-from server.staging import Pixels, StagedBatch
+from server.core.manifest import InputSpec
+from server.core.outputs import reduce_tiles, select
+from server.core.types import BatchReport, Box, ClassifyCall, ClassifyResult, RawTensor, TileResult
+from server.inference.device_decode import DeviceJpeg, decode_batch, probe
+from server.inference.isolation import FailureLog, is_out_of_memory, predict_splitting_on_oom
+from server.inference.preprocess import MAX_PIXELS, is_model_sized, preprocess, preprocess_tiles, tensor_to_array
+from server.inference.runtime import InferenceThread, LoadedVersion
+from server.inference.staging import Pixels, StagedBatch
+from server.models.manager import ModelManager
 
 log = logging.getLogger("classifyd.service")
 # Called on the event loop for every answered request: (model, version, batch_size, latency_s). Must not block.
 Observer = Callable[[str, int, int, float], None]
-
-
-@dataclass(frozen=True)
-class ClassifyCall:
-    """One classification request, already free of protobuf."""
-
-    model: str
-    payload: bytes | RawTensor
-    version: int = 0
-    top_k: int = 0
-    deadline: float | None = None  # time.monotonic() seconds
-    lang: str = ""  # labels.<lang>.txt to answer with; "" = labels.txt
-    return_tiles: bool = False
-    request_id: str = ""
-
-
-@dataclass(frozen=True)
-class TileResult:
-    """One tile of a tiled request: its region of the image and its own predictions."""
-
-    box: Box
-    predictions: list[Prediction]
-    batch_size: int
-
-
-@dataclass(frozen=True)
-class ClassifyResult:
-    """Predictions with the facts of how they were computed."""
-
-    predictions: list[Prediction]
-    model: str
-    version: int
-    batch_size: int
-    queue_s: float
-    compute_s: float
-    preprocess_s: float
-    lang: str = ""
-    tile_count: int = 0
-    tiles: list[TileResult] = field(default_factory=list)
 
 
 @dataclass(eq=False)

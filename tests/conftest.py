@@ -9,7 +9,7 @@ from pathlib import Path
 import grpc
 import pytest
 
-from tests.kit import REPO, DaemonThread, running_daemon, write_model
+from tests.support.kit import REPO, DaemonThread, running_daemon, write_model
 
 DIGIT_LABELS = ["零", "一", "二", "三", "四", "五", "六", "七", "八", "九"]
 

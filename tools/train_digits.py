@@ -25,7 +25,7 @@ from sklearn.datasets import load_digits
 from torch import nn
 from torch.nn import functional
 
-from server.architectures import SmallCNN
+from server.models.loader.architectures import SmallCNN
 
 N_TRAIN = 1437
 SEED = 0

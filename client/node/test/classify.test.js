@@ -1,7 +1,7 @@
 'use strict';
 // Runs against a real classifyd started here: `<repo>/.venv/bin/python -m server --port 0 --port-file ...`
 // (set CLASSIFYD_PYTHON to use another interpreter). Fixtures are held-out digits of scikit-learn's
-// data set (tests/digits_data.py, samples 0, 6 and 8), which the default model labels in Chinese.
+// data set (tests/support/digits_data.py, samples 0, 6 and 8), which the default model labels in Chinese.
 
 const { test, before, after } = require('node:test');
 const assert = require('node:assert/strict');

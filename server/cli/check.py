@@ -1,0 +1,139 @@
+"""``python -m server check models/<name>``: load one model version offline, exactly as the daemon would.
+
+Runs the model manager's own loading path (manifest, build, weights, warm-up,
+validation samples) on one version, prints what it resolved, and exits 0 when
+the version could serve, 1 with the reason when it could not, 2 on bad usage.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import sys
+from pathlib import Path
+
+from server.core.lifecycle import VersionState
+from server.core.manifest import Manifest
+from server.inference.runtime import InferenceThread, LoadedVersion, pick_device
+from server.models.loader.weights import WeightsError, find_weights
+from server.models.manager import ManagerSettings, ModelManager, VersionRecord
+from server.models.source.repository import version_numbers
+
+_SHOWN_LABELS = 20
+
+
+def parse_args(argv: list[str]) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog="python -m server check",
+                                     description="Load a model directory offline and report every problem.")
+    parser.add_argument("model_dir", type=Path, help="the model's directory, e.g. models/digits")
+    parser.add_argument("--version", type=int, default=0, help="the version to check (default: the newest)")
+    parser.add_argument("--trust-code", action="store_true",
+                        help="allow a python:<file>:<name> architecture to run its file")
+    parser.add_argument("--device", default="cpu", help="cpu, cuda, cuda:N or auto (default: cpu)")
+    parser.add_argument("--max-batch-size", type=int, default=32,
+                        help="warm-up batch for a manifest that sets no max_batch_size (default: 32, as the daemon)")
+    parser.add_argument("--log-level", default="CRITICAL", help="log level of the loading code (default: CRITICAL)")
+    return parser.parse_args(argv)
+
+
+def main(argv: list[str]) -> int:
+    args = parse_args(argv)
+    logging.basicConfig(level=args.log_level.upper(), format="%(levelname)s %(name)s: %(message)s")
+    model_dir = args.model_dir.resolve()
+    versions = version_numbers(model_dir)
+    if not model_dir.is_dir() or not versions:
+        what = "is not a directory" if not model_dir.is_dir() else "has no version directories (<N>/)"
+        print(f"FAILED: {args.model_dir} {what}", file=sys.stderr)
+        return 2
+    number = args.version or max(versions)
+    if number not in versions:
+        print(f"FAILED: {args.model_dir} has no version {number} (versions: {', '.join(map(str, versions))})",
+              file=sys.stderr)
+        return 2
+    try:
+        settings = ManagerSettings(models_dir=model_dir.parent, device=pick_device(args.device),
+                                   default_max_batch_size=args.max_batch_size, trust_code=args.trust_code)
+    except (RuntimeError, ValueError) as exc:
+        print(f"FAILED: {exc}", file=sys.stderr)
+        return 2
+    entry, loaded = asyncio.run(_load(settings, model_dir.name, number))
+    print(f"model         {model_dir.name}, version {number} ({args.model_dir / str(number)})")
+    if entry.manifest is not None:
+        _describe(entry.manifest, model_dir / str(number))
+    if entry.state is not VersionState.READY or loaded is None:
+        print(f"FAILED: {entry.error}", file=sys.stderr)
+        return 1
+    _describe_loaded(entry, loaded)
+    print(f"OK: {args.model_dir} version {number} can serve")
+    return 0
+
+
+async def _load(settings: ManagerSettings, name: str, number: int) -> tuple[VersionRecord, LoadedVersion | None]:
+    """The version's record and its loaded version (released by now: only its facts are left to report)."""
+    inference = InferenceThread()
+    manager = ModelManager(settings, inference)
+    try:
+        entry = await manager.load_one(name, number)
+        return entry, entry.loaded
+    finally:
+        await manager.aclose()
+        inference.shutdown()
+
+
+def _describe(manifest: Manifest, version_dir: Path) -> None:
+    spec = manifest.input
+    print(f"architecture  {manifest.architecture}")
+    try:
+        print(f"weights       {find_weights(version_dir, manifest)}")
+    except WeightsError as exc:
+        print(f"weights       ? ({exc})")
+    print(f"input         {spec.color} ({spec.channels} channel(s)), {spec.height}x{spec.width}, crop {spec.crop}, "
+          f"resize {spec.resize}, interpolation {spec.interpolation}"
+          + (", fill_alpha" if spec.fill_alpha else ""))
+    print(f"normalize     mean {list(spec.mean)}, std {list(spec.std)}")
+    if spec.resolved_from:
+        print(f"              ({spec.resolved_from})")
+    print(f"output        {_output(manifest)}")
+    print(f"precision     {manifest.precision} requested, channels_last {str(manifest.channels_last).lower()}")
+    if manifest.compile != "off":
+        sizes = ", ".join(map(str, manifest.compile_batch_sizes)) or "powers of two up to max_batch_size, and it"
+        print(f"compile       torch.compile mode {manifest.compile}, batch sizes {sizes}")
+    if manifest.tiling:
+        t = manifest.tiling
+        print(f"tiling        tiles {t.tile[1]}x{t.tile[0]} every {t.stride[1]}x{t.stride[0]} px, reduce {t.reduce}, "
+              f"at most {t.max_tiles} tiles")
+    print(f"labels        {_labels(manifest.labels)}")
+    for lang, labels in manifest.translations.items():
+        print(f"labels.{lang:<6} {_labels(labels)}")
+
+
+def _output(manifest: Manifest) -> str:
+    if manifest.activation == "softmax":
+        return f"softmax over {manifest.num_classes} labels, top_k {manifest.top_k}"
+    distinct = sorted(set(manifest.thresholds))
+    if len(distinct) == 1:
+        thresholds = f"threshold {distinct[0]}"
+    else:
+        thresholds = "thresholds " + ", ".join(f"{label} {value}" for label, value in
+                                              zip(manifest.labels, manifest.thresholds, strict=True))
+    return f"sigmoid (multi-label) over {manifest.num_classes} labels, {thresholds}, at most {manifest.top_k}"
+
+
+def _labels(labels: tuple[str, ...]) -> str:
+    shown = ", ".join(labels[:_SHOWN_LABELS])
+    more = f", … ({len(labels) - _SHOWN_LABELS} more)" if len(labels) > _SHOWN_LABELS else ""
+    return f"{len(labels)}: {shown}{more}"
+
+
+def _describe_loaded(entry: VersionRecord, loaded: LoadedVersion) -> None:
+    spec = loaded.manifest.input
+    note = f" ({loaded.precision_note})" if loaded.precision_note else ""
+    print(f"device        {loaded.device}, precision {loaded.precision}{note}")
+    print(f"warm-up       ok: a batch of {loaded.max_batch_size} blank {spec.height}x{spec.width}x{spec.channels} "
+          f"inputs gave one row of {loaded.manifest.num_classes} scores each")
+    if entry.validation_accuracy is None:
+        print("validation    no samples/ directory in the version")
+    else:
+        print(f"validation    accuracy {entry.validation_accuracy:.3f} (min_accuracy "
+              f"{loaded.manifest.min_accuracy:.3f})")

@@ -1,0 +1,332 @@
+"""Decode an encoded image or raw tensor into the model's input pixels.
+
+PIL and numpy only: the result is an ``HxWxC`` numpy array (uint8, or float32
+in 0..1 for float tensors) of exactly the model's input size; normalisation to
+mean/std happens batched on the inference thread. With a ``[tiling]`` section,
+:func:`preprocess_tiles` cuts the input into overlapping tiles first and fits
+each one. These functions block (PIL decode and resize release the GIL): run
+them in a thread pool. Every problem with the input raises
+:class:`server.core.errors.InvalidInput` saying what was wrong.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import math
+import warnings
+from collections.abc import Iterator
+from typing import TypeGuard
+
+import numpy as np
+from PIL import Image, ImageOps, UnidentifiedImageError
+
+from server.core.errors import InvalidInput
+from server.core.manifest import COLOR_CHANNELS, InputSpec, TilingSpec
+from server.core.types import Box, RawTensor
+
+SUPPORTED_FORMATS = ("JPEG", "PNG", "WEBP", "BMP", "GIF", "TIFF", "MPO")
+MAX_PIXELS = 100_000_000
+# An image so elongated that scaling its shorter side to `resize` would make a larger intermediate image than
+# this is resized through its crop box only: a 1x100000 image must not become a 256x25,600,000 one.
+MAX_INTERMEDIATE_PIXELS = 1 << 22
+_RESAMPLE = {
+    "nearest": Image.Resampling.NEAREST,
+    "bilinear": Image.Resampling.BILINEAR,
+    "bicubic": Image.Resampling.BICUBIC,
+    "lanczos": Image.Resampling.LANCZOS,
+    "box": Image.Resampling.BOX,
+    "hamming": Image.Resampling.HAMMING,
+}
+_DTYPES = {"uint8": np.dtype("<u1"), "float32": np.dtype("<f4")}
+_ALPHA_MODES = ("RGBA", "RGBa", "LA", "La", "PA")
+_HIGH_DEPTH_MODES = ("I;16", "I;16B", "I;16L", "I;16N", "I", "F")
+
+Source = Image.Image | np.ndarray
+"""A decoded input in the model's colour mode: a PIL image, or an ``H x W x C`` array from a tensor."""
+
+
+def preprocess(payload: bytes | RawTensor, spec: InputSpec, max_pixels: int = MAX_PIXELS,
+               box: Box | None = None) -> np.ndarray:
+    """Turn one request's input (or its region ``box``) into an ``H x W x C`` array of the model's input size."""
+    source = load_source(payload, spec, max_pixels)
+    return fit(crop(source, box) if box else source, spec)
+
+
+def preprocess_tiles(payload: bytes | RawTensor, spec: InputSpec, tiling: TilingSpec,
+                     max_pixels: int = MAX_PIXELS) -> list[tuple[Box, np.ndarray]]:
+    """Cut the input into the overlapping tiles of ``tiling`` and fit each to the model's input size."""
+    source = load_source(payload, spec, max_pixels)
+    height, width = _source_size(source)
+    boxes = tile_boxes(width, height, tiling)
+    if len(boxes) > tiling.max_tiles:
+        raise InvalidInput(f"image of {width}x{height} pixels gives {len(boxes)} tiles of "
+                           f"{tiling.tile[1]}x{tiling.tile[0]}, more than the model's limit of {tiling.max_tiles}")
+    return [(box, fit(crop(source, box), spec)) for box in boxes]
+
+
+def tile_boxes(width: int, height: int, tiling: TilingSpec) -> list[Box]:
+    """Tiles ``stride`` apart, row by row; the last row and column are aligned to the far edges so the whole
+    image is covered. An image smaller than a tile in a dimension is one tile of its own size there."""
+    tile_h, tile_w = tiling.tile
+    stride_h, stride_w = tiling.stride
+    return [(x, y, min(tile_w, width), min(tile_h, height))
+            for y in _starts(height, tile_h, stride_h) for x in _starts(width, tile_w, stride_w)]
+
+
+def _starts(length: int, tile: int, stride: int) -> list[int]:
+    if length <= tile:
+        return [0]
+    starts = list(range(0, length - tile + 1, stride))
+    if starts[-1] != length - tile:
+        starts.append(length - tile)
+    return starts
+
+
+def load_source(payload: bytes | RawTensor, spec: InputSpec, max_pixels: int = MAX_PIXELS) -> Source:
+    """Decode an image and convert it to the model's colour mode, or validate a tensor and match its channels."""
+    if isinstance(payload, RawTensor):
+        return tensor_to_array(payload, spec, max_pixels)
+    image = decode_image(payload, max_pixels)
+    try:
+        return _convert(image, spec)
+    except Exception as exc:  # noqa: BLE001 - whatever a decoded-but-odd image makes Pillow raise is bad input
+        raise InvalidInput(f"cannot convert image ({image.format} {image.mode} {image.width}x{image.height}): "
+                           f"{type(exc).__name__}: {exc}") from None
+
+
+def crop(source: Source, box: Box) -> Source:
+    """The region ``box`` of a decoded input."""
+    x, y, width, height = box
+    if isinstance(source, np.ndarray):
+        return source[y:y + height, x:x + width]
+    return source.crop((x, y, x + width, y + height))
+
+
+def fit(source: Source, spec: InputSpec) -> np.ndarray:
+    """Resize and crop a decoded input to the model's input size."""
+    return _fit_array(source, spec) if isinstance(source, np.ndarray) else _fit_image(source, spec)
+
+
+def _source_size(source: Source) -> tuple[int, int]:
+    if isinstance(source, np.ndarray):
+        return source.shape[0], source.shape[1]
+    return source.height, source.width
+
+
+def decode_image(data: bytes, max_pixels: int = MAX_PIXELS) -> Image.Image:
+    """Decode an encoded image, EXIF orientation applied. Raises InvalidInput."""
+    with _decode_errors():
+        image = open_image(data, max_pixels)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            image.load()
+        return ImageOps.exif_transpose(image) or image
+
+
+def open_image(data: bytes, max_pixels: int = MAX_PIXELS) -> Image.Image:
+    """Read an encoded image's header only (format, mode, size, EXIF), not its pixels, and check its format and
+    size against ``max_pixels``. Raises InvalidInput with the same messages as :func:`decode_image`."""
+    if not data:
+        raise InvalidInput("empty image: the request's image field has no bytes")
+    with _decode_errors():
+        with warnings.catch_warnings():
+            # The daemon enforces its own, configurable pixel limit below; PIL's fixed one only as a backstop.
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            image = Image.open(io.BytesIO(data))
+        _check_image(image, max_pixels)
+        return image
+
+
+@contextlib.contextmanager
+def _decode_errors() -> Iterator[None]:
+    """Whatever decoding an image raises becomes InvalidInput."""
+    try:
+        yield
+    except InvalidInput:
+        raise
+    except (UnidentifiedImageError, Image.DecompressionBombError) as exc:
+        raise InvalidInput(_decode_message(exc)) from None
+    except (OSError, SyntaxError, ValueError, EOFError) as exc:
+        raise InvalidInput(f"cannot decode image: {exc}") from None
+    except Exception as exc:  # noqa: BLE001 - corrupt files make decoders raise almost anything; all are bad input
+        raise InvalidInput(f"cannot decode image: {type(exc).__name__}: {exc}") from None
+
+
+def _check_image(image: Image.Image, max_pixels: int) -> None:
+    if image.format not in SUPPORTED_FORMATS:
+        raise InvalidInput(f"unsupported image format {image.format}; supported: JPEG, PNG, WebP, BMP, GIF, TIFF")
+    width, height = image.size
+    if width < 1 or height < 1:
+        raise InvalidInput(f"image has zero size ({width}x{height})")
+    if width * height > max_pixels:
+        raise InvalidInput(f"image of {width}x{height} pixels exceeds the limit of {max_pixels} pixels")
+
+
+def _decode_message(exc: Exception) -> str:
+    if isinstance(exc, UnidentifiedImageError):
+        return "cannot decode image: not a JPEG, PNG, WebP, BMP, GIF or TIFF file (or corrupt)"
+    return f"image too large: {exc}"
+
+
+def _convert(image: Image.Image, spec: InputSpec) -> Image.Image:
+    """Convert to the model's colour mode; palette, 16-bit, float and alpha images included.
+
+    A 4-channel (RGBA) model needs a fourth channel: images without alpha are refused unless the manifest
+    sets ``fill_alpha``, since a channel such as near-infrared cannot be made up. Raises InvalidInput.
+    """
+    color = spec.color
+    if image.mode == color:
+        return image
+    has_alpha = image.mode in _ALPHA_MODES or (image.mode == "P" and "transparency" in image.info)
+    if color == "RGBA" and not has_alpha and not spec.fill_alpha:
+        raise InvalidInput(f"image has mode {image.mode} ({len(image.getbands())} channel(s), no alpha); the model "
+                           "takes 4 channels (RGBA) and a fourth channel cannot be made up (the model's manifest "
+                           "does not set fill_alpha)")
+    if image.mode in _HIGH_DEPTH_MODES:
+        image = _to_8bit(image)
+    if image.mode == "P":
+        image = image.convert("RGBA" if has_alpha else "RGB")
+    try:
+        return image.convert(color)
+    except ValueError:
+        pass
+    try:  # Pillow converts some modes (LAB) only to RGB
+        return image.convert("RGB").convert(color)
+    except ValueError as exc:
+        raise InvalidInput(f"image mode {image.mode} cannot be converted to {color}: {exc}") from None
+
+
+def _to_8bit(image: Image.Image) -> Image.Image:
+    """Greyscale deeper than 8 bits to ``L``, scaled instead of clipped at 255.
+
+    16-bit modes: ÷ 65535. 32-bit integers: kept when ≤ 255, read as 16-bit when ≤ 65535, else scaled by
+    their maximum. Floats: read as 0..1 when ≤ 1.0, else clipped to 0..255.
+    """
+    array = np.asarray(image, dtype=np.float64)
+    peak = float(array.max()) if array.size else 0.0
+    if image.mode.startswith("I;16"):
+        scale = 255.0 / 65535.0
+    elif image.mode == "F":
+        scale = 255.0 if peak <= 1.0 else 1.0
+    else:
+        scale = 1.0 if peak <= 255 else 255.0 / 65535.0 if peak <= 65535 else 255.0 / peak
+    return Image.fromarray(np.clip(np.rint(array * scale), 0, 255).astype(np.uint8), "L")
+
+
+def _fit_image(image: Image.Image, spec: InputSpec) -> np.ndarray:
+    """Resize and crop to the input size (see :func:`_fit_band`). Four channels are resampled one by one,
+    so a fourth channel (alpha, or e.g. near-infrared) never scales the colour channels."""
+    if len(image.getbands()) == 4:
+        return np.dstack([_fit_band(band, spec) for band in image.split()])
+    return _as_hwc(_fit_band(image, spec))
+
+
+def _fit_band(image: Image.Image, spec: InputSpec) -> np.ndarray:
+    """Resize (shorter side to ``resize``) and centre-crop, or stretch to the input size when crop = none."""
+    resample = _RESAMPLE[spec.interpolation]
+    if spec.crop == "none":
+        if image.size != (spec.width, spec.height):
+            image = image.resize((spec.width, spec.height), resample)
+        return np.asarray(image)
+    new_size = scaled_size(image.width, image.height, spec)
+    if new_size[0] * new_size[1] > MAX_INTERMEDIATE_PIXELS:
+        return np.asarray(_resize_crop_box(image, new_size, spec, resample))
+    if new_size != image.size:
+        image = image.resize(new_size, resample, reducing_gap=3.0)
+    left, top = crop_origin(image.width, image.height, spec)
+    image = image.crop((left, top, left + spec.width, top + spec.height))
+    return np.asarray(image)
+
+
+def scaled_size(width: int, height: int, spec: InputSpec) -> tuple[int, int]:
+    """``(width, height)`` an image is scaled to before the centre crop (``crop = "center"``): the shorter side to
+    ``resize``, each side at least the input size."""
+    # the same arithmetic as torchvision's Resize(resize) + CenterCrop, which most models were trained with
+    short, long = min(width, height), max(width, height)
+    scaled_long = spec.resize * long // short
+    scaled = (spec.resize, scaled_long) if width <= height else (scaled_long, spec.resize)
+    return max(spec.width, scaled[0]), max(spec.height, scaled[1])
+
+
+def crop_origin(width: int, height: int, spec: InputSpec) -> tuple[int, int]:
+    """``(left, top)`` of the centred input-size crop of an image of ``width x height``."""
+    return round((width - spec.width) / 2.0), round((height - spec.height) / 2.0)
+
+
+def _resize_crop_box(image: Image.Image, new_size: tuple[int, int], spec: InputSpec,
+                     resample: Image.Resampling) -> Image.Image:
+    """The centre crop of the image scaled to ``new_size``, resampling only the source region it covers."""
+    sx, sy = new_size[0] / image.width, new_size[1] / image.height
+    left, top = crop_origin(*new_size, spec)
+    box = (left / sx, top / sy, (left + spec.width) / sx, (top + spec.height) / sy)
+    return image.resize((spec.width, spec.height), resample, box=box)
+
+
+def _as_hwc(array: np.ndarray) -> np.ndarray:
+    return array[:, :, None] if array.ndim == 2 else array
+
+
+def is_model_sized(payload: bytes | RawTensor, spec: InputSpec) -> TypeGuard[RawTensor]:
+    """Whether ``payload`` is a uint8 tensor of exactly the model's input shape with the right byte count: then
+    :func:`tensor_to_array` only views it (constant time, no copy) and may run on the event loop."""
+    return (isinstance(payload, RawTensor) and payload.dtype == "uint8"
+            and payload.shape == (spec.height, spec.width, spec.channels)
+            and len(payload.data) == spec.height * spec.width * spec.channels)
+
+
+def tensor_to_array(tensor: RawTensor, spec: InputSpec, max_pixels: int = MAX_PIXELS) -> np.ndarray:
+    """Validate a raw tensor and view it as ``H x W x C`` with the model's channel count."""
+    dtype = _DTYPES.get(tensor.dtype)
+    if dtype is None:
+        raise InvalidInput(f"tensor dtype must be UINT8 or FLOAT32, got {tensor.dtype}")
+    shape = tensor.shape
+    if len(shape) not in (2, 3) or any(d < 1 for d in shape):
+        raise InvalidInput(f"tensor shape must be [height, width] or [height, width, channels], got {list(shape)}")
+    if shape[0] * shape[1] > max_pixels:
+        raise InvalidInput(f"tensor of {shape[0]}x{shape[1]} pixels exceeds the limit of {max_pixels} pixels")
+    count = math.prod(shape)  # Python ints: huge dimensions must not wrap around
+    if count * dtype.itemsize != len(tensor.data):
+        raise InvalidInput(f"tensor of shape {list(shape)} and dtype {tensor.dtype} needs "
+                           f"{count * dtype.itemsize} bytes, got {len(tensor.data)}")
+    array = np.frombuffer(tensor.data, dtype=dtype).reshape(shape)
+    if dtype.kind == "f" and not np.isfinite(array).all():
+        raise InvalidInput("tensor contains NaN or infinite values")
+    return _match_channels(_as_hwc(array), spec)
+
+
+def _match_channels(array: np.ndarray, spec: InputSpec) -> np.ndarray:
+    have, want = array.shape[2], spec.channels
+    if have == want:
+        return array
+    if want == 1 and have in (3, 4):
+        rgb = array[:, :, :3].astype(np.float32)
+        grey = rgb @ np.array([0.299, 0.587, 0.114], dtype=np.float32)
+        return _as_hwc(grey.round().astype(array.dtype) if array.dtype == np.uint8 else grey)
+    if want == 3 and have == 1:
+        return np.repeat(array, 3, axis=2)
+    if want == 3 and have == 4:
+        return array[:, :, :3]
+    if want == 4 and have in (1, 3) and spec.fill_alpha:
+        rgb = np.repeat(array, 3, axis=2) if have == 1 else array
+        opaque = np.full((*array.shape[:2], 1), 255 if array.dtype == np.uint8 else 1.0, dtype=array.dtype)
+        return np.concatenate([rgb, opaque], axis=2)
+    names = {v: k for k, v in COLOR_CHANNELS.items()}
+    reason = "they cannot be converted"
+    if want == 4 and have in (1, 3):
+        reason = "a fourth channel (alpha, or e.g. near-infrared) cannot be made up (the model's manifest does " \
+                 "not set fill_alpha)"
+    raise InvalidInput(f"tensor has {have} channel(s); the model takes {want} ({names.get(want, '?')}) and {reason}")
+
+
+def _fit_array(array: np.ndarray, spec: InputSpec) -> np.ndarray:
+    """Resize a tensor to the input size only when it is not that size already (floats band by band)."""
+    if array.shape[:2] == (spec.height, spec.width):
+        return array
+    if array.dtype != np.uint8:
+        bands = [_fit_band(Image.fromarray(np.ascontiguousarray(array[:, :, i]), "F"), spec)
+                 for i in range(array.shape[2])]
+        return np.dstack(bands).astype(np.float32)
+    mode = {1: "L", 3: "RGB", 4: "RGBA"}[array.shape[2]]
+    image = Image.fromarray(array[:, :, 0] if mode == "L" else np.ascontiguousarray(array), mode)
+    return _fit_image(image, spec)

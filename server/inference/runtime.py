@@ -1,0 +1,196 @@
+"""A loaded model version and the dedicated thread its forward passes run on.
+
+Everything here that touches torch blocks: call it through
+:class:`InferenceThread` (forward passes, warm-up) or a loader thread.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import threading
+from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from typing import TypeVar
+
+import numpy as np
+import torch
+from torch import nn
+
+from server.batching.curve import BatchCurve
+from server.core.manifest import Manifest
+from server.inference.compiled import warm_up_sizes
+from server.inference.device_decode import uses_device_decode
+from server.inference.precision import autocast, effective_precision
+from server.inference.staging import Pixels, StagedBatch, Stager
+
+T = TypeVar("T")
+log = logging.getLogger("classifyd.models")
+
+
+class InferenceThread:
+    """One dedicated thread for every torch forward pass.
+
+    Running warm-up and all inference on a single thread avoids the per-call
+    cost torch pays when its work hops between threads (see docs/architecture.md).
+    """
+
+    def __init__(self) -> None:
+        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="classifyd-infer")
+
+    async def run(self, fn: Callable[..., T], *args: object) -> T:
+        """Run ``fn(*args)`` on the inference thread and await its result."""
+        return await asyncio.get_running_loop().run_in_executor(self._executor, fn, *args)
+
+    def shutdown(self) -> None:
+        """Wait for the running call, then stop the thread."""
+        self._executor.shutdown(wait=True)
+
+
+def pick_device(requested: str) -> torch.device:
+    """``auto`` → CUDA when available, else CPU; ``cpu``/``cuda``/``cuda:N`` as given."""
+    if requested == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = torch.device(requested)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError("--device cuda was given but torch sees no CUDA device")
+    return device
+
+
+class OutputShapeError(RuntimeError):
+    """The model returned something other than one row of logits per image."""
+
+
+class WarmUpError(RuntimeError):
+    """The warm-up batch failed: the version must not serve."""
+
+
+@dataclass(eq=False)
+class LoadedVersion:
+    """One model version, in eval mode on its device, ready for forward passes."""
+
+    name: str
+    version: int
+    manifest: Manifest
+    module: nn.Module
+    device: torch.device
+    max_batch_size: int
+    max_delay_ms: float
+    max_queue: int = 1024
+    batch_curve: BatchCurve | None = None
+    """Measured at load time by :mod:`server.models.loader.autotune`; None when not measured."""
+
+    def __post_init__(self) -> None:
+        spec = self.manifest.input
+        shape = (1, spec.channels, 1, 1)
+        self._mean = torch.tensor(spec.mean, dtype=torch.float32, device=self.device).view(shape)
+        self._inv_std = (1.0 / torch.tensor(spec.std, dtype=torch.float32, device=self.device)).view(shape)
+        self.precision, self.precision_note = effective_precision(self.manifest.precision, self.device)
+        if self.precision_note:
+            log.warning("model %s version %d: %s", self.name, self.version, self.precision_note)
+        self._stager = Stager(self.device)
+        self.decodes_on_device = uses_device_decode(self.manifest, self.device)
+        """Whether JPEG payloads are decoded on the device (``[input] decode``); decided once, at load."""
+        self._lock = threading.Lock()
+        self._leases = 0
+        self._idle = asyncio.Event()
+        self._idle.set()
+        self.released = False
+
+    def lease(self) -> None:
+        """Keep this version loaded until :meth:`unlease`; call on the event loop."""
+        self._leases += 1
+        self._idle.clear()
+
+    def unlease(self) -> None:
+        """Give back a lease taken with :meth:`lease`."""
+        self._leases -= 1
+        if self._leases == 0:
+            self._idle.set()
+
+    async def drained(self) -> None:
+        """Wait until no request holds a lease on this version."""
+        await self._idle.wait()
+
+    @property
+    def labels(self) -> tuple[str, ...]:
+        return self.manifest.labels
+
+    def stage(self, inputs: Sequence[Pixels]) -> StagedBatch:
+        """Stack a batch's inputs and, on CUDA, start copying the arrays among them to the device from pinned
+        memory (see server/inference/staging.py). Blocks on the copy into host memory; call it from the preprocessing
+        pool
+        on CUDA, never from the event loop."""
+        return self._stager.stage(inputs, self.max_batch_size)
+
+    def predict(self, inputs: Sequence[Pixels] | StagedBatch) -> np.ndarray:
+        """Scores, one row per ``H x W x C`` input array (or per image of a staged batch): softmax
+        probabilities, or per-label sigmoids for ``activation = "sigmoid"``. Runs under autocast at the
+        version's precision. Blocks; raises OutputShapeError."""
+        with self._lock, torch.inference_mode():
+            if self.released:
+                raise RuntimeError(f"model {self.name} version {self.version} was already released")
+            staged = inputs if isinstance(inputs, StagedBatch) else self._stager.stage(inputs, self.max_batch_size)
+            batch = self._normalize(staged.wait())
+            with autocast(self.precision, self.device):
+                logits = self.module(batch)
+            self._check_output(logits, len(staged))
+            if self.manifest.activation == "sigmoid":
+                return torch.sigmoid(logits.float()).cpu().numpy()
+            return torch.softmax(logits.float(), dim=1).cpu().numpy()
+
+    def warm_up(self) -> None:
+        """Run one batch of ``max_batch_size`` blank images: catches shape errors and OOM before serving.
+        A compiled module runs one batch per batch-size bucket instead, which compiles every bucket here, on the
+        inference thread (seconds per bucket; other models wait). Raises WarmUpError saying what failed."""
+        spec = self.manifest.input
+        blank = np.zeros((spec.height, spec.width, spec.channels), dtype=np.uint8)
+        for size in warm_up_sizes(self.module, self.max_batch_size):
+            try:
+                self.predict([blank] * size)
+            except Exception as exc:
+                reason = str(exc) if isinstance(exc, OutputShapeError) else f"{type(exc).__name__}: {exc}"
+                raise WarmUpError(f"warm-up on a batch of {size} blank {spec.height}x{spec.width}"
+                                  f"x{spec.channels} ({spec.color}) inputs failed: {reason}{self._channel_hint()}") \
+                    from exc
+
+    def _channel_hint(self) -> str:
+        """Name the first convolution when its input channels differ from the manifest's colour mode."""
+        for name, layer in self.module.named_modules():
+            kind = getattr(layer, "original_name", type(layer).__name__)  # TorchScript keeps the class name there
+            if kind in ("Conv1d", "Conv2d", "Conv3d"):
+                takes, spec = getattr(layer, "in_channels", None), self.manifest.input
+                if isinstance(takes, int) and takes != spec.channels:
+                    return (f"; the model's first convolution ({name}) takes {takes} input channel(s) but [input] "
+                            f"color = {spec.color!r} gives {spec.channels}")
+                return ""
+        return ""
+
+    def _normalize(self, stacked: torch.Tensor) -> torch.Tensor:
+        """``N x H x W x C`` uint8 (or float 0..1) → normalised ``N x C x H x W`` float in the model's layout."""
+        batch = stacked.permute(0, 3, 1, 2)
+        batch = batch.float().div_(255.0) if batch.dtype == torch.uint8 else batch.float()
+        batch = batch.sub_(self._mean).mul_(self._inv_std) if batch.data_ptr() != stacked.data_ptr() else \
+            (batch - self._mean) * self._inv_std
+        layout = torch.channels_last if self.manifest.channels_last else torch.contiguous_format
+        return batch.contiguous(memory_format=layout)
+
+    def _check_output(self, logits: object, count: int) -> None:
+        expected = (count, self.manifest.num_classes)
+        if isinstance(logits, torch.Tensor) and tuple(logits.shape) == expected:
+            return
+        if isinstance(logits, torch.Tensor) and logits.dim() == 2 and logits.shape[0] == count:
+            raise OutputShapeError(f"model outputs {logits.shape[1]} logits per image but has "
+                                   f"{expected[1]} labels: the label count must equal the output width")
+        got = f"shape {tuple(logits.shape)}" if isinstance(logits, torch.Tensor) else type(logits).__name__
+        raise OutputShapeError(f"model returned {got} for a batch of {count}; expected one row of {expected[1]} "
+                               f"logits per image {expected}")
+
+    def release(self) -> None:
+        """Drop the module so its memory (GPU memory included) can be returned."""
+        with self._lock:
+            self.released = True
+            self.module = nn.Identity()
+        if self.device.type == "cuda":
+            torch.cuda.empty_cache()

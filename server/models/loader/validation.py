@@ -1,0 +1,84 @@
+"""The validation gate: a version with ``samples/<label>/*`` images must classify them well enough to serve.
+
+Reads and preprocesses samples on the loader thread, predicts on the inference
+thread. A model with ``[tiling]`` is validated as it serves: each sample is cut
+into tiles and the tiles' scores are reduced to one row. Raises
+:class:`ValidationError` when accuracy is below the manifest's ``min_accuracy``
+or a sample folder names no label.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from concurrent.futures import Executor
+from pathlib import Path
+
+import numpy as np
+
+from server.core.errors import InvalidInput
+from server.core.outputs import reduce_tiles
+from server.inference.preprocess import preprocess, preprocess_tiles
+from server.inference.runtime import InferenceThread, LoadedVersion
+
+log = logging.getLogger("classifyd.models")
+SAMPLES_DIR = "samples"
+SAMPLE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".gif", ".tif", ".tiff")
+
+
+class ValidationError(ValueError):
+    """The version's validation samples are unusable or not classified well enough."""
+
+
+def read_samples(version: LoadedVersion, samples_dir: Path) -> tuple[list[list[np.ndarray]], list[int]]:
+    """Preprocessed sample images (each one array, or its tiles) and their label indices.
+
+    Blocks on file reads and decoding."""
+    index = {label: i for i, label in enumerate(version.labels)}
+    arrays: list[list[np.ndarray]] = []
+    truth: list[int] = []
+    manifest = version.manifest
+    for folder in sorted(p for p in samples_dir.iterdir() if p.is_dir()):
+        if folder.name not in index:
+            raise ValidationError(f"{folder}: sample folder names no label of the model")
+        for path in sorted(p for p in folder.iterdir() if p.suffix.lower() in SAMPLE_SUFFIXES):
+            try:
+                if manifest.tiling is None:
+                    arrays.append([preprocess(path.read_bytes(), manifest.input)])
+                else:
+                    arrays.append([a for _, a in preprocess_tiles(path.read_bytes(), manifest.input, manifest.tiling)])
+            except InvalidInput as exc:
+                raise ValidationError(f"{path}: {exc}") from None
+            truth.append(index[folder.name])
+    return arrays, truth
+
+
+async def validate_version(version: LoadedVersion, version_dir: Path, loader: Executor,
+                           inference: InferenceThread) -> float | None:
+    """Top-1 accuracy on the version's samples (None when it has none). Raises ValidationError below the bar."""
+    samples_dir = version_dir / SAMPLES_DIR
+    if not samples_dir.is_dir():
+        return None
+    loop = asyncio.get_running_loop()
+    arrays, truth = await loop.run_in_executor(loader, read_samples, version, samples_dir)
+    if not arrays:
+        raise ValidationError(f"{samples_dir}: no sample images (expected samples/<label>/*.png or *.jpg)")
+    flat = [a for sample in arrays for a in sample]
+    size = version.max_batch_size
+    rows: list[np.ndarray] = []
+    for start in range(0, len(flat), size):
+        rows.extend(await inference.run(version.predict, flat[start:start + size]))
+    correct, used = 0, 0
+    how = version.manifest.tiling.reduce if version.manifest.tiling else "max"
+    for sample, label in zip(arrays, truth, strict=True):
+        scores = reduce_tiles(rows[used:used + len(sample)], how)
+        used += len(sample)
+        correct += int(scores.argmax() == label)
+    accuracy = correct / len(arrays)
+    minimum = version.manifest.min_accuracy
+    log.info("model %s version %d: validation accuracy %.3f on %d samples (min_accuracy %.3f)", version.name,
+             version.version, accuracy, len(arrays), minimum)
+    if accuracy < minimum:
+        raise ValidationError(f"validation accuracy {accuracy:.3f} on {len(arrays)} samples is below "
+                              f"min_accuracy {minimum:.3f}")
+    return accuracy

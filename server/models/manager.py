@@ -1,0 +1,359 @@
+"""The model manager: which versions of which models are loaded, and which serves.
+
+It knows nothing of batching or gRPC. A request resolves its version with
+:meth:`ModelManager.resolve` when its batch is formed, so putting a new
+version into service is one reference change between batches. Requests hold a
+lease on the versions they use (:meth:`LoadedVersion.lease`): a retired version
+is released only once its last request has finished.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from server.core.config import AutotuneDefaults
+from server.core.errors import ModelNotFound, ModelUnavailable
+from server.core.lifecycle import EventKind, ModelEvent, VersionState
+from server.core.manifest import Manifest, ManifestError, load_manifest
+from server.inference.runtime import InferenceThread, LoadedVersion
+from server.models.loader.autotune import plan_for, tune
+from server.models.loader.build import build_for_serving
+from server.models.loader.validation import ValidationError, validate_version
+from server.models.loader.weights import WeightsError
+from server.models.source.repository import Fingerprint, SettleTracker, fingerprint, model_names, version_numbers
+
+log = logging.getLogger("classifyd.models")
+LOAD_ERRORS = (ManifestError, WeightsError, ValidationError, RuntimeError, ValueError, TypeError, OSError, KeyError)
+
+
+@dataclass(eq=False)
+class VersionRecord:
+    """What the manager knows of one version directory."""
+
+    version: int
+    state: VersionState
+    error: str = ""
+    loaded: LoadedVersion | None = None
+    manifest: Manifest | None = None
+    generation: int = 0
+    fingerprint: Fingerprint = ()
+    failed_fingerprint: Fingerprint | None = None
+    validation_accuracy: float | None = None
+
+    def is_current(self, current: Fingerprint) -> bool:
+        """Whether these files were already tried (loaded, or failed to load)."""
+        return current in (self.fingerprint, self.failed_fingerprint)
+
+
+@dataclass
+class ModelRecord:
+    """One model directory and its versions."""
+
+    name: str
+    directory: Path
+    versions: dict[int, VersionRecord] = field(default_factory=dict)
+    removed: bool = False
+    lock: asyncio.Lock = field(default_factory=asyncio.Lock)
+
+    def serving(self) -> VersionRecord | None:
+        """The newest READY version, the one requests without a pinned version get."""
+        ready = [v for v in self.versions.values() if v.state is VersionState.READY]
+        return max(ready, key=lambda v: v.version, default=None)
+
+    def latest_manifest(self) -> Manifest | None:
+        """The manifest of the serving version, else of the newest version that parsed."""
+        serving = self.serving()
+        if serving and serving.manifest:
+            return serving.manifest
+        parsed = [v for v in self.versions.values() if v.manifest]
+        return max(parsed, key=lambda v: v.version).manifest if parsed else None
+
+
+@dataclass(frozen=True)
+class ManagerSettings:
+    """How the manager loads models."""
+
+    models_dir: Path
+    device: torch.device
+    default_max_batch_size: int = 32
+    default_max_delay_ms: float = 0.0
+    default_max_queue: int = 1024
+    autotune: AutotuneDefaults = field(default_factory=AutotuneDefaults)
+    trust_code: bool = False  # allow python: architectures, which execute files of the repository
+
+
+Listener = Callable[[ModelEvent], None]
+
+
+class ModelManager:
+    """Loads models from the repository, swaps versions, and answers which version serves a request."""
+
+    def __init__(self, settings: ManagerSettings, inference: InferenceThread) -> None:
+        self.settings = settings
+        self._inference = inference
+        self._loader = ThreadPoolExecutor(max_workers=1, thread_name_prefix="classifyd-load")
+        self._models: dict[str, ModelRecord] = {}
+        self._listeners: list[Listener] = []
+        self._retiring: set[asyncio.Task[None]] = set()
+        self.default_model: str | None = None
+
+    # ----- events
+
+    def add_listener(self, listener: Listener) -> None:
+        """Call ``listener(event)`` on the event loop for every model event."""
+        self._listeners.append(listener)
+
+    def remove_listener(self, listener: Listener) -> None:
+        if listener in self._listeners:
+            self._listeners.remove(listener)
+
+    def _emit(self, record: ModelRecord, version: int, kind: EventKind, reason: str = "") -> None:
+        serving = record.serving()
+        event = ModelEvent(record.name, version, kind, reason, serving is not None and serving.version == version)
+        for listener in list(self._listeners):
+            listener(event)
+
+    # ----- loading and swapping
+
+    async def load_repository(self) -> None:
+        """Load every model of the repository now (no settle period: the daemon is starting)."""
+        for name in model_names(self.settings.models_dir):
+            await self.reconcile(name)
+
+    async def reconcile(self, name: str, *, settle: SettleTracker | None = None, force: bool = False) -> float:
+        """Bring model ``name`` in line with its directory.
+
+        Loads new and changed versions (newest first, until the manifest's ``keep_versions`` are ready),
+        retires versions that are superseded or removed, and unloads the model when its directory is gone.
+        With ``settle``, files that changed within the settle period are left for later. ``force`` reloads
+        versions even when their files did not change. Returns the seconds after which to look again
+        (0.0 when nothing is pending). Never raises for a bad version: it becomes FAILED.
+        """
+        directory = self.settings.models_dir / name
+        if not directory.is_dir():
+            await self._remove_model(name)
+            return 0.0
+        record = self._models.get(name)
+        if record is None or record.removed:
+            record = self._models[name] = ModelRecord(name, directory)
+        async with record.lock:
+            on_disk = await asyncio.to_thread(version_numbers, record.directory)  # slow on network filesystems
+            wait, kept = await self._load_newest(record, on_disk, settle, force)
+            if wait == 0.0 or not any(v.state is VersionState.READY for v in record.versions.values()):
+                self._retire_all_but(record, kept, set(on_disk))
+        self.default_model = self._choose_default()
+        return wait
+
+    async def _load_newest(self, record: ModelRecord, on_disk: list[int], settle: SettleTracker | None,
+                           force: bool) -> tuple[float, set[int]]:
+        if not on_disk:
+            log.error("model %s: no version directories (expected %s/<N>/)", record.name, record.directory)
+        wait, kept, keep = 0.0, set(), 1
+        for number in sorted(on_disk, reverse=True):
+            if len(kept) >= keep:
+                break
+            entry = await self._consider(record, number, settle, force)
+            if isinstance(entry, float):
+                wait = entry if wait == 0.0 else min(wait, entry)
+                current = record.versions.get(number)
+                if current and current.state is VersionState.READY:
+                    kept.add(number)
+            elif entry is not None and entry.state is VersionState.READY:
+                kept.add(number)
+                keep = max(keep, entry.manifest.keep_versions if entry.manifest else 1)
+        return wait, kept
+
+    async def _consider(self, record: ModelRecord, number: int, settle: SettleTracker | None,
+                        force: bool) -> VersionRecord | float | None:
+        """Load one version if its files are new or changed and have settled; else say how long to wait."""
+        current = await asyncio.to_thread(fingerprint, record.directory / str(number))
+        entry = record.versions.get(number)
+        if entry is not None and entry.is_current(current) and not force:
+            return entry
+        remaining = settle.remaining((record.name, number), current) if settle else 0.0
+        if remaining > 0:
+            return remaining
+        return await self._load_version(record, number, current)
+
+    async def _load_version(self, record: ModelRecord, number: int, files: Fingerprint) -> VersionRecord:
+        """Load, warm up and validate a version; on success it serves, on failure the old state stays."""
+        previous = record.versions.get(number)
+        reloading = previous is not None and previous.state is VersionState.READY
+        entry = VersionRecord(number, VersionState.LOADING, fingerprint=files,
+                              generation=(previous.generation if previous else 0) + 1)
+        if not reloading:
+            record.versions[number] = entry
+        self._emit(record, number, EventKind.LOADING, f"generation {entry.generation}" if reloading else "")
+        started = time.monotonic()
+        try:
+            await self._prepare(record, entry)
+        except LOAD_ERRORS as exc:
+            return self._load_failed(record, entry, previous if reloading else None, exc)
+        entry.state = VersionState.READY
+        record.versions[number] = entry
+        if reloading and previous and previous.loaded:
+            self._retire(record, previous, f"replaced by generation {entry.generation}")
+        log.info("model %s version %d ready on %s (generation %d, %.2f s)", record.name, number,
+                 self.settings.device, entry.generation, time.monotonic() - started)
+        self._emit(record, number, EventKind.READY)
+        return entry
+
+    def _load_failed(self, record: ModelRecord, entry: VersionRecord, serving_copy: VersionRecord | None,
+                     exc: Exception) -> VersionRecord:
+        if entry.loaded:
+            entry.loaded.release()
+            entry.loaded = None
+        message = str(exc)
+        log.error("model %s version %d failed to load: %s", record.name, entry.version, message)
+        if serving_copy is not None:  # changed files of a serving version: the loaded files keep serving
+            serving_copy.error = f"reload failed: {message}"
+            serving_copy.failed_fingerprint = entry.fingerprint
+            self._emit(record, entry.version, EventKind.FAILED, message)
+            return serving_copy
+        entry.state, entry.error = VersionState.FAILED, message
+        entry.failed_fingerprint, entry.fingerprint = entry.fingerprint, ()
+        self._emit(record, entry.version, EventKind.FAILED, message)
+        return entry
+
+    async def _prepare(self, record: ModelRecord, entry: VersionRecord) -> None:
+        version_dir = record.directory / str(entry.version)
+        loop = asyncio.get_running_loop()
+        entry.manifest = await loop.run_in_executor(self._loader, load_manifest, version_dir)
+        module, manifest = await loop.run_in_executor(self._loader, build_for_serving, version_dir, entry.manifest,
+                                                      self.settings.device, self.settings.trust_code)
+        entry.manifest = manifest  # with the input spec resolved for the architecture (timm's config)
+        batching = manifest.batching
+        plan = plan_for(batching, self.settings.autotune, self.settings.default_max_batch_size,
+                        self.settings.device.type)
+        entry.loaded = LoadedVersion(
+            name=record.name,
+            version=entry.version,
+            manifest=manifest,
+            module=module,
+            device=self.settings.device,
+            max_batch_size=plan.cap,
+            max_delay_ms=self.settings.default_max_delay_ms if batching.max_delay_ms is None else batching.max_delay_ms,
+            max_queue=batching.max_queue or self.settings.default_max_queue,
+        )
+        await self._inference.run(entry.loaded.warm_up)
+        entry.validation_accuracy = await validate_version(entry.loaded, version_dir, self._loader, self._inference)
+        await tune(entry.loaded, self._inference, plan)
+
+    async def load_one(self, name: str, number: int) -> VersionRecord:
+        """Load, warm up and validate exactly version ``number`` of model ``name`` (``python -m server check``).
+
+        Nothing is retired and no other version is tried. Never raises for a bad version: it is FAILED.
+        """
+        record = self._models.get(name)
+        if record is None:
+            record = self._models[name] = ModelRecord(name, self.settings.models_dir / name)
+        async with record.lock:
+            directory = record.directory / str(number)
+            loop = asyncio.get_running_loop()
+            return await self._load_version(record, number, await loop.run_in_executor(None, fingerprint, directory))
+
+    # ----- retiring and removing
+
+    def _retire_all_but(self, record: ModelRecord, kept: set[int], on_disk: set[int]) -> None:
+        for number, entry in list(record.versions.items()):
+            if number in kept:
+                continue
+            if entry.state is VersionState.READY:
+                self._retire(record, entry, "removed from disk" if number not in on_disk else "superseded")
+            elif entry.state is VersionState.FAILED and number not in on_disk:
+                del record.versions[number]
+
+    def _retire(self, record: ModelRecord, entry: VersionRecord, reason: str) -> None:
+        """Stop routing new batches to ``entry``; release it once its in-flight requests are done."""
+        if record.versions.get(entry.version) is entry:
+            entry.state = VersionState.UNLOADING
+        task = asyncio.get_running_loop().create_task(self._finish_retire(record, entry, reason))
+        self._retiring.add(task)
+        task.add_done_callback(self._retiring.discard)
+
+    async def _finish_retire(self, record: ModelRecord, entry: VersionRecord, reason: str) -> None:
+        loaded = entry.loaded
+        if loaded is not None:
+            await loaded.drained()
+            await self._inference.run(loaded.release)
+        entry.loaded = None
+        if record.versions.get(entry.version) is entry:
+            del record.versions[entry.version]
+        log.info("model %s version %d unloaded (%s)", record.name, entry.version, reason)
+        self._emit(record, entry.version, EventKind.UNLOADED, reason)
+
+    async def _remove_model(self, name: str) -> None:
+        record = self._models.get(name)
+        if record is None or record.removed:
+            return
+        async with record.lock:
+            record.removed = True
+            for entry in list(record.versions.values()):
+                if entry.state is VersionState.READY:
+                    self._retire(record, entry, "model directory removed")
+                elif entry.state is VersionState.FAILED:
+                    del record.versions[entry.version]
+        log.info("model %s removed: unloading after in-flight requests finish", name)
+        self.default_model = self._choose_default()
+
+    def _choose_default(self) -> str | None:
+        live = {n: r for n, r in self._models.items() if not r.removed}
+        flagged = sorted(n for n, r in live.items() if (m := r.latest_manifest()) and m.is_default)
+        if len(flagged) > 1:
+            log.warning("several models have default = true (%s); using %s", ", ".join(flagged), flagged[0])
+        if flagged:
+            return flagged[0]
+        return next(iter(live)) if len(live) == 1 else None
+
+    # ----- queries
+
+    def model_names(self) -> list[str]:
+        """The names of :meth:`models`, for the repository watcher."""
+        return [record.name for record in self.models()]
+
+    def models(self) -> list[ModelRecord]:
+        """Every model in the repository (removed ones excluded), sorted by name."""
+        return [self._models[n] for n in sorted(self._models) if not self._models[n].removed]
+
+    def get(self, name: str) -> ModelRecord:
+        """The model called ``name`` ('' = the default model). Raises ModelNotFound."""
+        resolved = name or self.default_model
+        if resolved is None:
+            raise ModelNotFound("no model named in the request and no default model is configured")
+        record = self._models.get(resolved)
+        if record is None or record.removed:
+            known = ", ".join(r.name for r in self.models()) or "none"
+            raise ModelNotFound(f"unknown model {resolved!r}; known models: {known}")
+        return record
+
+    def resolve(self, name: str, version: int = 0) -> LoadedVersion:
+        """The loaded version a request should run on. Raises ModelNotFound or ModelUnavailable."""
+        record = self.get(name)
+        if version < 0:
+            raise ModelNotFound(f"model {record.name}: version must be >= 0, got {version}")
+        entry = record.serving() if version == 0 else record.versions.get(version)
+        if entry is None and version:
+            raise ModelNotFound(f"model {record.name} has no loaded version {version}")
+        if entry is None or entry.loaded is None or entry.state is not VersionState.READY:
+            state = "no version is ready" if entry is None else f"version {version} is {entry.state.name}"
+            raise ModelUnavailable(f"model {record.name}: {state}")
+        return entry.loaded
+
+    async def aclose(self) -> None:
+        """Release every loaded version and stop the loader thread."""
+        for task in list(self._retiring):
+            task.cancel()
+        for record in self._models.values():
+            for entry in record.versions.values():
+                if entry.loaded:
+                    entry.loaded.release()
+                    entry.loaded = None
+        self._loader.shutdown(wait=True)

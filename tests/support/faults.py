@@ -1,0 +1,81 @@
+"""Test architectures for production behaviour: a slow model, and one that fails on demand.
+
+Importing this module registers ``classifyd:test_slow`` and ``classifyd:test_fussy``. Both record the size of
+every batch they computed in ``COMPUTED[tag]`` (``tag`` comes from the manifest's ``model_args``), so tests can
+count exactly which requests reached a forward pass.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections import defaultdict
+
+import torch
+from torch import nn
+
+from server.models.loader.architectures import BUILTIN
+
+COMPUTED: defaultdict[str, list[int]] = defaultdict(list)
+_LOCK = threading.Lock()
+
+
+def computed_items(tag: str) -> int:
+    """Requests the models tagged ``tag`` computed (warm-up batches included)."""
+    with _LOCK:
+        return sum(COMPUTED[tag])
+
+
+def _record(tag: str, size: int) -> None:
+    with _LOCK:
+        COMPUTED[tag].append(size)
+
+
+class SlowModel(nn.Module):
+    """A tiny classifier whose every forward pass takes ``delay_s`` seconds."""
+
+    def __init__(self, num_classes: int, in_channels: int = 1, delay_s: float = 0.05, tag: str = "slow") -> None:
+        super().__init__()
+        self.linear = nn.Linear(in_channels, num_classes)
+        self.delay_s = delay_s
+        self.tag = tag
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        time.sleep(self.delay_s)
+        _record(self.tag, x.shape[0])
+        return self.linear(x.mean(dim=(2, 3)))
+
+
+class FussyModel(nn.Module):
+    """Raises for a *marked* input, and runs out of memory for batches larger than ``oom_above``.
+
+    An input is marked when its top-left pixel is much brighter than the pixel to its right (a uint8 image with
+    255 there and 0 next to it). The first forward pass is the loader's warm-up and is never refused. On CUDA,
+    with ``real_oom_bytes``, a batch that is too large really allocates that much device memory.
+    """
+
+    def __init__(self, num_classes: int, in_channels: int = 1, oom_above: int = 2, tag: str = "fussy",
+                 real_oom_bytes: int = 0) -> None:
+        super().__init__()
+        self.linear = nn.Linear(in_channels, num_classes)
+        self.oom_above = oom_above
+        self.tag = tag
+        self.real_oom_bytes = real_oom_bytes
+        self.calls = 0
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        self.calls += 1
+        if self.calls > 1:
+            if bool((x[:, 0, 0, 0] > x[:, 0, 0, 1] + 0.5).any()):
+                raise ValueError("marked input: this test model refuses it")
+            if x.shape[0] > self.oom_above:
+                if x.is_cuda and self.real_oom_bytes:
+                    torch.empty(self.real_oom_bytes, dtype=torch.uint8, device=x.device)
+                raise torch.cuda.OutOfMemoryError(f"CUDA out of memory (test model: batch of {x.shape[0]} > "
+                                                  f"{self.oom_above})")
+        _record(self.tag, x.shape[0])
+        return self.linear(x.mean(dim=(2, 3)))
+
+
+BUILTIN.setdefault("test_slow", SlowModel)
+BUILTIN.setdefault("test_fussy", FussyModel)
