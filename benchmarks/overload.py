@@ -118,8 +118,11 @@ async def offer_load(target: str, rate: float, duration_s: float, *, rss: Callab
 
 def slow_repository(root: Path, delay_ms: float, batch: int, max_queue: int) -> Path:
     """A repository with one model, ``slow``, of known capacity: ``batch`` requests per ``delay_ms``."""
-    from tests.support.kit import write_model  # tests/ helpers: the benchmark runs from the repository root
+    # tests/ helpers: the benchmark runs from the repository root
+    from tests.support.architectures import register_test_architectures
+    from tests.support.kit import write_model
 
+    register_test_architectures()  # write_model builds classifyd:test_slow to write its weights
     write_model(root, "slow", architecture="classifyd:test_slow",
                 manifest={"input": {"color": "L", "size": 8, "resize": 8},
                           "model_args": {"delay_s": delay_ms / 1000, "tag": "overload"},
@@ -134,7 +137,7 @@ def latency_bound_s(delay_ms: float, batch: int, max_queue: int) -> float:
 
 def run(duration_s: float, multiplier: float, delay_ms: float, batch: int, max_queue: int) -> OverloadReport:
     """Start a daemon, offer ``multiplier`` times its capacity for ``duration_s``, stop it; return the report."""
-    from tests.support.process import DaemonProcess
+    from tests.support.daemon_process import DaemonProcess
 
     capacity = batch / (delay_ms / 1000)
     with tempfile.TemporaryDirectory(prefix="classifyd-overload-") as tmp:

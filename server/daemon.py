@@ -1,7 +1,9 @@
 """Assemble the daemon: model manager, service, gRPC server with health and reflection, optional HTTP server.
 
 ``Daemon.start()`` binds the port (0 picks a free one, as tests do) and
-returns once every model in the repository has been tried.
+returns once every model in the repository has been tried; ``Daemon.stop()``
+is the graceful stop of docs/production.md (drain, stop accepting, finish
+in-flight calls within the grace period, release).
 """
 
 from __future__ import annotations
@@ -10,8 +12,6 @@ import asyncio
 import importlib.metadata
 import logging
 import time
-from dataclasses import dataclass
-from pathlib import Path
 
 import grpc
 from classifier.v1 import classifier_pb2 as pb
@@ -19,17 +19,17 @@ from classifier.v1 import classifier_pb2_grpc as pb_grpc
 from grpc_health.v1 import health, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
-from server.core.config import DEFAULT_BUDGET_S, AutotuneDefaults
+from server.core.config import ServerConfig
 from server.core.errors import ModelNotFound
 from server.core.types import RequestReport
 from server.edges.common.auth import TokenChecker, check_tls_files, read_tokens
 from server.edges.grpc import oip as oip_api
 from server.edges.grpc.classifier import ClassifierServicer, ErrorInterceptor, HealthReporter
-from server.edges.grpc.security import AuthInterceptor, server_credentials
+from server.edges.grpc.drain import WATCH_METHODS, DrainGate
+from server.edges.grpc.security import AdminInterceptor, AuthInterceptor, server_credentials
 from server.edges.http.classify import HttpContext
 from server.edges.http.security import http_ssl_context, token_middleware
 from server.edges.http.server import HttpServer, build_app
-from server.inference.preprocess import MAX_PIXELS
 from server.inference.runtime import InferenceThread, pick_device
 from server.models.manager import ManagerSettings, ModelManager
 from server.models.source.watcher import RepositoryWatcher
@@ -40,67 +40,38 @@ from server.ops.stats import EventLog, StatsCollector
 from server.service import ClassifierService
 
 log = logging.getLogger("classifyd")
-MAX_MESSAGE_BYTES = 64 * 1024 * 1024
-
-
-@dataclass(frozen=True)
-class ServerConfig:
-    """Everything the daemon is started with (the CLI's flags)."""
-
-    models_dir: Path
-    host: str = "127.0.0.1"
-    port: int = 50051
-    device: str = "auto"
-    max_batch_size: int = 32
-    max_delay_ms: float = 0.0
-    max_queue: int = 1024
-    max_message_bytes: int = MAX_MESSAGE_BYTES
-    max_pixels: int = MAX_PIXELS
-    watch: bool = True
-    poll: bool = False
-    settle_s: float = 1.0
-    rescan_s: float = 30.0
-    http_port: int | None = None  # None: no HTTP listener; 0: any free port
-    reuse_port: bool = False  # SO_REUSEPORT: several processes share the port (--workers)
-    max_connection_age_s: float = 0.0  # > 0: clients reconnect, re-resolving DNS, so they find new replicas
-    autotune: bool = True
-    autotune_budget_s: float = DEFAULT_BUDGET_S
-    autotune_max_batch_size: int | None = None
-    torch_threads: int | None = None
-    trust_code: bool = False
-    # production: metrics, TLS / mTLS, bearer tokens (docs/production.md, docs/security.md)
-    metrics_port: int | None = None
-    metrics_host: str | None = None  # None: the same as host
-    tls_cert: Path | None = None
-    tls_key: Path | None = None
-    tls_client_ca: Path | None = None
-    auth_token_file: Path | None = None
+LANDING_S = 0.05
+"""When the daemon stops accepting: time for calls already on the wire to reach the drain gate before the listener
+closes (grpc would cancel those that arrive after)."""
+GOAWAY_S = 0.1
+"""Then: time for grpc to write its GOAWAY before the held answers and refusals, so clients read it first."""
+QUEUED_MARGIN_S = 2.0
+"""Requests still queued this long before the grace period ends (at most a quarter of it) are answered
+UNAVAILABLE, so that their clients have time to retry them elsewhere; batches being computed may finish."""
+GRACE_ENDED = "the server is shutting down: the request did not finish within the grace period; retry it"
+WATCH_ENDED = "the server is shutting down: watch again on another replica"
 
 
 class Daemon:
     """One running classifyd: create, ``await start()``, ``await stop(grace)``."""
 
     def __init__(self, config: ServerConfig) -> None:
-        if not config.models_dir.is_dir():
-            raise FileNotFoundError(f"models directory {config.models_dir} does not exist")
-        check_tls_files(config.tls_cert, config.tls_key, config.tls_client_ca)
+        """Build every part; nothing listens yet. Raises FileNotFoundError for a missing models directory,
+        ValueError for a missing or bad TLS or token file (SecurityConfigError) or a device that is not there."""
+        models_dir, security = config.models.models_dir, config.security
+        if not models_dir.is_dir():
+            raise FileNotFoundError(f"models directory {models_dir} does not exist")
+        check_tls_files(security.tls_cert, security.tls_key, security.tls_client_ca)
         self.config = config
-        apply_torch_threads(config.torch_threads)
+        apply_torch_threads(config.models.torch_threads)
         self.inference = InferenceThread()
-        settings = ManagerSettings(
-            models_dir=config.models_dir,
-            device=pick_device(config.device),
-            default_max_batch_size=config.max_batch_size,
-            default_max_delay_ms=config.max_delay_ms,
-            default_max_queue=config.max_queue,
-            autotune=AutotuneDefaults(config.autotune, config.autotune_budget_s, config.autotune_max_batch_size),
-            trust_code=config.trust_code,
-        )
-        self.manager = ModelManager(settings, self.inference)
+        self.manager = ModelManager(manager_settings(config), self.inference)
         self.stats = StatsCollector()
         self.events = EventLog()
         self.manager.add_listener(self.events.record)
-        self.service = ClassifierService(self.manager, self.inference, max_pixels=config.max_pixels,
+        self.service = ClassifierService(self.manager, self.inference, max_pixels=config.limits.max_pixels,
+                                         preprocess_workers=config.process.preprocess_threads,
+                                         max_decode_bytes=config.limits.max_decode_bytes,
                                          observer=self.stats.observe)
         self.health = health.aio.HealthServicer()
         self.health_reporter = HealthReporter(self.health, self.manager)
@@ -108,23 +79,29 @@ class Daemon:
         self.metrics = Metrics(self._model_lookup, self.service.queue_depths)
         self.manager.add_listener(self.metrics.model_event)
         self.service.add_batch_listener(self.metrics.batch_done)
-        self._tokens = read_tokens(config.auth_token_file) if config.auth_token_file else []
+        self._tokens = read_tokens(security.auth_token_file) if security.auth_token_file else []
+        self._admin_tokens = read_tokens(security.admin_token_file) if security.admin_token_file else []
+        self.gate = DrainGate()
+        self._queues_closed: asyncio.Future[None] | None = None  # the end of a graceful stop: queues answered
         self.server = self._build_server()
         self.watcher: RepositoryWatcher | None = None
         self.port = 0
         self.http_port = 0
-        self.http = self._build_http() if config.http_port is not None else None
+        self.http = self._build_http() if config.listen.http_port is not None else None
         self._started = time.time()
         self.ready = False  # accepting requests: between start() and stop()
         self.metrics_port: int | None = None
 
     def _build_http(self) -> HttpServer:
-        context = HttpContext(self.service, self.manager, self.config.max_message_bytes, self.stats, self.events,
-                              self.server_info)
-        auth = [token_middleware(TokenChecker(self._tokens))] if self._tokens else []
-        tls = (http_ssl_context(self.config.tls_cert, self.config.tls_key, self.config.tls_client_ca)
-               if self.config.tls_cert and self.config.tls_key else None)
-        return HttpServer(build_app(context, auth), reuse_port=self.config.reuse_port, ssl_context=tls)
+        limits = self.config.limits
+        context = HttpContext(self.service, self.manager, limits.max_message_bytes, self.stats,
+                              self.events, self.server_info, on_request=self._request_done,
+                              max_json_bytes=limits.max_json_bytes, max_images=limits.max_images_per_request)
+        auth = [token_middleware(TokenChecker(self._tokens + self._admin_tokens))] if self._tokens else []
+        security = self.config.security
+        tls = (http_ssl_context(security.tls_cert, security.tls_key, security.tls_client_ca)
+               if security.tls_cert and security.tls_key else None)
+        return HttpServer(build_app(context, auth), reuse_port=self.config.listen.reuse_port, ssl_context=tls)
 
     def _model_lookup(self, name: str) -> tuple[str, frozenset[int]] | None:
         try:
@@ -138,66 +115,95 @@ class Daemon:
         self.metrics.request_done(report)
 
     def _build_server(self) -> grpc.aio.Server:
+        listen, max_bytes = self.config.listen, self.config.limits.max_message_bytes
         options = [
-            ("grpc.max_receive_message_length", self.config.max_message_bytes),
-            ("grpc.max_send_message_length", self.config.max_message_bytes),
-            ("grpc.so_reuseport", int(self.config.reuse_port)),
+            ("grpc.max_receive_message_length", max_bytes),
+            ("grpc.max_send_message_length", max_bytes),
+            ("grpc.so_reuseport", int(listen.reuse_port)),
         ]
-        if self.config.max_connection_age_s > 0:
-            options.append(("grpc.max_connection_age_ms", round(self.config.max_connection_age_s * 1000)))
-        auth = [AuthInterceptor(self._tokens)] if self._tokens else []
-        server = grpc.aio.server(interceptors=[*auth, ErrorInterceptor()], options=options)
-        servicer = ClassifierServicer(self.service, self.manager, self._request_done)
+        if listen.max_connection_age_s > 0:
+            options.append(("grpc.max_connection_age_ms", round(listen.max_connection_age_s * 1000)))
+        server = grpc.aio.server(interceptors=self._interceptors(), options=options)
+        limits = self.config.limits
+        servicer = ClassifierServicer(self.service, self.manager, self._request_done,
+                                      stream_in_flight=limits.max_stream_in_flight,
+                                      reload_min_interval_s=self.config.models.reload_min_interval_s)
         pb_grpc.add_ClassifierServicer_to_server(servicer, server)
         health_pb2_grpc.add_HealthServicer_to_server(self.health, server)
-        oip_name = oip_api.add_to_server(oip_api.OipServicer(self.service, self.manager, lambda: self.ready), server)
+        oip_servicer = oip_api.OipServicer(self.service, self.manager, lambda: self.ready, self._request_done,
+                                           max_images=limits.max_images_per_request,
+                                           stream_in_flight=limits.max_stream_in_flight)
+        oip_name = oip_api.add_to_server(oip_servicer, server)
         names = (pb.DESCRIPTOR.services_by_name["Classifier"].full_name, oip_name, health.SERVICE_NAME,
                  reflection.SERVICE_NAME)
         reflection.enable_server_reflection(names, server)
         return server
 
+    def _interceptors(self) -> list[grpc.aio.ServerInterceptor]:
+        """The drain gate first (it sees every call), then who may call what, then the error mapping."""
+        # Operators' tokens are good for every call; clients' ones not for model control.
+        auth = [AuthInterceptor(self._tokens + self._admin_tokens)] if self._tokens else []
+        admin = AdminInterceptor(self._admin_tokens, self._tokens,
+                                 allow_remote=self.config.security.allow_remote_admin)
+        return [self.gate, *auth, admin, ErrorInterceptor()]
+
     async def start(self) -> int:
         """Load the repository, bind and start serving. Returns the bound port. Raises OSError if it cannot bind."""
         await self.manager.load_repository()
-        address = f"{self.config.host}:{self.config.port}"
-        try:
-            if self.config.tls_cert and self.config.tls_key:
-                credentials = server_credentials(self.config.tls_cert, self.config.tls_key,
-                                                 self.config.tls_client_ca)
-                self.port = self.server.add_secure_port(address, credentials)
-            else:
-                self.port = self.server.add_insecure_port(address)
-        except RuntimeError:  # grpcio reports a port in use this way
-            self.port = 0
-        if self.port == 0:
-            raise OSError(f"cannot listen on {address}")
-        if self.config.metrics_port is not None:
-            host = self.config.metrics_host or self.config.host
-            self.metrics_port = self.metrics.serve(host, self.config.metrics_port)
-            log.info("metrics on http://%s:%d/metrics", host, self.metrics_port)
+        self.port = self._bind_grpc()
+        self._start_metrics()
         await self.server.start()
         if self.http:
             try:
-                self.http_port = await self.http.start(self.config.host, self.config.http_port or 0)
+                self.http_port = await self.http.start(self.config.listen.host, self.config.listen.http_port or 0)
             except OSError:
                 await self.server.stop(0)
                 raise
-        if self.config.watch:
-            self.watcher = RepositoryWatcher(self.manager, self.config.models_dir, settle_s=self.config.settle_s,
-                                             poll=self.config.poll, rescan_s=self.config.rescan_s)
-            await self.watcher.start()
+        if self.config.models.watch:
+            await self._start_watcher()
         await self.health_reporter.set_overall(True)
         self.ready = True
         for record in self.manager.models():
             await self.health_reporter.update(record.name)
-        http = f", HTTP on http://{self.config.host}:{self.http_port}/" if self.http else ""
-        log.info("classifyd serving on %s:%d%s (device %s); models: %s", self.config.host, self.port, http,
+        host = self.config.listen.host
+        http = f", HTTP on http://{host}:{self.http_port}/" if self.http else ""
+        log.info("classifyd serving on %s:%d%s (device %s); models: %s", host, self.port, http,
                  self.manager.settings.device, self.describe_models())
         return self.port
 
+    def _bind_grpc(self) -> int:
+        """Add the gRPC port (TLS when configured). Returns the bound port. Raises OSError if it cannot bind."""
+        listen, security = self.config.listen, self.config.security
+        address = f"{listen.host}:{listen.port}"
+        try:
+            if security.tls_cert and security.tls_key:
+                credentials = server_credentials(security.tls_cert, security.tls_key, security.tls_client_ca)
+                port = self.server.add_secure_port(address, credentials)
+            else:
+                port = self.server.add_insecure_port(address)
+        except RuntimeError:  # grpcio reports a port in use this way
+            port = 0
+        if port == 0:
+            raise OSError(f"cannot listen on {address}")
+        return port
+
+    def _start_metrics(self) -> None:
+        observability = self.config.observability
+        if observability.metrics_port is not None:
+            host = observability.metrics_host or self.config.listen.host
+            self.metrics_port = self.metrics.serve(host, observability.metrics_port)
+            log.info("metrics on http://%s:%d/metrics", host, self.metrics_port)
+
+    async def _start_watcher(self) -> None:
+        models = self.config.models
+        self.watcher = RepositoryWatcher(self.manager, models.models_dir, settle_s=models.settle_s, poll=models.poll,
+                                         rescan_s=models.rescan_s)
+        await self.watcher.start()
+
     def server_info(self) -> dict[str, object]:
         """What the status page and the OIP server metadata say about this daemon."""
-        return {"version": _package_version(), "device": str(self.manager.settings.device), "host": self.config.host,
+        return {"version": _package_version(), "device": str(self.manager.settings.device),
+                "host": self.config.listen.host,
                 "grpc_port": self.port, "http_port": self.http_port, "default_model": self.manager.default_model,
                 "started_unix_ms": round(self._started * 1000), "uptime_s": round(time.time() - self._started, 1)}
 
@@ -211,22 +217,90 @@ class Daemon:
             parts.append(f"{record.name}{mark} {state}")
         return ", ".join(parts) or "none"
 
-    async def stop(self, grace: float | None = 5.0) -> None:
-        """Refuse new requests, report NOT_SERVING, finish accepted ones within ``grace`` seconds, release all."""
-        self.ready = False
-        self.service.stop_accepting()
-        await self.health_reporter.set_overall(False)
-        if self.watcher:
-            await self.watcher.aclose()
-        await asyncio.gather(self.server.stop(grace), *([self.http.stop(grace or 0.0)] if self.http else []))
+    async def stop(self, grace: float = 5.0, drain_s: float = 0.0) -> None:
+        """The graceful stop (docs/production.md): NOT_SERVING at once, but serving for ``drain_s`` more seconds
+        while load balancers take this replica out; then new calls are UNAVAILABLE and the listeners close; calls
+        in flight get ``grace`` seconds, those still queued near its end UNAVAILABLE; then everything is released.
+        Clients see OK or UNAVAILABLE (retryable), never CANCELLED. Whatever fails on the way, the listeners and
+        every connection are closed in the end (a connection left open would leave its client waiting forever)."""
+        grpc_stopped: asyncio.Future[None] | None = None
+        try:
+            await self._report_not_serving()
+            if drain_s > 0:
+                log.info("draining: NOT_SERVING, still serving for %.1f s", drain_s)
+                await asyncio.sleep(drain_s)
+            deadline = asyncio.get_running_loop().time() + grace
+            grpc_stopped = await self._stop_accepting(grace)
+            await self._finish_in_flight(deadline, min(QUEUED_MARGIN_S, grace / 4))
+        finally:
+            self.gate.release()
+            await (grpc_stopped if grpc_stopped is not None else self.server.stop(0))
+            if self.http:
+                await self.http.close()
+            await self._release()
+
+    async def _release(self) -> None:
+        """Fail what is still queued, wait for the batch being computed, release the models and the threads."""
+        if self._queues_closed is not None:
+            await self._queues_closed
         await self.service.aclose(drain=False)
         await self.manager.aclose()
-        self.inference.shutdown()
+        await asyncio.to_thread(self.inference.shutdown)  # waits for the batch being computed, if any
         await asyncio.to_thread(self.metrics.close)
 
-    async def wait(self) -> None:
-        """Block until the server stops."""
-        await self.server.wait_for_termination()
+    async def _report_not_serving(self) -> None:
+        """Health NOT_SERVING (overall and per model, for good), HTTP not ready; stop watching the repository."""
+        self.ready = False
+        await self.health_reporter.set_overall(False)
+        if self.http:
+            self.http.draining()
+        if self.watcher:
+            await self.watcher.aclose()
+
+    async def _stop_accepting(self, grace: float) -> asyncio.Future[None]:
+        """New calls UNAVAILABLE, watch streams ended, the listeners closed (gRPC's GOAWAY sent before any answer
+        that follows). Returns the gRPC server's stop, which ends once every call has."""
+        self.service.stop_accepting()
+        self.gate.hold()
+        self.gate.end(WATCH_ENDED, WATCH_METHODS)
+        if self.http:
+            await self.http.stop_accepting()
+        await asyncio.sleep(LANDING_S)
+        # grpc cancels what is open after its grace: the gate has answered everything by then.
+        grpc_stopped = asyncio.ensure_future(self.server.stop(grace + 1.0))
+        await asyncio.sleep(GOAWAY_S)
+        self.gate.release()
+        return grpc_stopped
+
+    async def _finish_in_flight(self, deadline: float, margin: float) -> None:
+        """Wait for the calls in flight; ``margin`` before ``deadline`` answer those still queued UNAVAILABLE, at
+        ``deadline`` every call still open."""
+        if await self._idle_by(deadline - margin):
+            return
+        log.warning("%.1f s before the grace period ends: the requests still queued are answered UNAVAILABLE", margin)
+        self._queues_closed = asyncio.ensure_future(self.service.close_queues())  # awaited by _release
+        if not await self._idle_by(deadline):
+            ended = self.gate.end(GRACE_ENDED)
+            log.warning("grace period over: %d gRPC calls still open are answered UNAVAILABLE", ended)
+
+    async def _idle_by(self, deadline: float) -> bool:
+        """Wait until no call is open on either edge (True) or ``deadline`` passes (False)."""
+        loop = asyncio.get_running_loop()
+        while self.gate.open_calls or (self.http and self.http.in_flight):
+            if loop.time() >= deadline:
+                return False
+            await asyncio.sleep(0.02)
+        return True
+
+
+def manager_settings(config: ServerConfig) -> ManagerSettings:
+    """How the model manager loads models: the models section and the batching defaults. Raises ValueError for a
+    device that is not there (torch's RuntimeError for one it cannot parse)."""
+    models, batching = config.models, config.batching
+    return ManagerSettings(models_dir=models.models_dir, device=pick_device(models.device),
+                           default_max_batch_size=batching.max_batch_size, default_max_delay_ms=batching.max_delay_ms,
+                           default_max_queue=batching.max_queue, autotune=batching.autotune,
+                           trust_code=models.trust_code)
 
 
 def _package_version() -> str:

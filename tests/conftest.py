@@ -1,34 +1,31 @@
-"""Shared fixtures: a real daemon over a temporary model repository."""
+"""Shared fixtures (a real daemon over a temporary model repository) and the hooks every test relies on."""
 
 from __future__ import annotations
 
-import shutil
 from collections.abc import Iterator
-from pathlib import Path
 
 import grpc
 import pytest
+import torch
 
-from tests.support.kit import REPO, DaemonThread, running_daemon, write_model
+from tests.support.architectures import register_test_architectures
+from tests.support.kit import DaemonThread, running_daemon
+from tests.support.repository import build_test_repository
 
-DIGIT_LABELS = ["零", "一", "二", "三", "四", "五", "六", "七", "八", "九"]
+
+def pytest_configure(config: pytest.Config) -> None:
+    """Register the test architectures (``classifyd:test_gated``...) before any test builds a model."""
+    register_test_architectures()
 
 
-def build_test_repository(root: Path) -> Path:
-    """The default digits model plus small test models, each exercising one behaviour."""
-    shutil.copytree(REPO / "models" / "digits", root / "digits")
-    write_model(root, "wide", manifest={"input": {"color": "RGB", "size": 64, "resize": 64},
-                                        "model_args": {"width": 48}, "batching": {"max_batch_size": 16}})
-    write_model(root, "gated", architecture="classifyd:test_gated",
-                manifest={"input": {"color": "L", "size": 8, "resize": 8}, "batching": {"max_batch_size": 4}})
-    write_model(root, "narrow", architecture="classifyd:test_gated",
-                manifest={"input": {"color": "L", "size": 8, "resize": 8},
-                          "batching": {"max_batch_size": 1, "max_queue": 2}})
-    write_model(root, "patient", manifest={"input": {"color": "L", "size": 8, "resize": 8},
-                                           "batching": {"max_batch_size": 64, "max_delay_ms": 600000}})
-    broken = write_model(root, "broken", manifest={"input": {"color": "L", "size": 8, "resize": 8}})
-    (broken / "model.safetensors").write_bytes(b"this is not a safetensors file")
-    return root
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """Tests marked ``cuda`` are skipped where torch sees no CUDA device (the one copy of that rule)."""
+    if torch.cuda.is_available():
+        return
+    skip = pytest.mark.skip(reason="needs a CUDA device")
+    for item in items:
+        if item.get_closest_marker("cuda") is not None:
+            item.add_marker(skip)
 
 
 @pytest.fixture(scope="module")

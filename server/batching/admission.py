@@ -11,7 +11,7 @@ shed costs no decoding. Two rules, both checked in :meth:`Admission.admit`:
   estimated as ``(ahead // max_batch_size) × EMA(batch compute time)``; a
   request whose deadline is no later than that is
   :class:`~server.core.errors.DeadlineExpired` (DEADLINE_EXCEEDED) at once. The
-  estimate leaves out the batch being computed and the request's own batch,
+  estimate leaves out the batches being computed and the request's own batch,
   so it errs toward accepting (docs/production.md).
 
 Plain bookkeeping on the event loop: nothing here blocks; torch-free.

@@ -2,7 +2,9 @@
 
 Callers ``await batcher.submit(item)`` one item at a time; a single worker
 task groups the waiting items into batches and hands each batch to an async
-handler, then resolves every caller's future with its own entry of the result.
+handler (up to ``max_concurrent_batches`` batches at once, so a GPU handler
+stages the next batch while the current one computes), then resolves every
+caller's future with its own entry of the result.
 
 Modelled on Ray Serve's ``python/ray/serve/batching.py`` (one future per
 request, the batching delay counted from the first item of a batch, cancelled
@@ -14,7 +16,9 @@ An optional :class:`BatchPolicy` (e.g. :class:`server.batching.policy.LatencyTar
 is consulted on every arrival (admit or reject early), before every batch (wait
 or dispatch now, and how many items to take) and after it (its compute time).
 
-Stdlib only on purpose: the gRPC layer and the torch model live elsewhere.
+Stdlib only on purpose: the gRPC layer and the torch model live elsewhere. The
+errors, the clock, the policy protocol and the result type live in
+:mod:`server.batching.interface` and are re-exported here.
 """
 
 from __future__ import annotations
@@ -22,11 +26,26 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import time
 from collections import deque
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Any, Generic, Protocol, TypeVar
+from typing import Any, Generic, TypeVar
+
+from server.batching.interface import (
+    Batched,
+    BatcherClosed,
+    BatcherError,
+    BatchPolicy,
+    Clock,
+    DeadlineExpired,
+    DeadlineUnreachable,
+    Handler,
+    QueueFull,
+    QueueState,
+    Rejection,
+    SystemClock,
+    TargetUnreachable,
+)
 
 __all__ = [
     "BatchPolicy",
@@ -49,119 +68,6 @@ T = TypeVar("T")
 R = TypeVar("R")
 
 logger = logging.getLogger("classifyd.batcher")
-
-
-class Clock(Protocol):
-    """Time source of a :class:`Batcher` (injectable so tests need no real sleeps)."""
-
-    def now(self) -> float:
-        """Return monotonic seconds; never blocks."""
-        ...
-
-    async def sleep(self, seconds: float) -> None:
-        """Block the calling task for ``seconds`` of this clock's time."""
-        ...
-
-
-class SystemClock:
-    """The real clock: :func:`time.monotonic` and :func:`asyncio.sleep`."""
-
-    def now(self) -> float:
-        """Return ``time.monotonic()``."""
-        return time.monotonic()
-
-    async def sleep(self, seconds: float) -> None:
-        """Block the calling task for ``seconds`` of wall time."""
-        await asyncio.sleep(seconds)
-
-
-class BatcherError(Exception):
-    """Base class of the errors a :class:`Batcher` raises itself."""
-
-
-class QueueFull(BatcherError):
-    """``submit`` found ``max_queue`` items already waiting."""
-
-
-class DeadlineExpired(BatcherError):
-    """The item's deadline passed before its batch was formed; it was never computed."""
-
-
-class BatcherClosed(BatcherError):
-    """The batcher is closing: no new items, and undrained items are dropped."""
-
-
-class DeadlineUnreachable(DeadlineExpired):
-    """The policy predicted at ``submit`` that the item's deadline cannot be met; it was never queued."""
-
-
-class TargetUnreachable(QueueFull):
-    """The policy predicted at ``submit`` that the item would miss the latency target; it was never queued."""
-
-
-@dataclass(frozen=True)
-class QueueState:
-    """What a :class:`BatchPolicy` sees of the batcher at one moment."""
-
-    now: float
-    queue_depth: int
-    """Items waiting (not counting the batch being computed)."""
-    oldest_wait_s: float
-    """How long the first waiting item has waited; 0.0 when none waits."""
-    busy_size: int
-    """Items in the batch being computed; 0 when the handler is idle."""
-    busy_elapsed_s: float
-    """How long that batch has been computing; 0.0 when idle."""
-    max_batch_size: int
-
-
-@dataclass(frozen=True)
-class Rejection:
-    """Why a policy refuses an item at ``submit``."""
-
-    deadline: bool
-    """True: the item's own deadline cannot be met (DeadlineUnreachable); False: the policy's target
-    cannot (TargetUnreachable)."""
-    message: str
-
-
-class BatchPolicy(Protocol):
-    """Decides admission, waiting and batch size from the queue's state. Every method is called on the event
-    loop and must not block; an exception is logged and the batcher falls back to its plain rules."""
-
-    def admit(self, state: QueueState, deadline: float | None) -> Rejection | None:
-        """Called once per arriving item (``deadline`` absolute, clock time): None admits it."""
-        ...
-
-    def collect(self, state: QueueState) -> tuple[float, int]:
-        """When the handler is free and items wait: ``(seconds, depth)`` to keep collecting for up to
-        ``seconds`` or until ``depth`` items wait; ``(0.0, _)`` dispatches now."""
-        ...
-
-    def batch_size(self, state: QueueState) -> int:
-        """How many items the batch about to be dispatched takes (clamped to 1..max_batch_size)."""
-        ...
-
-    def observe(self, batch_size: int, compute_s: float) -> None:
-        """The handler took ``compute_s`` for a batch of ``batch_size``."""
-        ...
-
-
-@dataclass(frozen=True)
-class Batched(Generic[R]):
-    """One item's result, with the batching metadata callers report as metrics."""
-
-    value: R
-    batch_size: int
-    """Number of items in the batch that computed this value."""
-    queue_s: float
-    """Clock time from ``submit`` to the dispatch of its batch."""
-    compute_s: float
-    """Clock time the handler call took."""
-
-
-Handler = Callable[[list[T]], Awaitable[Sequence[R | BaseException]]]
-"""Computes a batch: one result per item, in order; an exception instance fails that item alone."""
 
 
 @dataclass(eq=False)
@@ -217,11 +123,11 @@ class Batcher(Generic[T, R]):
     A single worker task (created by :meth:`start`) waits for the first item,
     takes every item already waiting up to ``max_batch_size`` and, when
     ``max_delay_s > 0`` and the batch is not full, keeps collecting until the
-    first item's submit time plus ``max_delay_s``. Batches are computed one at a
-    time (or up to ``max_concurrent_batches`` at a time), so items arriving during a
-    computation make up the next batch. With a
-    ``policy``, the policy decides admission, the wait and the batch size instead
-    (``max_delay_s`` is then unused; ``max_batch_size`` stays the upper bound).
+    first item's submit time plus ``max_delay_s``. At most ``max_concurrent_batches``
+    batches are with the handler at once (1 by default: one at a time), so items
+    arriving meanwhile make up the next batch. With a ``policy``, the policy decides
+    admission, the wait and the batch size instead (``max_delay_s`` is then unused;
+    ``max_batch_size`` stays the upper bound).
     """
 
     def __init__(
@@ -270,7 +176,7 @@ class Batcher(Generic[T, R]):
 
     @property
     def queue_depth(self) -> int:
-        """Items waiting for a batch (the batch being computed is not counted)."""
+        """Items waiting for a batch (the batches being computed are not counted)."""
         return len(self._queue)
 
     @property
@@ -287,11 +193,6 @@ class Batcher(Generic[T, R]):
     def policy(self) -> BatchPolicy | None:
         """The policy consulted for admission, waiting and batch size; None for the plain rules."""
         return self._policy
-
-    @property
-    def closed(self) -> bool:
-        """True once :meth:`aclose` has started."""
-        return self._closing
 
     def start(self) -> None:
         """Start the worker task on the running loop; returns at once.
@@ -359,8 +260,8 @@ class Batcher(Generic[T, R]):
 
         New submits raise BatcherClosed from the moment this is called. With
         ``drain=True`` the waiting items are still computed; with
-        ``drain=False`` they fail with BatcherClosed and only the batch already
-        being computed completes. Cancelling the caller of aclose does not
+        ``drain=False`` they fail with BatcherClosed and only the batches already
+        with the handler complete. Cancelling the caller of aclose does not
         cancel the worker.
         """
         self._closing = True

@@ -2,8 +2,7 @@
 
 The batcher (:mod:`server.batching.batcher`) consults it on every arrival, before every batch and after it. It predicts
 from a batch-time estimator (batch size → seconds; the curve :mod:`server.models.loader.autotune` measures at load
-time),
-corrected online by the batch times it observes (the 95th percentile of observed/estimated over the last 32
+time), corrected online by the batch times it observes (the 95th percentile of observed/estimated over the last 32
 batches), so a machine that got slower since the curve was measured tightens admission instead of breaking the
 target. Standard library only, like the batcher.
 
@@ -28,7 +27,7 @@ import math
 from collections import deque
 from collections.abc import Callable
 
-from server.batching.batcher import QueueState, Rejection
+from server.batching.interface import QueueState, Rejection
 
 HEADROOM = 0.8
 """Share of the target the policy plans with: the rest absorbs variance and the path outside the batcher."""

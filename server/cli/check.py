@@ -1,7 +1,7 @@
 """``python -m server check models/<name>``: load one model version offline, exactly as the daemon would.
 
-Runs the model manager's own loading path (manifest, build, weights, warm-up,
-validation samples) on one version, prints what it resolved, and exits 0 when
+Runs the loader the daemon's model manager uses (manifest, build, weights,
+warm-up, validation samples, autotune) on one version, prints what it resolved, and exits 0 when
 the version could serve, 1 with the reason when it could not, 2 on bad usage.
 """
 
@@ -13,11 +13,11 @@ import logging
 import sys
 from pathlib import Path
 
-from server.core.lifecycle import VersionState
+from server.core.config import DEFAULT_MAX_BATCH_SIZE, BatchingDefaults
 from server.core.manifest import Manifest
-from server.inference.runtime import InferenceThread, LoadedVersion, pick_device
+from server.inference.runtime import InferenceThread, pick_device
+from server.models.loader.pipeline import Loaded, LoadFailed, LoadSettings, VersionLoader
 from server.models.loader.weights import WeightsError, find_weights
-from server.models.manager import ManagerSettings, ModelManager, VersionRecord
 from server.models.source.repository import version_numbers
 
 _SHOWN_LABELS = 20
@@ -31,8 +31,9 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     parser.add_argument("--trust-code", action="store_true",
                         help="allow a python:<file>:<name> architecture to run its file")
     parser.add_argument("--device", default="cpu", help="cpu, cuda, cuda:N or auto (default: cpu)")
-    parser.add_argument("--max-batch-size", type=int, default=32,
-                        help="warm-up batch for a manifest that sets no max_batch_size (default: 32, as the daemon)")
+    parser.add_argument("--max-batch-size", type=int, default=DEFAULT_MAX_BATCH_SIZE,
+                        help=f"warm-up batch for a manifest that sets no max_batch_size (default: "
+                             f"{DEFAULT_MAX_BATCH_SIZE}, as the daemon)")
     parser.add_argument("--log-level", default="CRITICAL", help="log level of the loading code (default: CRITICAL)")
     return parser.parse_args(argv)
 
@@ -52,33 +53,37 @@ def main(argv: list[str]) -> int:
               file=sys.stderr)
         return 2
     try:
-        settings = ManagerSettings(models_dir=model_dir.parent, device=pick_device(args.device),
-                                   default_max_batch_size=args.max_batch_size, trust_code=args.trust_code)
+        settings = LoadSettings(pick_device(args.device), BatchingDefaults(max_batch_size=args.max_batch_size),
+                                trust_code=args.trust_code)
     except (RuntimeError, ValueError) as exc:
         print(f"FAILED: {exc}", file=sys.stderr)
         return 2
-    entry, loaded = asyncio.run(_load(settings, model_dir.name, number))
+    outcome = asyncio.run(_load(settings, model_dir, number))
     print(f"model         {model_dir.name}, version {number} ({args.model_dir / str(number)})")
-    if entry.manifest is not None:
-        _describe(entry.manifest, model_dir / str(number))
-    if entry.state is not VersionState.READY or loaded is None:
-        print(f"FAILED: {entry.error}", file=sys.stderr)
+    manifest = outcome.version.manifest if isinstance(outcome, Loaded) else outcome.manifest
+    if manifest is not None:
+        _describe(manifest, model_dir / str(number))
+    if isinstance(outcome, LoadFailed):
+        print(f"FAILED: {outcome}", file=sys.stderr)
         return 1
-    _describe_loaded(entry, loaded)
+    _describe_loaded(outcome)
     print(f"OK: {args.model_dir} version {number} can serve")
     return 0
 
 
-async def _load(settings: ManagerSettings, name: str, number: int) -> tuple[VersionRecord, LoadedVersion | None]:
-    """The version's record and its loaded version (released by now: only its facts are left to report)."""
+async def _load(settings: LoadSettings, model_dir: Path, number: int) -> Loaded | LoadFailed:
+    """The loaded version (released by now: only its facts are left to report), or why it cannot serve."""
     inference = InferenceThread()
-    manager = ModelManager(settings, inference)
+    loader = VersionLoader(settings, inference)
     try:
-        entry = await manager.load_one(name, number)
-        return entry, entry.loaded
+        loaded = await loader.load(model_dir.name, number, model_dir / str(number))
+    except LoadFailed as exc:
+        return exc
     finally:
-        await manager.aclose()
+        loader.close()
         inference.shutdown()
+    loaded.version.release()
+    return loaded
 
 
 def _describe(manifest: Manifest, version_dir: Path) -> None:
@@ -126,14 +131,15 @@ def _labels(labels: tuple[str, ...]) -> str:
     return f"{len(labels)}: {shown}{more}"
 
 
-def _describe_loaded(entry: VersionRecord, loaded: LoadedVersion) -> None:
+def _describe_loaded(outcome: Loaded) -> None:
+    loaded = outcome.version
     spec = loaded.manifest.input
     note = f" ({loaded.precision_note})" if loaded.precision_note else ""
     print(f"device        {loaded.device}, precision {loaded.precision}{note}")
     print(f"warm-up       ok: a batch of {loaded.max_batch_size} blank {spec.height}x{spec.width}x{spec.channels} "
           f"inputs gave one row of {loaded.manifest.num_classes} scores each")
-    if entry.validation_accuracy is None:
+    if outcome.validation_accuracy is None:
         print("validation    no samples/ directory in the version")
     else:
-        print(f"validation    accuracy {entry.validation_accuracy:.3f} (min_accuracy "
+        print(f"validation    accuracy {outcome.validation_accuracy:.3f} (min_accuracy "
               f"{loaded.manifest.min_accuracy:.3f})")

@@ -12,7 +12,6 @@ graceful stop. Everything here blocks; it runs in the parent's main thread.
 
 from __future__ import annotations
 
-import argparse
 import asyncio
 import logging
 import multiprocessing
@@ -21,11 +20,13 @@ import socket
 import tempfile
 import threading
 import time
+from dataclasses import replace
 from multiprocessing.process import BaseProcess
 from pathlib import Path
 
 from server.cli.serve import serve, write_port_file
-from server.ops.host import default_torch_threads
+from server.core.config import ServerConfig
+from server.ops.host import default_decode_bytes, default_pool_threads, default_torch_threads
 from server.ops.logs import configure_logging
 
 log = logging.getLogger("classifyd.workers")
@@ -48,21 +49,34 @@ def reserve_port(host: str, port: int) -> tuple[socket.socket, int]:
     return holder, holder.getsockname()[1]
 
 
-def _metrics_port(args: argparse.Namespace, index: int) -> int | None:
-    """Each worker has its own metrics registry, so its own port: ``--metrics-port`` + the worker's index."""
-    port = getattr(args, "metrics_port", None)
-    return port + index if port else port
+def worker_config(config: ServerConfig, index: int, port: int, ready_file: Path) -> ServerConfig:
+    """Worker ``index``'s settings: the shared port with SO_REUSEPORT, its share of the cores and of the decode
+    memory, its own metrics port (each worker has its own metrics registry: ``--metrics-port`` + the worker's
+    index), its ready file."""
+    # N processes with all cores (or a quarter of the memory) each would oversubscribe them.
+    workers = config.process.workers
+    threads = config.models.torch_threads or default_torch_threads(workers)
+    pool = config.process.preprocess_threads or default_pool_threads(workers)
+    decode_bytes = config.limits.max_decode_bytes or default_decode_bytes(workers)
+    metrics_port = config.observability.metrics_port
+    return replace(config, listen=replace(config.listen, port=port, reuse_port=True),
+                   models=replace(config.models, torch_threads=threads),
+                   limits=replace(config.limits, max_decode_bytes=decode_bytes),
+                   observability=replace(config.observability,
+                                         metrics_port=metrics_port + index if metrics_port else metrics_port),
+                   process=replace(config.process, workers=1, port_file=ready_file, preprocess_threads=pool))
 
 
-def worker_main(args: argparse.Namespace, index: int) -> None:
+def worker_main(config: ServerConfig, index: int) -> None:
     """Entry point of one worker process: a whole daemon on the shared port."""
-    if getattr(args, "log_format", "text") == "json":
-        configure_logging(args.log_level, "json")  # every JSON record carries its "pid"
+    level = config.observability.log_level
+    if config.observability.log_format == "json":
+        configure_logging(level, "json")  # every JSON record carries its "pid"
     else:
-        logging.basicConfig(level=args.log_level.upper(),
+        logging.basicConfig(level=level.upper(),
                             format=f"%(asctime)s %(levelname)s worker {index} (pid %(process)d) %(name)s: %(message)s")
     try:
-        asyncio.run(serve(args))
+        asyncio.run(serve(config))
     except (FileNotFoundError, OSError, ValueError) as exc:
         logging.getLogger("classifyd").error("%s", exc)
         raise SystemExit(2) from None
@@ -71,12 +85,12 @@ def worker_main(args: argparse.Namespace, index: int) -> None:
 class Supervisor:
     """Starts, watches and stops the worker processes."""
 
-    def __init__(self, args: argparse.Namespace, port: int, ready_dir: Path) -> None:
-        self._args = args
+    def __init__(self, config: ServerConfig, port: int, ready_dir: Path) -> None:
+        self._config = config
         self._port = port
         self._ready_dir = ready_dir
         self._context = multiprocessing.get_context("spawn")
-        self.workers: list[BaseProcess | None] = [None] * args.workers
+        self.workers: list[BaseProcess | None] = [None] * config.process.workers
         self.stopping = threading.Event()
 
     def _ready_file(self, index: int) -> Path:
@@ -84,12 +98,8 @@ class Supervisor:
 
     def start(self, index: int) -> None:
         self._ready_file(index).unlink(missing_ok=True)
-        # Each worker gets its share of the cores: N processes with all cores each would oversubscribe them.
-        threads = getattr(self._args, "torch_threads", None) or default_torch_threads(self._args.workers)
-        child_args = argparse.Namespace(**{**vars(self._args), "workers": 1, "port": self._port, "reuse_port": True,
-                                           "port_file": self._ready_file(index), "torch_threads": threads,
-                                           "metrics_port": _metrics_port(self._args, index)})
-        process = self._context.Process(target=worker_main, args=(child_args, index), name=f"classifyd-worker-{index}")
+        child = worker_config(self._config, index, self._port, self._ready_file(index))
+        process = self._context.Process(target=worker_main, args=(child, index), name=f"classifyd-worker-{index}")
         process.start()
         self.workers[index] = process
         log.info("worker %d started (pid %s)", index, process.pid)
@@ -114,7 +124,8 @@ class Supervisor:
                     self.start(index)
 
     def stop(self, grace_s: float) -> int:
-        """SIGTERM every worker, wait for them (their own grace period plus a margin), kill stragglers.
+        """SIGTERM every worker, wait for them (``grace_s``: their own drain and grace periods; plus a margin), kill
+        stragglers.
 
         Returns the worst exit code.
         """
@@ -135,23 +146,24 @@ class Supervisor:
         return max(codes, default=0)
 
 
-def run_workers(args: argparse.Namespace) -> int:
-    """Serve with ``args.workers`` processes until SIGTERM/SIGINT. Returns the exit status (2: a worker failed to
-    start)."""
-    holder, port = reserve_port(args.host, args.port)
+def run_workers(config: ServerConfig) -> int:
+    """Serve with ``config.process.workers`` processes until SIGTERM/SIGINT. Returns the exit status (2: a worker
+    failed to start). Raises OSError if the port cannot be reserved."""
+    host, workers, grace_s = config.listen.host, config.process.workers, config.process.grace_s
+    holder, port = reserve_port(host, config.listen.port)
     with holder, tempfile.TemporaryDirectory(prefix="classifyd-workers-") as ready_dir:
-        supervisor = Supervisor(args, port, Path(ready_dir))
+        supervisor = Supervisor(config, port, Path(ready_dir))
         for sig in (signal.SIGTERM, signal.SIGINT):
             signal.signal(sig, lambda *_: supervisor.stopping.set())
-        for index in range(args.workers):
+        for index in range(workers):
             supervisor.start(index)
         started = supervisor.wait_ready()
         if started:
-            if args.port_file:
-                write_port_file(args.port_file, port)
-            log.info("%d workers serving on %s:%d", args.workers, args.host, port)
+            if config.process.port_file:
+                write_port_file(config.process.port_file, port)
+            log.info("%d workers serving on %s:%d", workers, host, port)
             supervisor.watch()
-            log.info("stopping %d workers (grace %.1f s)", args.workers, args.grace_seconds)
+            log.info("stopping %d workers (grace %.1f s)", workers, grace_s)
         failed = not started and not supervisor.stopping.is_set()
-        code = supervisor.stop(args.grace_seconds)
+        code = supervisor.stop(config.process.drain_s + grace_s)
     return 2 if failed else code

@@ -1,16 +1,55 @@
-"""The daemon's settings and their defaults, each written once.
+"""The daemon's settings: one frozen dataclass per concern, and every default written once, here.
 
-Standard library only, so the CLI (and the parent process of ``--workers``)
-reads them without loading torch.
+The CLI's flags, ``python -m server check``, the model manager, the
+preprocessing limits and the tests all read the constants below; nothing else
+spells out 32, 1024 or 64 MiB. Standard library only, so the CLI (and the
+parent process of ``--workers``) reads them without loading torch.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from pathlib import Path
 
+# listen
+DEFAULT_HOST = "127.0.0.1"
+DEFAULT_PORT = 50051
+# batching, for models whose manifest leaves it out
+DEFAULT_MAX_BATCH_SIZE = 32
+DEFAULT_MAX_DELAY_MS = 0.0
+DEFAULT_MAX_QUEUE = 1024
 DEFAULT_BUDGET_S = 3.0
 CPU_CEILING = 64
 GPU_CEILING = 256
+# models
+DEFAULT_MODELS_DIR = Path("models")
+DEFAULT_DEVICE = "auto"
+DEFAULT_SETTLE_S = 1.0
+DEFAULT_RESCAN_S = 30.0
+DEFAULT_RELOAD_MIN_INTERVAL_S = 5.0  # ReloadModel: one reload per model per this long (each warms up and autotunes)
+# limits
+MAX_MESSAGE_BYTES = 64 * 1024 * 1024
+MAX_PIXELS = 100_000_000
+MAX_IMAGES_PER_REQUEST = 256  # images (tiles included) one request may hold, each a queue place
+MAX_JSON_BYTES = 16 * 1024 * 1024  # JSON bodies: parsing costs far more per byte than images do
+MAX_STREAM_IN_FLIGHT = 256  # requests of one stream being answered or waiting to be read by the client
+MIN_DECODE_BYTES = 1 << 20  # the smallest --max-decode-bytes (its default is the host rule, server/ops/host.py)
+# observability and the process
+DEFAULT_LOG_LEVEL = "INFO"
+DEFAULT_LOG_FORMAT = "text"
+DEFAULT_GRACE_S = 10.0
+DEFAULT_DRAIN_S = 0.0  # on SIGTERM, NOT_SERVING but still serving this long (load balancers move away meanwhile)
+
+
+@dataclass(frozen=True)
+class ListenConfig:
+    """Where and how the daemon listens (gRPC, and HTTP on the same host)."""
+
+    host: str = DEFAULT_HOST
+    port: int = DEFAULT_PORT  # 0: any free port
+    http_port: int | None = None  # None: no HTTP listener; 0: any free port
+    reuse_port: bool = False  # SO_REUSEPORT: several processes share the port (--workers)
+    max_connection_age_s: float = 0.0  # > 0: clients reconnect, re-resolving DNS, so they find new replicas
 
 
 @dataclass(frozen=True)
@@ -21,3 +60,86 @@ class AutotuneDefaults:
     budget_s: float = DEFAULT_BUDGET_S
     max_batch_size: int | None = None
     """Largest size of the ladder; None: 256 on a GPU, 64 on a CPU."""
+
+
+@dataclass(frozen=True)
+class BatchingDefaults:
+    """Batching for models whose manifest sets none."""
+
+    max_batch_size: int = DEFAULT_MAX_BATCH_SIZE
+    max_delay_ms: float = DEFAULT_MAX_DELAY_MS
+    max_queue: int = DEFAULT_MAX_QUEUE
+    autotune: AutotuneDefaults = field(default_factory=AutotuneDefaults)
+
+
+@dataclass(frozen=True)
+class ModelsConfig:
+    """The model repository, how it is watched, and where and how its models run."""
+
+    models_dir: Path = DEFAULT_MODELS_DIR
+    device: str = DEFAULT_DEVICE  # auto, cpu, cuda or cuda:N
+    watch: bool = True
+    poll: bool = False  # watch by polling instead of inotify
+    settle_s: float = DEFAULT_SETTLE_S
+    rescan_s: float = DEFAULT_RESCAN_S
+    trust_code: bool = False  # allow python: architectures, which execute files of the repository
+    torch_threads: int | None = None  # None: the host rule (server/ops/host.py), usable cores // workers
+    reload_min_interval_s: float = DEFAULT_RELOAD_MIN_INTERVAL_S  # ReloadModel per model; sooner: RESOURCE_EXHAUSTED
+
+
+@dataclass(frozen=True)
+class LimitsConfig:
+    """The largest request the daemon accepts."""
+
+    max_message_bytes: int = MAX_MESSAGE_BYTES
+    max_pixels: int = MAX_PIXELS
+    max_images_per_request: int = MAX_IMAGES_PER_REQUEST
+    max_json_bytes: int = MAX_JSON_BYTES
+    max_stream_in_flight: int = MAX_STREAM_IN_FLIGHT
+    max_decode_bytes: int | None = None  # None: the host rule (server/ops/host.py), a quarter of memory // workers
+
+
+@dataclass(frozen=True)
+class SecurityConfig:
+    """TLS / mutual TLS and bearer tokens (docs/security.md); all None: plaintext, no tokens."""
+
+    tls_cert: Path | None = None
+    tls_key: Path | None = None
+    tls_client_ca: Path | None = None
+    auth_token_file: Path | None = None
+    admin_token_file: Path | None = None  # model-control calls (ReloadModel) need one of these tokens
+    allow_remote_admin: bool = False  # without admin tokens, model-control calls from any peer, not only loopback
+
+
+@dataclass(frozen=True)
+class ObservabilityConfig:
+    """Metrics endpoint and logs (docs/production.md, docs/metrics.md)."""
+
+    metrics_port: int | None = None  # None: no metrics endpoint; 0: any free port
+    metrics_host: str | None = None  # None: the listen host
+    log_level: str = DEFAULT_LOG_LEVEL
+    log_format: str = DEFAULT_LOG_FORMAT  # text or json
+
+
+@dataclass(frozen=True)
+class ProcessConfig:
+    """How the server process runs around the daemon: worker processes, graceful stop, port file."""
+
+    workers: int = 1
+    drain_s: float = DEFAULT_DRAIN_S  # on SIGTERM/SIGINT, NOT_SERVING but still accepting for this long
+    grace_s: float = DEFAULT_GRACE_S  # then, time in-flight requests get to finish
+    port_file: Path | None = None  # once serving, the bound port is written here
+    preprocess_threads: int | None = None  # None: the host rule (server/ops/host.py), usable cores // workers, >= 2
+
+
+@dataclass(frozen=True)
+class ServerConfig:
+    """Everything the daemon is started with: the CLI's flags, one section per concern."""
+
+    listen: ListenConfig = field(default_factory=ListenConfig)
+    batching: BatchingDefaults = field(default_factory=BatchingDefaults)
+    models: ModelsConfig = field(default_factory=ModelsConfig)
+    limits: LimitsConfig = field(default_factory=LimitsConfig)
+    security: SecurityConfig = field(default_factory=SecurityConfig)
+    observability: ObservabilityConfig = field(default_factory=ObservabilityConfig)
+    process: ProcessConfig = field(default_factory=ProcessConfig)

@@ -9,10 +9,19 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
+import numpy as np
+
 from server.core.errors import Status
 
 Box = tuple[int, int, int, int]
 """A region of the source image: ``(x, y, width, height)`` in pixels."""
+
+
+UINT8 = "uint8"
+FLOAT32 = "float32"
+TENSOR_DTYPES: dict[str, np.dtype] = {UINT8: np.dtype("<u1"), FLOAT32: np.dtype("<f4")}
+"""The dtypes a :class:`RawTensor` may carry: its ``dtype`` name -> the little-endian layout of its ``data``.
+Every edge maps its wire names (``pb.Tensor.UINT8``, OIP ``"FP32"``) to these names; preprocessing reads them."""
 
 
 @dataclass(frozen=True)
@@ -20,6 +29,7 @@ class RawTensor:
     """A raw tensor from a request, not yet validated."""
 
     dtype: str
+    """A name in :data:`TENSOR_DTYPES` when the edge knew it; anything else is refused by preprocessing."""
     shape: tuple[int, ...]
     data: bytes
 

@@ -22,11 +22,11 @@ from torchvision.io import ImageReadMode, decode_jpeg
 from torchvision.transforms.v2 import InterpolationMode
 from torchvision.transforms.v2.functional import resize
 
+from server.core.config import MAX_PIXELS
 from server.core.errors import InvalidInput
 from server.core.manifest import InputSpec, Manifest
 from server.inference.preprocess import (
     MAX_INTERMEDIATE_PIXELS,
-    MAX_PIXELS,
     crop_origin,
     open_image,
     preprocess,

@@ -7,6 +7,12 @@ mean/std happens batched on the inference thread. With a ``[tiling]`` section,
 each one. These functions block (PIL decode and resize release the GIL): run
 them in a thread pool. Every problem with the input raises
 :class:`server.core.errors.InvalidInput` saying what was wrong.
+
+Memory: :func:`open_input` reads only an image's header (or checks a tensor's
+shape), so what decoding will cost is known before any pixel is decoded
+(:mod:`server.inference.decode_cost`, the table in docs/production.md). 16-bit,
+32-bit and float images are converted in blocks of rows, with integer or float32
+arithmetic: their temporaries stay a few MiB whatever the image's size.
 """
 
 from __future__ import annotations
@@ -21,12 +27,12 @@ from typing import TypeGuard
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
+from server.core.config import MAX_PIXELS
 from server.core.errors import InvalidInput
 from server.core.manifest import COLOR_CHANNELS, InputSpec, TilingSpec
-from server.core.types import Box, RawTensor
+from server.core.types import TENSOR_DTYPES, Box, RawTensor
 
 SUPPORTED_FORMATS = ("JPEG", "PNG", "WEBP", "BMP", "GIF", "TIFF", "MPO")
-MAX_PIXELS = 100_000_000
 # An image so elongated that scaling its shorter side to `resize` would make a larger intermediate image than
 # this is resized through its crop box only: a 1x100000 image must not become a 256x25,600,000 one.
 MAX_INTERMEDIATE_PIXELS = 1 << 22
@@ -38,40 +44,73 @@ _RESAMPLE = {
     "box": Image.Resampling.BOX,
     "hamming": Image.Resampling.HAMMING,
 }
-_DTYPES = {"uint8": np.dtype("<u1"), "float32": np.dtype("<f4")}
-_ALPHA_MODES = ("RGBA", "RGBa", "LA", "La", "PA")
-_HIGH_DEPTH_MODES = ("I;16", "I;16B", "I;16L", "I;16N", "I", "F")
+ALPHA_MODES = ("RGBA", "RGBa", "LA", "La", "PA")
+HIGH_DEPTH_MODES = ("I;16", "I;16B", "I;16L", "I;16N", "I", "F")
+BLOCK_PIXELS = 1 << 16
+"""Pixels converted at a time by the block-wise conversions (deep images to 8 bits, colour tensors to grey)."""
 
 Source = Image.Image | np.ndarray
 """A decoded input in the model's colour mode: a PIL image, or an ``H x W x C`` array from a tensor."""
+Opened = Image.Image | RawTensor
+"""An input whose header is read and checked (:func:`open_input`) and whose pixels are not decoded yet."""
+Payload = bytes | RawTensor | Image.Image
+"""What the functions below take: a request's input, or one already opened by :func:`open_input`."""
 
 
-def preprocess(payload: bytes | RawTensor, spec: InputSpec, max_pixels: int = MAX_PIXELS,
+def preprocess(payload: Payload, spec: InputSpec, max_pixels: int = MAX_PIXELS,
                box: Box | None = None) -> np.ndarray:
     """Turn one request's input (or its region ``box``) into an ``H x W x C`` array of the model's input size."""
     source = load_source(payload, spec, max_pixels)
     return fit(crop(source, box) if box else source, spec)
 
 
-def preprocess_tiles(payload: bytes | RawTensor, spec: InputSpec, tiling: TilingSpec,
+def preprocess_tiles(payload: Payload, spec: InputSpec, tiling: TilingSpec,
                      max_pixels: int = MAX_PIXELS) -> list[tuple[Box, np.ndarray]]:
-    """Cut the input into the overlapping tiles of ``tiling`` and fit each to the model's input size."""
-    source = load_source(payload, spec, max_pixels)
-    height, width = _source_size(source)
-    boxes = tile_boxes(width, height, tiling)
-    if len(boxes) > tiling.max_tiles:
-        raise InvalidInput(f"image of {width}x{height} pixels gives {len(boxes)} tiles of "
+    """Cut the input into the overlapping tiles of ``tiling`` and fit each to the model's input size.
+
+    The tile count is checked against ``max_tiles`` before any box is listed (and, from the header, before
+    any pixel is decoded when no orientation could make it fit)."""
+    opened = open_input(payload, max_pixels)
+    check_opened_tiles(opened, tiling)
+    source = load_source(opened, spec, max_pixels)
+    height, width = _source_size(source)  # an EXIF orientation may have swapped them
+    check_tile_count(width, height, tiling, tile_count(width, height, tiling))
+    return [(box, fit(crop(source, box), spec)) for box in tile_boxes(width, height, tiling)]
+
+
+def tile_count(width: int, height: int, tiling: TilingSpec) -> int:
+    """How many tiles :func:`tile_boxes` gives, by arithmetic: no box is listed."""
+    return _start_count(width, tiling.tile[1], tiling.stride[1]) * _start_count(height, tiling.tile[0],
+                                                                                tiling.stride[0])
+
+
+def check_opened_tiles(opened: Opened, tiling: TilingSpec) -> None:
+    """Raise InvalidInput if an opened input gives more than ``max_tiles`` tiles whichever way round an EXIF
+    orientation turns it: known from the header, before any pixel is decoded."""
+    width, height = opened_size(opened)
+    check_tile_count(width, height, tiling, min(tile_count(width, height, tiling), tile_count(height, width, tiling)))
+
+
+def check_tile_count(width: int, height: int, tiling: TilingSpec, count: int) -> None:
+    """Raise InvalidInput if ``count`` tiles of an image of ``width x height`` exceed the model's ``max_tiles``."""
+    if count > tiling.max_tiles:
+        raise InvalidInput(f"image of {width}x{height} pixels gives {count} tiles of "
                            f"{tiling.tile[1]}x{tiling.tile[0]}, more than the model's limit of {tiling.max_tiles}")
-    return [(box, fit(crop(source, box), spec)) for box in boxes]
 
 
 def tile_boxes(width: int, height: int, tiling: TilingSpec) -> list[Box]:
     """Tiles ``stride`` apart, row by row; the last row and column are aligned to the far edges so the whole
-    image is covered. An image smaller than a tile in a dimension is one tile of its own size there."""
+    image is covered. An image smaller than a tile in a dimension is one tile of its own size there.
+    Lists every box: check :func:`tile_count` first."""
     tile_h, tile_w = tiling.tile
     stride_h, stride_w = tiling.stride
     return [(x, y, min(tile_w, width), min(tile_h, height))
             for y in _starts(height, tile_h, stride_h) for x in _starts(width, tile_w, stride_w)]
+
+
+def _start_count(length: int, tile: int, stride: int) -> int:
+    """``len(_starts(length, tile, stride))``: the strided starts plus the one aligned to the far edge."""
+    return 1 if length <= tile else -(-(length - tile) // stride) + 1
 
 
 def _starts(length: int, tile: int, stride: int) -> list[int]:
@@ -83,7 +122,21 @@ def _starts(length: int, tile: int, stride: int) -> list[int]:
     return starts
 
 
-def load_source(payload: bytes | RawTensor, spec: InputSpec, max_pixels: int = MAX_PIXELS) -> Source:
+def open_input(payload: Payload, max_pixels: int = MAX_PIXELS) -> Opened:
+    """Read an image's header (not its pixels), or check a tensor's dtype, shape and size; an image already
+    opened is returned as it is. Raises InvalidInput."""
+    if isinstance(payload, RawTensor):
+        check_tensor(payload, max_pixels)
+        return payload
+    return payload if isinstance(payload, Image.Image) else open_image(payload, max_pixels)
+
+
+def opened_size(opened: Opened) -> tuple[int, int]:
+    """``(width, height)`` of an opened input, from its header (before any EXIF orientation)."""
+    return (opened.shape[1], opened.shape[0]) if isinstance(opened, RawTensor) else opened.size
+
+
+def load_source(payload: Payload, spec: InputSpec, max_pixels: int = MAX_PIXELS) -> Source:
     """Decode an image and convert it to the model's colour mode, or validate a tensor and match its channels."""
     if isinstance(payload, RawTensor):
         return tensor_to_array(payload, spec, max_pixels)
@@ -114,14 +167,16 @@ def _source_size(source: Source) -> tuple[int, int]:
     return source.height, source.width
 
 
-def decode_image(data: bytes, max_pixels: int = MAX_PIXELS) -> Image.Image:
-    """Decode an encoded image, EXIF orientation applied. Raises InvalidInput."""
+def decode_image(data: bytes | Image.Image, max_pixels: int = MAX_PIXELS) -> Image.Image:
+    """Decode an encoded image (or one :func:`open_image` opened), EXIF orientation applied. Raises InvalidInput."""
     with _decode_errors():
-        image = open_image(data, max_pixels)
+        image = data if isinstance(data, Image.Image) else open_image(data, max_pixels)
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", Image.DecompressionBombWarning)
             image.load()
-        return ImageOps.exif_transpose(image) or image
+        # in place: without an orientation, exif_transpose would otherwise return a copy of the whole image
+        ImageOps.exif_transpose(image, in_place=True)
+        return image
 
 
 def open_image(data: bytes, max_pixels: int = MAX_PIXELS) -> Image.Image:
@@ -178,15 +233,17 @@ def _convert(image: Image.Image, spec: InputSpec) -> Image.Image:
     color = spec.color
     if image.mode == color:
         return image
-    has_alpha = image.mode in _ALPHA_MODES or (image.mode == "P" and "transparency" in image.info)
-    if color == "RGBA" and not has_alpha and not spec.fill_alpha:
+    alpha = has_alpha(image)
+    if color == "RGBA" and not alpha and not spec.fill_alpha:
         raise InvalidInput(f"image has mode {image.mode} ({len(image.getbands())} channel(s), no alpha); the model "
                            "takes 4 channels (RGBA) and a fourth channel cannot be made up (the model's manifest "
                            "does not set fill_alpha)")
-    if image.mode in _HIGH_DEPTH_MODES:
+    if image.mode in HIGH_DEPTH_MODES:
         image = _to_8bit(image)
     if image.mode == "P":
-        image = image.convert("RGBA" if has_alpha else "RGB")
+        image = image.convert("RGBA" if alpha else "RGB")
+    if image.mode == color:
+        return image  # Image.convert to its own mode would copy the whole image
     try:
         return image.convert(color)
     except ValueError:
@@ -197,21 +254,50 @@ def _convert(image: Image.Image, spec: InputSpec) -> Image.Image:
         raise InvalidInput(f"image mode {image.mode} cannot be converted to {color}: {exc}") from None
 
 
-def _to_8bit(image: Image.Image) -> Image.Image:
-    """Greyscale deeper than 8 bits to ``L``, scaled instead of clipped at 255.
+def has_alpha(image: Image.Image) -> bool:
+    """Whether an image has an alpha channel (a palette image: a transparent colour). Known from the header."""
+    return image.mode in ALPHA_MODES or (image.mode == "P" and "transparency" in image.info)
 
-    16-bit modes: ÷ 65535. 32-bit integers: kept when ≤ 255, read as 16-bit when ≤ 65535, else scaled by
-    their maximum. Floats: read as 0..1 when ≤ 1.0, else clipped to 0..255.
+
+def _to_8bit(image: Image.Image) -> Image.Image:
+    """Greyscale deeper than 8 bits to ``L``, scaled instead of clipped at 255, a block of rows at a time.
+
+    16-bit modes: ÷ 65535 (257 levels to one). 32-bit integers: kept when ≤ 255, read as 16-bit when ≤ 65535,
+    else scaled by their maximum; negative values are 0. Floats: read as 0..1 when ≤ 1.0, else clipped to
+    0..255; NaN is 0. Besides the result (1 byte per pixel), only one block's temporaries are allocated.
     """
-    array = np.asarray(image, dtype=np.float64)
-    peak = float(array.max()) if array.size else 0.0
-    if image.mode.startswith("I;16"):
-        scale = 255.0 / 65535.0
-    elif image.mode == "F":
-        scale = 255.0 if peak <= 1.0 else 1.0
-    else:
-        scale = 1.0 if peak <= 255 else 255.0 / 65535.0 if peak <= 65535 else 255.0 / peak
-    return Image.fromarray(np.clip(np.rint(array * scale), 0, 255).astype(np.uint8), "L")
+    width, height = image.size
+    peak = 65535 if image.mode.startswith("I;16") else image.getextrema()[1]  # Pillow's own pass: no copy
+    out = np.empty((height, width), np.uint8)
+    rows = max(1, BLOCK_PIXELS // width)
+    for top in range(0, height, rows):
+        bottom = min(height, top + rows)
+        out[top:bottom] = _deep_to_8bit(np.asarray(image.crop((0, top, width, bottom))), peak)
+    return Image.fromarray(out)
+
+
+def _deep_to_8bit(block: np.ndarray, peak: float) -> np.ndarray:
+    """One block of :func:`_to_8bit`: float32 for floats, integers (rounded to nearest) for the rest."""
+    if block.dtype.kind == "f":
+        values = block.astype(np.float32)  # a writable copy, converted in place from here
+        np.nan_to_num(values, copy=False, nan=0.0)
+        if peak <= 1.0:
+            values *= np.float32(255.0)
+        np.rint(values, out=values)
+        return np.clip(values, 0, 255, out=values).astype(np.uint8)
+    values = block.astype(np.int64)  # a writable copy, converted in place from here
+    np.maximum(values, 0, out=values)
+    if peak <= 255:
+        return values.astype(np.uint8)  # 0..peak
+    if peak <= 65535:  # round(v * 255 / 65535), and 65535 = 255 * 257
+        values += 128
+        values //= 257
+        return values.astype(np.uint8)
+    top = int(peak)  # round(v * 255 / peak), v <= peak
+    values *= 510
+    values += top
+    values //= 2 * top
+    return values.astype(np.uint8)
 
 
 def _fit_image(image: Image.Image, spec: InputSpec) -> np.ndarray:
@@ -275,9 +361,10 @@ def is_model_sized(payload: bytes | RawTensor, spec: InputSpec) -> TypeGuard[Raw
             and len(payload.data) == spec.height * spec.width * spec.channels)
 
 
-def tensor_to_array(tensor: RawTensor, spec: InputSpec, max_pixels: int = MAX_PIXELS) -> np.ndarray:
-    """Validate a raw tensor and view it as ``H x W x C`` with the model's channel count."""
-    dtype = _DTYPES.get(tensor.dtype)
+def check_tensor(tensor: RawTensor, max_pixels: int = MAX_PIXELS) -> np.dtype:
+    """Check a raw tensor's dtype, shape, pixel count and byte count (not its values); its numpy dtype.
+    Raises InvalidInput."""
+    dtype = TENSOR_DTYPES.get(tensor.dtype)
     if dtype is None:
         raise InvalidInput(f"tensor dtype must be UINT8 or FLOAT32, got {tensor.dtype}")
     shape = tensor.shape
@@ -289,8 +376,15 @@ def tensor_to_array(tensor: RawTensor, spec: InputSpec, max_pixels: int = MAX_PI
     if count * dtype.itemsize != len(tensor.data):
         raise InvalidInput(f"tensor of shape {list(shape)} and dtype {tensor.dtype} needs "
                            f"{count * dtype.itemsize} bytes, got {len(tensor.data)}")
-    array = np.frombuffer(tensor.data, dtype=dtype).reshape(shape)
-    if dtype.kind == "f" and not np.isfinite(array).all():
+    return dtype
+
+
+def tensor_to_array(tensor: RawTensor, spec: InputSpec, max_pixels: int = MAX_PIXELS) -> np.ndarray:
+    """Validate a raw tensor and view it as ``H x W x C`` with the model's channel count."""
+    dtype = check_tensor(tensor, max_pixels)
+    array = np.frombuffer(tensor.data, dtype=dtype).reshape(tensor.shape)
+    # a float64 sum is finite exactly when every float32 value is, and needs no array of flags
+    if dtype.kind == "f" and not math.isfinite(float(array.sum(dtype=np.float64))):
         raise InvalidInput("tensor contains NaN or infinite values")
     return _match_channels(_as_hwc(array), spec)
 
@@ -300,9 +394,7 @@ def _match_channels(array: np.ndarray, spec: InputSpec) -> np.ndarray:
     if have == want:
         return array
     if want == 1 and have in (3, 4):
-        rgb = array[:, :, :3].astype(np.float32)
-        grey = rgb @ np.array([0.299, 0.587, 0.114], dtype=np.float32)
-        return _as_hwc(grey.round().astype(array.dtype) if array.dtype == np.uint8 else grey)
+        return _as_hwc(_to_grey(array))
     if want == 3 and have == 1:
         return np.repeat(array, 3, axis=2)
     if want == 3 and have == 4:
@@ -317,6 +409,18 @@ def _match_channels(array: np.ndarray, spec: InputSpec) -> np.ndarray:
         reason = "a fourth channel (alpha, or e.g. near-infrared) cannot be made up (the model's manifest does " \
                  "not set fill_alpha)"
     raise InvalidInput(f"tensor has {have} channel(s); the model takes {want} ({names.get(want, '?')}) and {reason}")
+
+
+def _to_grey(array: np.ndarray) -> np.ndarray:
+    """ITU-R 601 luma of a colour tensor's first three channels, a block of rows at a time."""
+    height, width = array.shape[:2]
+    weights = np.array([0.299, 0.587, 0.114], dtype=np.float32)
+    out = np.empty((height, width), array.dtype)
+    rows = max(1, BLOCK_PIXELS // width)
+    for top in range(0, height, rows):
+        grey = array[top:top + rows, :, :3].astype(np.float32) @ weights
+        out[top:top + rows] = grey.round() if array.dtype == np.uint8 else grey
+    return out
 
 
 def _fit_array(array: np.ndarray, spec: InputSpec) -> np.ndarray:

@@ -19,9 +19,11 @@ import torch
 from torch import nn
 
 from server.batching.curve import BatchCurve
+from server.core.config import DEFAULT_MAX_QUEUE
 from server.core.manifest import Manifest
 from server.inference.compiled import warm_up_sizes
 from server.inference.device_decode import uses_device_decode
+from server.inference.isolation import contained, describe
 from server.inference.precision import autocast, effective_precision
 from server.inference.staging import Pixels, StagedBatch, Stager
 
@@ -40,8 +42,10 @@ class InferenceThread:
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="classifyd-infer")
 
     async def run(self, fn: Callable[..., T], *args: object) -> T:
-        """Run ``fn(*args)`` on the inference thread and await its result."""
-        return await asyncio.get_running_loop().run_in_executor(self._executor, fn, *args)
+        """Run ``fn(*args)`` on the inference thread and await its result. Raises what ``fn`` raises, except
+        that model code's StopIteration or BaseException arrives as ModelCodeError
+        (:func:`server.inference.isolation.contained`): the awaiting task never hangs on it."""
+        return await asyncio.get_running_loop().run_in_executor(self._executor, contained, fn, *args)
 
     def shutdown(self) -> None:
         """Wait for the running call, then stop the thread."""
@@ -77,7 +81,7 @@ class LoadedVersion:
     device: torch.device
     max_batch_size: int
     max_delay_ms: float
-    max_queue: int = 1024
+    max_queue: int = DEFAULT_MAX_QUEUE
     batch_curve: BatchCurve | None = None
     """Measured at load time by :mod:`server.models.loader.autotune`; None when not measured."""
 
@@ -119,9 +123,8 @@ class LoadedVersion:
 
     def stage(self, inputs: Sequence[Pixels]) -> StagedBatch:
         """Stack a batch's inputs and, on CUDA, start copying the arrays among them to the device from pinned
-        memory (see server/inference/staging.py). Blocks on the copy into host memory; call it from the preprocessing
-        pool
-        on CUDA, never from the event loop."""
+        memory (see server/inference/staging.py). Blocks on the copy into host memory; call it from the
+        preprocessing pool on CUDA, never from the event loop."""
         return self._stager.stage(inputs, self.max_batch_size)
 
     def predict(self, inputs: Sequence[Pixels] | StagedBatch) -> np.ndarray:
@@ -150,7 +153,7 @@ class LoadedVersion:
             try:
                 self.predict([blank] * size)
             except Exception as exc:
-                reason = str(exc) if isinstance(exc, OutputShapeError) else f"{type(exc).__name__}: {exc}"
+                reason = str(exc) if isinstance(exc, OutputShapeError) else describe(exc)
                 raise WarmUpError(f"warm-up on a batch of {size} blank {spec.height}x{spec.width}"
                                   f"x{spec.channels} ({spec.color}) inputs failed: {reason}{self._channel_hint()}") \
                     from exc

@@ -2,10 +2,10 @@
 
 A batch is *staged* before its forward pass: the preprocessed ``H x W x C`` arrays are stacked into one tensor
 and, on CUDA, copied to the device from page-locked (pinned) host memory on a copy stream of its own, with
-``non_blocking=True``. The service stages the next batch in its preprocessing pool while the inference thread
-still computes the current one (the batcher lets two batches be in flight on CUDA), so the copy overlaps the
-compute and the inference thread only waits on a CUDA event. Pinned host → device copies run at about 55 GB/s
-on an H100 against 13 GB/s from pageable memory (/work/shared/gpu/anchor-limits-h100.md).
+``non_blocking=True``. The batch pipeline (server/inference/pipeline.py) stages the next batch in the
+preprocessing pool while the inference thread still computes the current one (the batcher lets two batches be
+in flight on CUDA), so the copy overlaps the compute and the inference thread only waits on a CUDA event.
+Pinned host → device copies ran at about 55 GB/s on an H100 against 13 GB/s from pageable memory.
 
 No CPU torch compute happens here, only numpy copies and CUDA calls, so staging may run on any thread without
 starting a torch thread team there (see server/ops/host.py).

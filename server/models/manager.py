@@ -1,45 +1,57 @@
 """The model manager: which versions of which models are loaded, and which serves.
 
-It knows nothing of batching or gRPC. A request resolves its version with
-:meth:`ModelManager.resolve` when its batch is formed, so putting a new
-version into service is one reference change between batches. Requests hold a
-lease on the versions they use (:meth:`LoadedVersion.lease`): a retired version
-is released only once its last request has finished.
+TF Serving's *manager*: the source (:mod:`server.models.source`) says which versions exist on disk, the loader
+(:mod:`server.models.loader.pipeline`) loads one version, and the manager keeps the states, the leases and the
+events. Every state change follows the lifecycle table of :mod:`server.core.lifecycle`. It knows nothing of
+batching or gRPC. A request resolves its version with :meth:`ModelManager.resolve` when its batch is formed, so
+putting a new version into service is one reference change between batches. Requests hold a lease on the
+versions they use (:meth:`LoadedVersion.lease`): a retired version is released only once its last request has
+finished.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
-import time
 from collections.abc import Callable
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 
-from server.core.config import AutotuneDefaults
+from server.core.config import (
+    DEFAULT_MAX_BATCH_SIZE,
+    DEFAULT_MAX_DELAY_MS,
+    DEFAULT_MAX_QUEUE,
+    AutotuneDefaults,
+    BatchingDefaults,
+)
 from server.core.errors import ModelNotFound, ModelUnavailable
-from server.core.lifecycle import EventKind, ModelEvent, VersionState
-from server.core.manifest import Manifest, ManifestError, load_manifest
+from server.core.lifecycle import ModelEvent, VersionState, move
+from server.core.manifest import Manifest
 from server.inference.runtime import InferenceThread, LoadedVersion
-from server.models.loader.autotune import plan_for, tune
-from server.models.loader.build import build_for_serving
-from server.models.loader.validation import ValidationError, validate_version
-from server.models.loader.weights import WeightsError
-from server.models.source.repository import Fingerprint, SettleTracker, fingerprint, model_names, version_numbers
+from server.models.loader.pipeline import Loaded, LoadFailed, LoadSettings, VersionLoader
+from server.models.source.repository import (
+    Fingerprint,
+    SettleTracker,
+    fingerprint,
+    model_names,
+    model_present,
+    version_numbers,
+)
 
 log = logging.getLogger("classifyd.models")
-LOAD_ERRORS = (ManifestError, WeightsError, ValidationError, RuntimeError, ValueError, TypeError, OSError, KeyError)
 
 
 @dataclass(eq=False)
 class VersionRecord:
-    """What the manager knows of one version directory."""
+    """What the manager knows of one attempt to load one version directory (one generation of it)."""
 
     version: int
-    state: VersionState
+    state: VersionState = VersionState.LOADING
+    """Changed only by :func:`server.core.lifecycle.move`."""
+    held: bool = False
+    """Whether the manager holds the record: from its first transition until it is dropped."""
     error: str = ""
     loaded: LoadedVersion | None = None
     manifest: Manifest | None = None
@@ -83,11 +95,17 @@ class ManagerSettings:
 
     models_dir: Path
     device: torch.device
-    default_max_batch_size: int = 32
-    default_max_delay_ms: float = 0.0
-    default_max_queue: int = 1024
+    default_max_batch_size: int = DEFAULT_MAX_BATCH_SIZE
+    default_max_delay_ms: float = DEFAULT_MAX_DELAY_MS
+    default_max_queue: int = DEFAULT_MAX_QUEUE
     autotune: AutotuneDefaults = field(default_factory=AutotuneDefaults)
     trust_code: bool = False  # allow python: architectures, which execute files of the repository
+
+    def loading(self) -> LoadSettings:
+        """What the loader needs of these settings."""
+        batching = BatchingDefaults(max_batch_size=self.default_max_batch_size, max_delay_ms=self.default_max_delay_ms,
+                                    max_queue=self.default_max_queue, autotune=self.autotune)
+        return LoadSettings(self.device, batching, self.trust_code)
 
 
 Listener = Callable[[ModelEvent], None]
@@ -99,13 +117,13 @@ class ModelManager:
     def __init__(self, settings: ManagerSettings, inference: InferenceThread) -> None:
         self.settings = settings
         self._inference = inference
-        self._loader = ThreadPoolExecutor(max_workers=1, thread_name_prefix="classifyd-load")
+        self._loader = VersionLoader(settings.loading(), inference)
         self._models: dict[str, ModelRecord] = {}
         self._listeners: list[Listener] = []
         self._retiring: set[asyncio.Task[None]] = set()
         self.default_model: str | None = None
 
-    # ----- events
+    # ----- events and state changes
 
     def add_listener(self, listener: Listener) -> None:
         """Call ``listener(event)`` on the event loop for every model event."""
@@ -115,18 +133,34 @@ class ModelManager:
         if listener in self._listeners:
             self._listeners.remove(listener)
 
-    def _emit(self, record: ModelRecord, version: int, kind: EventKind, reason: str = "") -> None:
+    def _move(self, record: ModelRecord, entry: VersionRecord, target: VersionState | None, reason: str = "") -> None:
+        """Every state change: along the lifecycle table (IllegalTransition otherwise), then its event if any.
+        A listener that raises is logged and skipped: the change is made whatever its observers do."""
+        kind = move(entry, target).event
+        if kind is None:
+            return
         serving = record.serving()
-        event = ModelEvent(record.name, version, kind, reason, serving is not None and serving.version == version)
+        number = serving.version if serving is not None else None
+        event = ModelEvent(record.name, entry.version, kind, reason, number == entry.version, number)
         for listener in list(self._listeners):
-            listener(event)
+            try:
+                listener(event)
+            except Exception:
+                log.exception("model event listener %r failed on %s", listener, event)
 
     # ----- loading and swapping
 
     async def load_repository(self) -> None:
-        """Load every model of the repository now (no settle period: the daemon is starting)."""
-        for name in model_names(self.settings.models_dir):
-            await self.reconcile(name)
+        """Load every model of the repository now (no settle period: the daemon is starting).
+
+        A version that fails to load is FAILED and the other models load and serve all the same; a model whose
+        directory cannot be read now is logged and left to the watcher. Raises OSError only when the models
+        directory itself cannot be listed."""
+        for name in await asyncio.to_thread(model_names, self.settings.models_dir):
+            try:
+                await self.reconcile(name)
+            except Exception:  # one unreadable model directory must not keep the others down
+                log.exception("model %s: cannot read its directory; the repository watcher tries again", name)
 
     async def reconcile(self, name: str, *, settle: SettleTracker | None = None, force: bool = False) -> float:
         """Bring model ``name`` in line with its directory.
@@ -135,17 +169,19 @@ class ModelManager:
         retires versions that are superseded or removed, and unloads the model when its directory is gone.
         With ``settle``, files that changed within the settle period are left for later. ``force`` reloads
         versions even when their files did not change. Returns the seconds after which to look again
-        (0.0 when nothing is pending). Never raises for a bad version: it becomes FAILED.
+        (0.0 when nothing is pending). Never raises for a bad version: it becomes FAILED. Raises OSError
+        when the repository cannot be read (RepositoryUnreachable when the models directory itself is gone): a
+        filesystem outage, which removes nothing.
         """
         directory = self.settings.models_dir / name
-        if not directory.is_dir():
+        if not await asyncio.to_thread(model_present, self.settings.models_dir, name):  # slow on network filesystems
             await self._remove_model(name)
             return 0.0
         record = self._models.get(name)
         if record is None or record.removed:
             record = self._models[name] = ModelRecord(name, directory)
         async with record.lock:
-            on_disk = await asyncio.to_thread(version_numbers, record.directory)  # slow on network filesystems
+            on_disk = await asyncio.to_thread(version_numbers, record.directory)
             wait, kept = await self._load_newest(record, on_disk, settle, force)
             if wait == 0.0 or not any(v.state is VersionState.READY for v in record.versions.values()):
                 self._retire_all_but(record, kept, set(on_disk))
@@ -184,81 +220,63 @@ class ModelManager:
         return await self._load_version(record, number, current)
 
     async def _load_version(self, record: ModelRecord, number: int, files: Fingerprint) -> VersionRecord:
-        """Load, warm up and validate a version; on success it serves, on failure the old state stays."""
+        """Load a version with the loader; on success it serves, on failure the old state stays.
+
+        Changed files of a READY version load as a new generation beside it, which keeps serving meanwhile."""
         previous = record.versions.get(number)
-        reloading = previous is not None and previous.state is VersionState.READY
-        entry = VersionRecord(number, VersionState.LOADING, fingerprint=files,
-                              generation=(previous.generation if previous else 0) + 1)
-        if not reloading:
+        serving_copy = previous if previous is not None and previous.state is VersionState.READY else None
+        entry = VersionRecord(number, fingerprint=files, generation=(previous.generation if previous else 0) + 1)
+        if serving_copy is None:
+            if previous is not None and previous.state is not VersionState.UNLOADING:
+                self._move(record, previous, None)  # a failed or cut-short attempt, replaced by this one
             record.versions[number] = entry
-        self._emit(record, number, EventKind.LOADING, f"generation {entry.generation}" if reloading else "")
-        started = time.monotonic()
+        self._move(record, entry, VersionState.LOADING, f"generation {entry.generation}" if serving_copy else "")
+        def seen(manifest: Manifest) -> None:
+            entry.manifest = manifest
+
         try:
-            await self._prepare(record, entry)
-        except LOAD_ERRORS as exc:
-            return self._load_failed(record, entry, previous if reloading else None, exc)
-        entry.state = VersionState.READY
-        record.versions[number] = entry
-        if reloading and previous and previous.loaded:
-            self._retire(record, previous, f"replaced by generation {entry.generation}")
-        log.info("model %s version %d ready on %s (generation %d, %.2f s)", record.name, number,
-                 self.settings.device, entry.generation, time.monotonic() - started)
-        self._emit(record, number, EventKind.READY)
+            loaded = await self._loader.load(record.name, number, record.directory / str(number), on_manifest=seen)
+        except LoadFailed as exc:  # any exception of the load: the loader has released what it built
+            return self._load_failed(record, entry, serving_copy, exc)
+        except asyncio.CancelledError:
+            self._load_cut_short(record, entry)
+            raise
+        return self._load_succeeded(record, entry, serving_copy, loaded)
+
+    def _load_cut_short(self, record: ModelRecord, entry: VersionRecord) -> None:
+        """A cancelled load is forgotten, not left LOADING: the next reconcile tries its files again (a serving
+        generation beside it keeps serving)."""
+        if record.versions.get(entry.version) is entry:
+            del record.versions[entry.version]
+        self._move(record, entry, None)
+
+    def _load_succeeded(self, record: ModelRecord, entry: VersionRecord, serving_copy: VersionRecord | None,
+                        loaded: Loaded) -> VersionRecord:
+        entry.loaded, entry.manifest = loaded.version, loaded.version.manifest
+        entry.validation_accuracy = loaded.validation_accuracy
+        record.versions[entry.version] = entry
+        if serving_copy is not None and serving_copy.loaded:
+            self._retire(record, serving_copy, f"replaced by generation {entry.generation}")
+        log.info("model %s version %d ready on %s (generation %d, %.2f s)", record.name, entry.version,
+                 self.settings.device, entry.generation, loaded.seconds)
+        self._move(record, entry, VersionState.READY)
         return entry
 
     def _load_failed(self, record: ModelRecord, entry: VersionRecord, serving_copy: VersionRecord | None,
-                     exc: Exception) -> VersionRecord:
-        if entry.loaded:
-            entry.loaded.release()
-            entry.loaded = None
+                     exc: LoadFailed) -> VersionRecord:
         message = str(exc)
-        log.error("model %s version %d failed to load: %s", record.name, entry.version, message)
+        log.error("model %s version %d failed to load: %s", record.name, entry.version, message,
+                  exc_info=exc.__cause__ if exc.unexpected else None)  # a bug in model code: where it raised
         if serving_copy is not None:  # changed files of a serving version: the loaded files keep serving
             serving_copy.error = f"reload failed: {message}"
             serving_copy.failed_fingerprint = entry.fingerprint
-            self._emit(record, entry.version, EventKind.FAILED, message)
+            self._move(record, entry, VersionState.FAILED, message)
+            self._move(record, entry, None)  # the new generation is dropped; the serving one stays
             return serving_copy
-        entry.state, entry.error = VersionState.FAILED, message
+        entry.error = message
         entry.failed_fingerprint, entry.fingerprint = entry.fingerprint, ()
-        self._emit(record, entry.version, EventKind.FAILED, message)
+        self._move(record, entry, VersionState.FAILED, message)
         return entry
-
-    async def _prepare(self, record: ModelRecord, entry: VersionRecord) -> None:
-        version_dir = record.directory / str(entry.version)
-        loop = asyncio.get_running_loop()
-        entry.manifest = await loop.run_in_executor(self._loader, load_manifest, version_dir)
-        module, manifest = await loop.run_in_executor(self._loader, build_for_serving, version_dir, entry.manifest,
-                                                      self.settings.device, self.settings.trust_code)
-        entry.manifest = manifest  # with the input spec resolved for the architecture (timm's config)
-        batching = manifest.batching
-        plan = plan_for(batching, self.settings.autotune, self.settings.default_max_batch_size,
-                        self.settings.device.type)
-        entry.loaded = LoadedVersion(
-            name=record.name,
-            version=entry.version,
-            manifest=manifest,
-            module=module,
-            device=self.settings.device,
-            max_batch_size=plan.cap,
-            max_delay_ms=self.settings.default_max_delay_ms if batching.max_delay_ms is None else batching.max_delay_ms,
-            max_queue=batching.max_queue or self.settings.default_max_queue,
-        )
-        await self._inference.run(entry.loaded.warm_up)
-        entry.validation_accuracy = await validate_version(entry.loaded, version_dir, self._loader, self._inference)
-        await tune(entry.loaded, self._inference, plan)
-
-    async def load_one(self, name: str, number: int) -> VersionRecord:
-        """Load, warm up and validate exactly version ``number`` of model ``name`` (``python -m server check``).
-
-        Nothing is retired and no other version is tried. Never raises for a bad version: it is FAILED.
-        """
-        record = self._models.get(name)
-        if record is None:
-            record = self._models[name] = ModelRecord(name, self.settings.models_dir / name)
-        async with record.lock:
-            directory = record.directory / str(number)
-            loop = asyncio.get_running_loop()
-            return await self._load_version(record, number, await loop.run_in_executor(None, fingerprint, directory))
 
     # ----- retiring and removing
 
@@ -270,11 +288,11 @@ class ModelManager:
                 self._retire(record, entry, "removed from disk" if number not in on_disk else "superseded")
             elif entry.state is VersionState.FAILED and number not in on_disk:
                 del record.versions[number]
+                self._move(record, entry, None)
 
     def _retire(self, record: ModelRecord, entry: VersionRecord, reason: str) -> None:
         """Stop routing new batches to ``entry``; release it once its in-flight requests are done."""
-        if record.versions.get(entry.version) is entry:
-            entry.state = VersionState.UNLOADING
+        self._move(record, entry, VersionState.UNLOADING)
         task = asyncio.get_running_loop().create_task(self._finish_retire(record, entry, reason))
         self._retiring.add(task)
         task.add_done_callback(self._retiring.discard)
@@ -288,7 +306,7 @@ class ModelManager:
         if record.versions.get(entry.version) is entry:
             del record.versions[entry.version]
         log.info("model %s version %d unloaded (%s)", record.name, entry.version, reason)
-        self._emit(record, entry.version, EventKind.UNLOADED, reason)
+        self._move(record, entry, None, reason)
 
     async def _remove_model(self, name: str) -> None:
         record = self._models.get(name)
@@ -301,6 +319,7 @@ class ModelManager:
                     self._retire(record, entry, "model directory removed")
                 elif entry.state is VersionState.FAILED:
                     del record.versions[entry.version]
+                    self._move(record, entry, None)
         log.info("model %s removed: unloading after in-flight requests finish", name)
         self.default_model = self._choose_default()
 
@@ -356,4 +375,4 @@ class ModelManager:
                 if entry.loaded:
                     entry.loaded.release()
                     entry.loaded = None
-        self._loader.shutdown(wait=True)
+        self._loader.close()

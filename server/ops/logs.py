@@ -33,6 +33,8 @@ _LEVEL_FOR_CODE = {
     Status.INTERNAL: logging.ERROR,
 }
 request_log = logging.getLogger("classifyd.requests")
+CLIENT_TEXT_LIMIT = 200
+"""Characters of a client-supplied string (request id, model name) that go into a log record."""
 
 
 class JsonFormatter(logging.Formatter):
@@ -72,17 +74,21 @@ def log_request(report: RequestReport) -> None:
     model = result.model if result else report.model
     version = result.version if result else report.version
     latency_ms = round(report.seconds * 1000, 3)
-    fields: dict[str, object] = {"request_id": report.request_id[:200], "model": model[:200], "version": version,
-                                 "code": report.code.name, "latency_ms": latency_ms}
+    fields: dict[str, object] = {"request_id": report.request_id[:CLIENT_TEXT_LIMIT],
+                                 "model": model[:CLIENT_TEXT_LIMIT], "version": version, "code": report.code.name,
+                                 "latency_ms": latency_ms}
     if result:
         fields.update(batch_size=result.batch_size, queue_ms=round(result.queue_s * 1000, 3),
                       compute_ms=round(result.compute_s * 1000, 3))
     outcome = report.code.name + (f": {report.message}" if report.message else "")
     # Client-supplied strings go into text logs as capped reprs: a newline must not forge a log line.
-    request_log.log(level, "request %s model %s version %s: %s (%.1f ms)", _quoted(report.request_id),
-                    _quoted(model) if model else "(default)", version, outcome, latency_ms, extra=fields)
+    request_log.log(level, "request %s model %s version %s: %s (%.1f ms)", client_text(report.request_id),
+                    client_text(model) if model else "(default)", version, outcome, latency_ms, extra=fields)
 
 
-def _quoted(value: str, limit: int = 200) -> str:
-    text = repr(value)
-    return text if len(text) <= limit else text[:limit] + "…"
+def client_text(value: str, limit: int = CLIENT_TEXT_LIMIT) -> str:
+    """A client-supplied string (a request id, a model name) as it goes into a log message: its repr, so control
+    characters and line separators are escaped and a newline cannot forge a log line, cut to ``limit``
+    characters ("…" marks the cut). The one rule for client strings in logs; bounded work for any length."""
+    text = repr(value[:limit])
+    return text if len(text) <= limit and len(value) <= limit else text[:limit] + "…"

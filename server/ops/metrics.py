@@ -133,14 +133,19 @@ class Metrics:
             started = self._loading.pop(key, None)
             if started is not None:
                 self.load_seconds.labels(event.model, result).observe(max(event.time - started, 0.0))
-        if event.kind is EventKind.READY and event.serving:
-            if event.model in self._serving:
-                self.swaps.labels(event.model).inc()
-            self._serving[event.model] = event.version
-            self.serving.labels(event.model).set(event.version)
-        elif event.kind is EventKind.UNLOADED and self._serving.get(event.model) == event.version:
-            del self._serving[event.model]  # the model is gone: drop its gauge rather than report a stale version
-            self.serving.remove(event.model)
+        if event.kind is EventKind.READY and event.serving and event.model in self._serving:
+            self.swaps.labels(event.model).inc()
+        self._set_serving(event.model, event.serving_version)
+
+    def _set_serving(self, model: str, version: int | None) -> None:
+        """The serving-version gauge follows every event's ``serving_version``: a generation of the serving
+        version unloaded after its replacement took over leaves it as it is; a model left with no serving
+        version (removed) loses its series rather than report a stale version."""
+        if version is not None:
+            self._serving[model] = version
+            self.serving.labels(model).set(version)
+        elif self._serving.pop(model, None) is not None:
+            self.serving.remove(model)
 
     # ----- exporter
 

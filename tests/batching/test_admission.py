@@ -52,7 +52,14 @@ def test_a_deadline_is_judged_only_once_enough_batches_were_seen() -> None:
 def test_requests_that_fit_in_the_next_batch_are_never_rejected_early() -> None:
     admission = Admission(alpha=1.0, min_batches=1)
     admission.observe_batch("m", 10.0)
-    admission.admit("m", queued=3, max_queue=100, max_batch_size=4, deadline=0.001, now=0.0)
+    # 3 ahead and batches of 4: no whole batch is ahead, so even 1 ms against 10 s batches is admitted.
+    assert admission.estimated_wait("m", 3, 4) == 0.0
+    ticket = admission.admit("m", queued=3, max_queue=100, max_batch_size=4, deadline=0.001, now=0.0)
+    assert ticket.model == "m" and admission.preparing("m") == 1
+    # One more ahead fills a batch before it: that one is refused, and nothing is counted for it.
+    with pytest.raises(DeadlineExpired, match="4 requests are ahead"):
+        admission.admit("m", queued=3, max_queue=100, max_batch_size=4, deadline=0.001, now=0.0)
+    assert admission.preparing("m") == 1
 
 
 def test_out_of_memory_halves_the_batch_until_it_fits() -> None:
@@ -92,13 +99,14 @@ def test_other_exceptions_are_not_split() -> None:
 
 def test_failure_log_counts_runs_of_failures(caplog: pytest.LogCaptureFixture) -> None:
     failures = FailureLog()
-    failures.failed("m", 1, 4, ValueError("x"), ["a", "b"])
-    failures.failed("m", 1, 4, ValueError("x"), [])
-    assert (failures.consecutive("m", 1), failures.total("m", 1)) == (2, 2)
+    assert failures.failed("m", 1, 4, ValueError("x"), ["a", "b"]) == 1
+    assert failures.failed("m", 1, 4, ValueError("x"), []) == 2
     failures.succeeded("m", 1)
-    assert (failures.consecutive("m", 1), failures.total("m", 1)) == (0, 2)
-    assert "(2 in a row, 2 in all)" in caplog.records[1].getMessage()
-    assert caplog.records[0].exc_info is not None and caplog.records[1].exc_info is None
+    assert failures.failed("m", 1, 4, ValueError("x"), ["c"]) == 1  # the run ended; the total goes on
+    messages = [record.getMessage() for record in caplog.records]
+    assert "(2 in a row, 2 in all)" in messages[1] and "(1 in a row, 3 in all)" in messages[2]
+    assert [record.exc_info is not None for record in caplog.records] == [True, False, True]  # once per run
+    assert caplog.records[0].request_ids == ["a", "b"]
 
 
 def test_json_formatter_writes_one_object_per_line_with_extra_fields() -> None:

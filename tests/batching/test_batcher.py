@@ -3,109 +3,14 @@
 from __future__ import annotations
 
 import asyncio
-import gc
-from collections.abc import Callable, Coroutine
 from typing import Any
 
 import pytest
 
 from server.batching.batcher import Batched, Batcher, BatcherClosed, DeadlineExpired, QueueFull, SystemClock
+from tests.support.batcher_harness import T0, FakeClock, Handler, run, settle, spawn
 
 pytestmark = pytest.mark.timeout(10)
-
-T0 = 100.0
-
-
-class FakeClock:
-    """now() is set by the test; sleep() blocks until advance() passes its end."""
-
-    def __init__(self, start: float = T0) -> None:
-        self._now = start
-        self._sleepers: list[tuple[float, asyncio.Future[None]]] = []
-        self.sleep_calls: list[float] = []
-
-    def now(self) -> float:
-        return self._now
-
-    async def sleep(self, seconds: float) -> None:
-        self.sleep_calls.append(seconds)
-        future: asyncio.Future[None] = asyncio.get_running_loop().create_future()
-        self._sleepers.append((self._now + seconds, future))
-        await future
-
-    def advance(self, dt: float) -> None:
-        self._now += dt
-        for end, future in self._sleepers:
-            if end <= self._now and not future.done():
-                future.set_result(None)
-        self._sleepers = [(end, f) for end, f in self._sleepers if not f.done()]
-
-    @property
-    def pending_sleeps(self) -> int:
-        return sum(not f.done() for _, f in self._sleepers)
-
-
-class Handler:
-    """Records each batch; while ``gate`` is clear, every call blocks on it.
-
-    ``result`` maps an item to its result (a value or an exception instance);
-    ``compute_dt`` advances the fake clock inside the call to fake compute time.
-    """
-
-    def __init__(
-        self,
-        *,
-        gated: bool = False,
-        result: Callable[[Any], Any] = lambda x: x * 10,
-        clock: FakeClock | None = None,
-        compute_dt: float = 0.0,
-        raise_if: Callable[[list[Any]], BaseException | None] = lambda batch: None,
-        results_for: Callable[[list[Any]], list[Any] | None] = lambda batch: None,
-    ) -> None:
-        self.batches: list[list[Any]] = []
-        self.gate = asyncio.Event()
-        if not gated:
-            self.gate.set()
-        self._result = result
-        self._clock = clock
-        self._compute_dt = compute_dt
-        self._raise_if = raise_if
-        self._results_for = results_for
-
-    async def __call__(self, items: list[Any]) -> list[Any]:
-        self.batches.append(list(items))
-        await self.gate.wait()
-        if self._clock is not None and self._compute_dt:
-            self._clock.advance(self._compute_dt)
-        error = self._raise_if(items)
-        if error is not None:
-            raise error
-        override = self._results_for(items)
-        return override if override is not None else [self._result(x) for x in items]
-
-    @property
-    def sizes(self) -> list[int]:
-        return [len(b) for b in self.batches]
-
-
-def run(test: Callable[[], Coroutine[Any, Any, None]]) -> None:
-    """Run an async test body and fail on any error the loop reported on its own."""
-
-    async def body() -> None:
-        reported: list[dict[str, Any]] = []
-        asyncio.get_running_loop().set_exception_handler(lambda _loop, ctx: reported.append(ctx))
-        await test()
-        gc.collect()  # unretrieved future exceptions are reported on collection
-        await settle()
-        assert reported == [], reported
-
-    asyncio.run(body())
-
-
-async def settle(rounds: int = 20) -> None:
-    """Let every ready task run until nothing is left to do."""
-    for _ in range(rounds):
-        await asyncio.sleep(0)
 
 
 async def echo(items: list[Any]) -> list[Any]:
@@ -116,10 +21,6 @@ def make(handler: Handler, clock: FakeClock | None = None, **kwargs: Any) -> Bat
     batcher: Batcher[Any, Any] = Batcher(handler, clock=clock or FakeClock(), **kwargs)
     batcher.start()
     return batcher
-
-
-def spawn(batcher: Batcher[Any, Any], *items: Any, **kwargs: Any) -> list[asyncio.Task[Batched[Any]]]:
-    return [asyncio.ensure_future(batcher.submit(item, **kwargs)) for item in items]
 
 
 async def block_first(handler: Handler, batcher: Batcher[Any, Any], item: Any = 0) -> asyncio.Task[Batched[Any]]:

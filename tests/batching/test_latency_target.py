@@ -27,7 +27,7 @@ from server.batching.batcher import (
     TargetUnreachable,
 )
 from server.batching.policy import LatencyTargetPolicy
-from tests.batching.test_batcher import T0, FakeClock, Handler, run, settle, spawn
+from tests.support.batcher_harness import T0, FakeClock, Handler, run, settle, spawn
 from tests.support.kit import DaemonThread, running_daemon, write_model
 
 pytestmark = pytest.mark.timeout(120)

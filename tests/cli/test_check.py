@@ -106,48 +106,71 @@ def test_a_good_model_prints_what_it_resolved_and_its_validation(tmp_path: Path,
     assert out.rstrip().endswith("version 1 can serve")
 
 
-def test_every_trap_exits_non_zero_with_a_precise_message(tmp_path: Path,
-                                                          capsys: pytest.CaptureFixture[str]) -> None:
+def labels_vs_head(root: Path) -> Path:
+    return small_model(root, "labels_vs_head", module=SmallCNN(num_classes=10, in_channels=1, width=8)).parent
+
+
+def labels_vs_output(root: Path) -> Path:
+    return scripted(root, "labels_vs_output", SmallCNN(10, 1, 8), SMALL).parent
+
+
+def keys(root: Path) -> Path:
+    version_dir = small_model(root, "keys")
+    edit_weights(version_dir, lambda s: (s.pop("classifier.2.bias"), s.update({"extra.weight": torch.zeros(2)})))
+    return version_dir.parent
+
+
+def channels(root: Path) -> Path:
+    return small_model(root, "channels", module=SmallCNN(5, 3, 8)).parent
+
+
+def scripted_channels(root: Path) -> Path:
+    return scripted(root, "scripted_channels", SmallCNN(5, 3, 8), SMALL).parent
+
+
+def mean(root: Path) -> Path:
+    return small_model(root, "mean", manifest={**SMALL, "input": {**SMALL["input"], "mean": [0.5, 0.5, 0.5]}}).parent
+
+
+def latin1_labels(root: Path) -> Path:
+    version_dir = small_model(root, "latin1")
+    (version_dir.parent / "labels.txt").write_bytes("ok\nété\n".encode("latin-1"))
+    return version_dir.parent
+
+
+TRAPS = [  # (id, builds the model directory, check's flags, words its error must contain)
+    ("head", labels_vs_head, [], "the weights have 10 outputs but labels.txt has 5 labels"),
+    ("output", labels_vs_output, [], "model outputs 10 logits per image but has 5 labels"),
+    ("keys", keys, [], "missing keys: classifier.2.bias; unexpected keys: extra.weight"),
+    ("channels", channels, [], "the weights take 3 input channel(s) but [input] color = 'L' gives 1"),
+    ("scripted channels", scripted_channels, [],
+     "first convolution (features.0.0) takes 3 input channel(s) but [input] color = 'L' gives 1"),
+    ("mean", mean, [], "key 'input.mean': has 3 values but the input has 1 channel(s)"),
+    ("utf-8", latin1_labels, [], "labels.txt: not valid UTF-8 (byte 3)"),
+    ("trust", lambda root: python_model(root, "custom", "ok"), [],
+     "refused because classifyd was started without --trust-code"),
+    ("tuple", lambda root: python_model(root, "tuple", "tuple"), ["--trust-code"],
+     "model returned tuple for a batch of 4; expected one row of 5 logits per image (4, 5)"),
+    ("pooled", lambda root: python_model(root, "pooled", "pooled"), ["--trust-code"],
+     "model returned shape (1, 5) for a batch of 4"),
+]
+
+
+@pytest.mark.parametrize(("build", "flags", "words"), [pytest.param(*trap[1:], id=trap[0]) for trap in TRAPS])
+def test_each_trap_exits_1_with_a_precise_message(tmp_path: Path, capsys: pytest.CaptureFixture[str],
+                                                  build: Callable[[Path], Path], flags: list[str],
+                                                  words: str) -> None:
     torch.manual_seed(1)
-    traps: dict[str, tuple[Path, str]] = {}
+    code, _, err = run(capsys, build(tmp_path), *flags)
+    assert code == 1, err
+    assert words in err, err
 
-    wide = small_model(tmp_path, "labels_vs_head", module=SmallCNN(num_classes=10, in_channels=1, width=8))
-    traps["head"] = (wide.parent, "the weights have 10 outputs but labels.txt has 5 labels")
-    scripted_wide = scripted(tmp_path, "labels_vs_output", SmallCNN(10, 1, 8), SMALL)
-    traps["output"] = (scripted_wide.parent, "model outputs 10 logits per image but has 5 labels")
 
-    keys = small_model(tmp_path, "keys")
-    edit_weights(keys, lambda s: (s.pop("classifier.2.bias"), s.update({"extra.weight": torch.zeros(2)})))
-    traps["keys"] = (keys.parent, "missing keys: classifier.2.bias; unexpected keys: extra.weight")
-
-    rgb = {**SMALL, "input": {**SMALL["input"], "color": "RGB"}}
-    channels = small_model(tmp_path, "channels", module=SmallCNN(5, 3, 8))
-    traps["channels"] = (channels.parent, "the weights take 3 input channel(s) but [input] color = 'L' gives 1")
-    scripted_rgb = scripted(tmp_path, "scripted_channels", SmallCNN(5, 3, 8), SMALL)
-    traps["scripted channels"] = (scripted_rgb.parent, "first convolution (features.0.0) takes 3 input channel(s) "
-                                                       "but [input] color = 'L' gives 1")
-    small_model(tmp_path, "rgb_ok", manifest=rgb)  # the control: the same weights with the right colour load
-
-    mean = small_model(tmp_path, "mean", manifest={**SMALL, "input": {**SMALL["input"], "mean": [0.5, 0.5, 0.5]}})
-    traps["mean"] = (mean.parent, "key 'input.mean': has 3 values but the input has 1 channel(s)")
-
-    latin = small_model(tmp_path, "latin1")
-    (latin.parent / "labels.txt").write_bytes("ok\nété\n".encode("latin-1"))
-    traps["utf-8"] = (latin.parent, "labels.txt: not valid UTF-8 (byte 3)")
-
-    traps["trust"] = (python_model(tmp_path, "custom", "ok"), "refused because classifyd was started without "
-                                                              "--trust-code")
-    traps["tuple"] = (python_model(tmp_path, "tuple", "tuple"), "model returned tuple for a batch of 4; expected "
-                                                                "one row of 5 logits per image (4, 5)")
-    traps["pooled"] = (python_model(tmp_path, "pooled", "pooled"), "model returned shape (1, 5) for a batch of 4")
-
-    for trap, (model_dir, words) in traps.items():
-        flags = ["--trust-code"] if trap in ("tuple", "pooled") else []
-        code, _, err = run(capsys, model_dir, *flags)
-        assert code == 1, trap
-        assert words in err, (trap, err)
+def test_the_controls_of_the_traps_pass(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """The right colour for the same weights, and custom code once trusted, load: the traps above are the traps."""
+    small_model(tmp_path, "rgb_ok", manifest={**SMALL, "input": {**SMALL["input"], "color": "RGB"}})
     assert run(capsys, tmp_path / "rgb_ok")[0] == 0
-    assert run(capsys, tmp_path / "custom", "--trust-code")[0] == 0
+    assert run(capsys, python_model(tmp_path, "custom", "ok"), "--trust-code")[0] == 0
 
 
 def test_bad_usage_exits_2(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:

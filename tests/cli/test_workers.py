@@ -16,18 +16,17 @@ from classifier.v1 import classifier_pb2 as pb
 from classifier.v1 import classifier_pb2_grpc as pb_grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from server.daemon import ServerConfig
-from tests.conftest import DIGIT_LABELS
+from tests.support.daemon_process import SERVER, DaemonProcess
 from tests.support.digits_data import held_out_digits, png_bytes
-from tests.support.kit import REPO, DaemonThread
-from tests.support.procs import DaemonProcess
+from tests.support.kit import REPO, DaemonThread, local_config
+from tests.support.repository import DIGIT_LABELS
 
 
 @pytest.fixture(scope="module")
 def workers(tmp_path_factory: pytest.TempPathFactory) -> Iterator[DaemonProcess]:
     root = tmp_path_factory.mktemp("workers")
     shutil.copytree(REPO / "models" / "digits", root / "models" / "digits")
-    daemon = DaemonProcess(root / "models", root, "--workers", "2", "--grace-seconds", "2").start()
+    daemon = DaemonProcess(root / "models", root, "--workers", "2", "--grace-seconds", "2", entry=SERVER).start()
     try:
         yield daemon.wait_serving()
     finally:
@@ -60,6 +59,7 @@ def parent_of(pid: int) -> int:
     return int(Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[1])
 
 
+@pytest.mark.process
 def test_two_workers_serve_one_port_from_two_processes(workers: DaemonProcess) -> None:
     images, labels = held_out_digits()
     pids = pids_seen(workers.target, png_bytes(images[0]), want=2)
@@ -70,6 +70,7 @@ def test_two_workers_serve_one_port_from_two_processes(workers: DaemonProcess) -
         assert serving_pid(workers.target, png_bytes(image))[1] == DIGIT_LABELS[label]
 
 
+@pytest.mark.process
 def test_each_worker_answers_health_checks(workers: DaemonProcess) -> None:
     for _ in range(6):
         with grpc.insecure_channel(workers.target, options=[("grpc.use_local_subchannel_pool", 1)]) as channel:
@@ -79,6 +80,8 @@ def test_each_worker_answers_health_checks(workers: DaemonProcess) -> None:
                 assert status == health_pb2.HealthCheckResponse.SERVING
 
 
+@pytest.mark.slow
+@pytest.mark.process
 def test_a_dead_worker_is_replaced(workers: DaemonProcess) -> None:
     png = png_bytes(held_out_digits()[0][0])
     before = pids_seen(workers.target, png, want=2)
@@ -94,13 +97,16 @@ def test_a_dead_worker_is_replaced(workers: DaemonProcess) -> None:
     assert all(parent_of(pid) == workers.pid for pid in now)
 
 
+@pytest.mark.slow
+@pytest.mark.process
 def test_a_worker_that_cannot_start_fails_the_daemon(tmp_path: Path) -> None:
-    daemon = DaemonProcess(tmp_path / "missing", tmp_path, "--workers", "2").start()
+    daemon = DaemonProcess(tmp_path / "missing", tmp_path, "--workers", "2", entry=SERVER).start()
     assert daemon.process is not None
     assert daemon.process.wait(120) == 2
     assert "does not exist" in daemon.log()
 
 
+@pytest.mark.process
 def test_sigterm_stops_every_worker(workers: DaemonProcess) -> None:
     """Runs last: it stops the module's daemon."""
     children = pids_seen(workers.target, png_bytes(held_out_digits()[0][0]), want=2)
@@ -111,6 +117,7 @@ def test_sigterm_stops_every_worker(workers: DaemonProcess) -> None:
     assert failed.value.code() == grpc.StatusCode.UNAVAILABLE
 
 
+@pytest.mark.process
 def test_a_busy_port_is_an_error_without_reuse_port(tmp_path: Path) -> None:
     """Only --workers / --reuse-port share a port; otherwise a second server must not bind it silently."""
     with socket.socket() as taken:
@@ -118,8 +125,8 @@ def test_a_busy_port_is_an_error_without_reuse_port(tmp_path: Path) -> None:
         taken.listen()
         port = taken.getsockname()[1]
         with pytest.raises(OSError, match=f"cannot listen on 127.0.0.1:{port}"):
-            DaemonThread(ServerConfig(models_dir=REPO / "models", port=port, device="cpu", watch=False)).start()
-        daemon = DaemonProcess(REPO / "models", tmp_path, "--workers", "2", port=port).start()
+            DaemonThread(local_config(REPO / "models", port=port, watch=False)).start()
+        daemon = DaemonProcess(REPO / "models", tmp_path, "--workers", "2", port=port, entry=SERVER).start()
         assert daemon.process is not None and daemon.process.wait(60) == 2
         assert f"cannot listen on 127.0.0.1:{port}: Address already in use" in daemon.log()
 

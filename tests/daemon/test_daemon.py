@@ -13,9 +13,10 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 
 from client import image_request, tensor_request
-from tests.conftest import DIGIT_LABELS
+from server.core.config import MAX_STREAM_IN_FLIGHT
 from tests.support.digits_data import held_out_digits, png_bytes
 from tests.support.kit import GATE, DaemonThread, encode
+from tests.support.repository import DIGIT_LABELS
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -157,6 +158,16 @@ def test_stream_echoes_request_ids_and_isolates_a_bad_request(channel: grpc.Chan
     good = [responses[f"r{n}"] for n in range(20)]
     assert all(not r.HasField("error") for r in good)
     assert accuracy(good, truth[:20]) >= 0.9
+
+
+def test_a_stream_longer_than_its_in_flight_limit_is_answered_in_full(channel: grpc.Channel) -> None:
+    images, truth = held_out_digits()
+    count = MAX_STREAM_IN_FLIGHT + 44  # past the limit the server reads as the answers are read: none is lost
+    requests = [tensor_request(images[n % len(images)], request_id=f"s{n}") for n in range(count)]
+    responses = {r.request_id: r for r in pb_grpc.ClassifierStub(channel).ClassifyStream(iter(requests), timeout=60)}
+    assert set(responses) == {f"s{n}" for n in range(count)}
+    assert not any(r.HasField("error") for r in responses.values())
+    assert accuracy([responses[f"s{n}"] for n in range(count)], [truth[n % len(truth)] for n in range(count)]) >= 0.95
 
 
 def test_list_and_get_model_describe_versions_and_failures(channel: grpc.Channel) -> None:

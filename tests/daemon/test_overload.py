@@ -9,9 +9,9 @@ import numpy as np
 import pytest
 
 from benchmarks.overload import latency_bound_s, offer_load, slow_repository
-from tests.support.process import DaemonProcess
+from tests.support.daemon_process import DaemonProcess
 
-pytestmark = pytest.mark.timeout(180)
+pytestmark = [pytest.mark.slow, pytest.mark.process, pytest.mark.timeout(180)]
 DURATION_S = 4.0
 MULTIPLIER = 4.0
 DELAY_MS, BATCH, MAX_QUEUE = 50.0, 2, 8  # capacity 40 requests/s

@@ -18,6 +18,7 @@ from classifier.v1 import classifier_pb2_grpc as pb_grpc
 
 from client import tensor_request
 from server.ops.logs import JsonFormatter
+from tests.support.daemon_process import DaemonProcess
 from tests.support.faults import COMPUTED, computed_items
 from tests.support.kit import GATE, REPO, DaemonThread, running_daemon, write_model
 
@@ -148,6 +149,22 @@ def test_a_batch_that_raises_fails_only_its_requests_and_the_next_batch_succeeds
     assert any("(1 in a row, 2 in all)" in m and "m5" in m for m in messages)
 
 
+def test_request_ids_enter_the_failure_log_escaped_and_capped(daemon: DaemonThread,
+                                                              caplog: pytest.LogCaptureFixture) -> None:
+    caplog.set_level(logging.ERROR, logger="classifyd.isolation")
+    forged = "x\n2026-01-01 00:00:00 ERROR classifyd: forged line\r\u2028"
+    ids = [forged, "y" * 5000, "plain-1", "plain-2"]
+    requests = [tensor_request(MARKED if n == 0 else BLANK, model="fussy", request_id=i) for n, i in enumerate(ids)]
+    outcomes = asyncio.run(gather_outcomes(daemon.target, requests))
+    assert len(failures(outcomes)) == 4
+    record = next(r for r in caplog.records if r.name == "classifyd.isolation" and "plain-1" in r.getMessage())
+    message = record.getMessage()
+    assert not any(c in message for c in "\n\r\u2028")  # a client's newline cannot forge a log line
+    assert "'x\\n2026-01-01 00:00:00 ERROR classifyd: forged line\\r\\u2028'" in message
+    assert "y" * 199 + "…" in message and "y" * 201 not in message
+    assert sorted(len(i) for i in record.request_ids) == [7, 7, len(forged), 200]  # capped for JSON logs too
+
+
 def test_out_of_memory_splits_the_batch_until_it_fits(daemon: DaemonThread) -> None:
     COMPUTED["oom"].clear()
     requests = [tensor_request(np.full((8, 8), n * 20, np.uint8), model="oom", top_k=4) for n in range(8)]
@@ -210,3 +227,28 @@ def test_request_log_has_request_ids_as_json(daemon: DaemonThread, stub: pb_grpc
     assert "abc-123" in line["message"]
     bad = json.loads(JsonFormatter().format(records["bad-1"]))
     assert bad["code"] == "NOT_FOUND" and bad["level"] == "INFO" and "unknown model 'nope'" in bad["message"]
+
+
+# ----- model code raising what asyncio cannot carry
+
+
+@pytest.mark.process
+def test_model_code_raising_stop_iteration_or_a_base_exception_fails_only_its_batch_and_sigterm_still_stops(
+        tmp_path: Path) -> None:
+    models = tmp_path / "models"
+    batching = {"max_batch_size": 4, "max_delay_ms": 600000}  # dispatched when full: batch membership is exact
+    for name, raises in (("stops", "StopIteration"), ("bases", "BaseException"), ("cancels", "CancelledError")):
+        write_model(models, name, architecture="classifyd:test_raising",
+                    manifest={"input": SMALL, "model_args": {"raises": raises}, "batching": batching})
+    with DaemonProcess(models, tmp_path, "--grace-seconds", "5") as daemon:
+        for name, raises in (("stops", "StopIteration"), ("bases", "BaseException"), ("cancels", "CancelledError")):
+            poisoned = [tensor_request(MARKED if n == 0 else BLANK, model=name) for n in range(4)]
+            outcomes = asyncio.run(gather_outcomes(daemon.target, poisoned, timeout=30))
+            assert len(failures(outcomes)) == 4, outcomes
+            for error in failures(outcomes):
+                assert error.code() is grpc.StatusCode.INTERNAL
+                assert error.details() == (f"model {name} version 1 failed on this batch: {raises}: raised by model "
+                                           "code (test model)")
+            clean = asyncio.run(gather_outcomes(daemon.target, [tensor_request(BLANK, model=name)] * 4, timeout=30))
+            assert not failures(clean) and [r.batch_size for r in clean] == [4] * 4  # the next batch works
+        assert daemon.stop(timeout=60) == 0  # and shutdown completes

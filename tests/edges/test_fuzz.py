@@ -26,11 +26,11 @@ from hypothesis import strategies as st
 from PIL import Image
 
 from client import image_request, tensor_request
+from tests.support.daemon_process import DaemonProcess
 from tests.support.digits_data import held_out_digits, png_bytes
 from tests.support.kit import REPO, write_model
-from tests.support.process import DaemonProcess
 
-pytestmark = pytest.mark.timeout(300)
+pytestmark = [pytest.mark.slow, pytest.mark.process, pytest.mark.timeout(300)]
 MAX_PIXELS = 1_000_000
 MAX_MESSAGE = 1 << 20
 ALLOWED = {grpc.StatusCode.OK, grpc.StatusCode.INVALID_ARGUMENT, grpc.StatusCode.NOT_FOUND,

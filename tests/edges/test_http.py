@@ -22,10 +22,9 @@ import pytest
 from classifier.v1 import classifier_pb2_grpc as pb_grpc
 
 from client import image_request, tensor_request
-from server.daemon import ServerConfig
-from tests.conftest import DIGIT_LABELS, build_test_repository
 from tests.support.digits_data import held_out_digits, png_bytes
-from tests.support.kit import GATE, REPO, DaemonThread, encode, running_daemon, write_model
+from tests.support.kit import GATE, REPO, DaemonThread, encode, local_config, running_daemon, write_model
+from tests.support.repository import DIGIT_LABELS, build_test_repository
 
 pytestmark = pytest.mark.timeout(180)
 
@@ -40,8 +39,13 @@ class Reply:
         return json.loads(self.body)
 
 
+HTTP_TIMEOUT = aiohttp.ClientTimeout(total=60)
+"""Generous, but a request the daemon never answers fails the test instead of hanging it (it did under load)."""
+
+
 async def _send(method: str, url: str, **kwargs: Any) -> Reply:
-    async with aiohttp.ClientSession() as session, session.request(method, url, **kwargs) as response:
+    async with (aiohttp.ClientSession(timeout=HTTP_TIMEOUT) as session,
+                session.request(method, url, **kwargs) as response):
         return Reply(response.status, dict(response.headers), await response.read())
 
 
@@ -299,7 +303,7 @@ def test_status_json_counts_grpc_and_http_requests_and_lists_events(web: DaemonT
 def test_stop_finishes_http_requests_in_flight_and_refuses_new_ones(tmp_path: Path) -> None:
     write_model(tmp_path, "gated", architecture="classifyd:test_gated",
                 manifest={"input": {"color": "L", "size": 8, "resize": 8}})
-    running = DaemonThread(ServerConfig(models_dir=tmp_path, port=0, device="cpu", http_port=0, watch=False)).start()
+    running = DaemonThread(local_config(tmp_path, http_port=0, watch=False)).start()
     stopper = threading.Thread(target=running.stop)
 
     def refused() -> bool:
@@ -319,10 +323,10 @@ def test_stop_finishes_http_requests_in_flight_and_refuses_new_ones(tmp_path: Pa
 def test_oip_errors_use_the_protocols_body_and_the_same_codes(web: DaemonThread) -> None:
     cases = [
         (400, "INVALID_ARGUMENT", "body is not valid JSON", "/v2/models/digits/infer", {"data": b"{"}),
-        (400, "INVALID_ARGUMENT", "'inputs' must hold exactly one tensor", "/v2/models/digits/infer", {"json": {}}),
-        (400, "INVALID_ARGUMENT", "needs 64 values (64 bytes), got 3", "/v2/models/digits/infer",
+        (400, "INVALID_ARGUMENT", "expected exactly one input tensor", "/v2/models/digits/infer", {"json": {}}),
+        (400, "INVALID_ARGUMENT", "needs 64 bytes, got 3", "/v2/models/digits/infer",
          {"json": {"inputs": [{"name": "image", "datatype": "UINT8", "shape": [8, 8], "data": [1, 2, 3]}]}}),
-        (400, "INVALID_ARGUMENT", "model version must be a positive integer", "/v2/models/digits/versions/x/infer",
+        (400, "INVALID_ARGUMENT", "model_version must be a version number", "/v2/models/digits/versions/x/infer",
          {"json": {}}),
         (404, "NOT_FOUND", "unknown model 'nope'", "/v2/models/nope/infer",
          {"json": {"inputs": [{"name": "image", "datatype": "UINT8", "shape": [8, 8], "data": [0] * 64}]}}),

@@ -12,9 +12,9 @@ import pytest
 import tritonclient.http as triton
 from tritonclient.utils import InferenceServerException
 
-from tests.conftest import DIGIT_LABELS, build_test_repository
 from tests.support.digits_data import held_out_digits, png_bytes
 from tests.support.kit import GATE, DaemonThread, running_daemon
+from tests.support.repository import DIGIT_LABELS, build_test_repository
 
 pytestmark = pytest.mark.timeout(180)
 
@@ -118,7 +118,7 @@ def test_errors_have_the_grpc_consistent_status(oip: triton.InferenceServerClien
         ("404", "unknown model 'nope'", lambda: oip.infer("nope", [pixels])),
         ("404", "has no loaded version 7", lambda: oip.infer("digits", [pixels], model_version="7")),
         ("503", "model broken: no version is ready", lambda: oip.infer("broken", [pixels])),
-        ("400", "classification must be an integer from 1 to the 10 labels",
+        ("400", "'classification' must be an integer from 1 to the 10 labels",
          lambda: oip.infer("digits", [pixels], outputs=top(11))),
         ("400", "unknown output 'scores'",
          lambda: oip.infer("digits", [pixels], outputs=[triton.InferRequestedOutput("scores", binary_data=False)])),

@@ -24,9 +24,9 @@ from inference import grpc_service_pb2 as oip
 from inference import grpc_service_pb2_grpc as oip_grpc
 
 from server.edges.common.oip_codec import join_bytes_elements
-from tests.conftest import DIGIT_LABELS
 from tests.support.digits_data import held_out_digits, png_bytes
 from tests.support.kit import GATE, REPO, DaemonThread, encode
+from tests.support.repository import DIGIT_LABELS
 
 Input = oip.ModelInferRequest.InferInputTensor
 Output = oip.ModelInferRequest.InferRequestedOutputTensor

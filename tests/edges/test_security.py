@@ -25,9 +25,10 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from client import AsyncClassifierClient, ClassifierClient
 from client.__main__ import main as client_main
-from server.daemon import Daemon, ServerConfig
+from server.daemon import Daemon
 from server.edges.common.auth import SecurityConfigError
-from tests.support.kit import REPO, running_daemon
+from server.edges.grpc.security import ADMIN_METHODS, AdminInterceptor, is_local_peer
+from tests.support.kit import REPO, local_config, running_daemon
 
 pytestmark = pytest.mark.timeout(120)
 PIXELS = np.zeros((8, 8), np.uint8)
@@ -174,13 +175,13 @@ def test_bad_security_settings_are_refused_at_start(pki: Pki, models: Path, tmp_
     empty = tmp_path / "empty"
     empty.write_text("\n")
     with pytest.raises(SecurityConfigError, match="both a certificate and its key"):
-        Daemon(ServerConfig(models_dir=models, tls_cert=pki.server_cert))
+        Daemon(local_config(models, tls_cert=pki.server_cert))
     with pytest.raises(SecurityConfigError, match="needs --tls-cert"):
-        Daemon(ServerConfig(models_dir=models, tls_client_ca=pki.ca))
+        Daemon(local_config(models, tls_client_ca=pki.ca))
     with pytest.raises(SecurityConfigError, match="is empty"):
-        Daemon(ServerConfig(models_dir=models, auth_token_file=empty))
+        Daemon(local_config(models, auth_token_file=empty))
     with pytest.raises(SecurityConfigError, match="cannot read token file"):
-        Daemon(ServerConfig(models_dir=models, auth_token_file=tmp_path / "missing"))
+        Daemon(local_config(models, auth_token_file=tmp_path / "missing"))
 
 
 def _http_get(port: int, path: str, context: ssl.SSLContext, token: str | None = None) -> tuple[int, dict]:
@@ -212,3 +213,111 @@ def test_the_http_port_requires_the_same_tls_client_certificate_and_token(pki: P
         without_certificate = ssl.create_default_context(cafile=pki.ca)
         with pytest.raises(OSError):  # the TLS handshake refuses it (SSLError, URLError or a reset)
             _http_get(port, "/v2/health/live", without_certificate)
+
+
+RELOAD = "/classifier.v1.Classifier/ReloadModel"
+
+
+def test_model_control_needs_an_admin_token_and_client_tokens_do_not_suffice(tmp_path: Path, models: Path) -> None:
+    clients, admins = tmp_path / "client-tokens", tmp_path / "admin-tokens"
+    clients.write_text("client-token-1234\n")
+    admins.write_text("admin-token-5678\n")
+    with running_daemon(models, watch=False, auth_token_file=clients, admin_token_file=admins) as daemon:
+        with ClassifierClient(daemon.target, token="client-token-1234") as client:
+            assert client.classify_tensor(PIXELS, timeout=20).predictions
+            with pytest.raises(grpc.RpcError) as caught:
+                client.reload_model("digits", timeout=60)
+            assert caught.value.code() is grpc.StatusCode.PERMISSION_DENIED
+            assert "client tokens (--auth-token-file) do not suffice" in caught.value.details()
+        for token, words in ((None, "missing bearer token"), ("admin-token-567", "invalid bearer token")):
+            with ClassifierClient(daemon.target, token=token) as client, pytest.raises(grpc.RpcError) as caught:
+                client.reload_model("digits", timeout=60)
+            assert caught.value.code() is grpc.StatusCode.UNAUTHENTICATED and words in caught.value.details()
+        with ClassifierClient(daemon.target, token="admin-token-5678") as admin:
+            assert admin.classify_tensor(PIXELS, timeout=20).predictions  # an operator's token is good for all
+            assert admin.reload_model("digits", timeout=60).versions[0].generation == 2
+            with pytest.raises(grpc.RpcError) as caught:  # --reload-min-interval-seconds, 5 s by default
+                admin.reload_model("digits", timeout=60)
+            assert caught.value.code() is grpc.StatusCode.RESOURCE_EXHAUSTED
+            assert "model digits was reloaded" in caught.value.details() and "retry in" in caught.value.details()
+            with pytest.raises(grpc.RpcError) as caught:  # ENAMETOOLONG on the filesystem: refused before
+                admin.reload_model("x" * 300, timeout=60)
+            assert caught.value.code() is grpc.StatusCode.INVALID_ARGUMENT
+            assert "300 bytes long" in caught.value.details()
+    # only admin tokens: clients need none, model control still needs one
+    with running_daemon(models, watch=False, admin_token_file=admins) as daemon, \
+            ClassifierClient(daemon.target) as client:
+        assert client.classify_tensor(PIXELS, timeout=20).predictions
+        with pytest.raises(grpc.RpcError) as caught:
+            client.reload_model("digits", timeout=60)
+        assert caught.value.code() is grpc.StatusCode.UNAUTHENTICATED
+
+
+def test_without_admin_tokens_model_control_is_accepted_from_loopback(models: Path) -> None:
+    with running_daemon(models, watch=False) as daemon, ClassifierClient(daemon.target) as client:
+        assert client.reload_model("digits", timeout=60).serving_version == 1
+
+
+class Aborted(Exception):
+    pass
+
+
+@dataclass
+class FakeContext:
+    """What the interceptor reads of a call's context: its peer; ``abort`` records the status."""
+
+    address: str
+    status: tuple[grpc.StatusCode, str] | None = None
+
+    def peer(self) -> str:
+        return self.address
+
+    async def abort(self, code: grpc.StatusCode, details: str) -> None:
+        self.status = (code, details)
+        raise Aborted
+
+
+@dataclass(frozen=True)
+class Details:
+    method: str
+    invocation_metadata: tuple[tuple[str, str], ...] = ()
+
+
+def _call_through(interceptor: AdminInterceptor, method: str, peer: str) -> object:
+    """Call ``method`` through ``interceptor`` from ``peer``: the handler's answer, or the status it aborted with."""
+
+    async def handle(request: object, context: object) -> str:
+        return "handled"
+
+    async def continuation(details: object) -> grpc.RpcMethodHandler:
+        return grpc.unary_unary_rpc_method_handler(handle)
+
+    async def call() -> object:
+        handler = await interceptor.intercept_service(continuation, Details(method))
+        context = FakeContext(peer)
+        try:
+            return await handler.unary_unary(None, context)
+        except Aborted:
+            return context.status
+
+    return asyncio.run(call())
+
+
+@pytest.mark.parametrize(("peer", "local"), [
+    ("ipv4:127.0.0.1:50000", True), ("ipv4:127.8.9.10:50000", True), ("ipv6:[::1]:50000", True),
+    ("ipv6:%5B::1%5D:50000", True), ("ipv6:[::ffff:127.0.0.1]:50000", True), ("unix:/run/classifyd.sock", True),
+    ("ipv4:10.0.0.7:50000", False), ("ipv6:[2001:db8::1]:50000", False), ("ipv6:[::ffff:10.0.0.7]:50000", False),
+    ("unknown", False), ("ipv4:not-an-address:1", False),
+])
+def test_without_admin_tokens_model_control_is_for_local_peers_unless_remote_admin_is_allowed(peer: str,
+                                                                                              local: bool) -> None:
+    assert is_local_peer(peer) is local
+    answer = _call_through(AdminInterceptor(), RELOAD, peer)
+    if local:
+        assert answer == "handled"
+    else:
+        assert isinstance(answer, tuple) and answer[0] is grpc.StatusCode.PERMISSION_DENIED
+        assert f"not from {peer}" in answer[1] and "--admin-token-file" in answer[1]
+    assert _call_through(AdminInterceptor(allow_remote=True), RELOAD, peer) == "handled"
+    assert _call_through(AdminInterceptor(), "/classifier.v1.Classifier/Classify", peer) == "handled"
+    assert RELOAD in ADMIN_METHODS

@@ -13,9 +13,9 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import DIGIT_LABELS
 from tests.support.digits_data import held_out_digits, png_bytes
 from tests.support.kit import REPO, DaemonThread, running_daemon
+from tests.support.repository import DIGIT_LABELS
 
 CHROMIUM = shutil.which("chromium")
 CHROMEDRIVER = shutil.which("chromedriver")

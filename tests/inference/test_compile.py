@@ -226,6 +226,7 @@ def test_bad_wrapper_arguments_are_refused() -> None:
 # ----- one real compile, in a real daemon
 
 
+@pytest.mark.slow
 def test_a_compiled_model_answers_like_the_same_weights_in_eager_mode(tmp_path: Path,
                                                                       monkeypatch: pytest.MonkeyPatch) -> None:
     """Buckets [2] with max_batch_size 3: a lone request pads 1 → 2, a batch of 3 runs as 2 + (1 → 2).

@@ -21,7 +21,7 @@ from server.inference.device_decode import decode_batch, probe
 from server.inference.preprocess import preprocess
 from tests.support.kit import running_daemon, write_model
 
-pytestmark = [pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device"),
+pytestmark = [pytest.mark.cuda,
               pytest.mark.timeout(300), pytest.mark.filterwarnings("ignore::DeprecationWarning")]
 
 

@@ -15,7 +15,7 @@ import pytest
 from PIL import Image
 
 from client.api import ClassifierClient
-from server import service
+from server.inference import pipeline
 from tests.support.kit import running_daemon, write_model
 
 pytestmark = [pytest.mark.timeout(120), pytest.mark.filterwarnings("ignore::DeprecationWarning")]
@@ -49,13 +49,13 @@ def scores(response: object) -> dict[str, float]:
 
 def test_device_decoded_jpegs_score_like_pillow_decoded_ones(daemon, monkeypatch) -> None:  # type: ignore[no-untyped-def]
     decoded: list[int] = []
-    real = service._decode_hwc
+    real = pipeline._decode_hwc
 
     def counting(jpegs, *args):  # type: ignore[no-untyped-def]
         decoded.append(len(jpegs))
         return real(jpegs, *args)
 
-    monkeypatch.setattr(service, "_decode_hwc", counting)
+    monkeypatch.setattr(pipeline, "_decode_hwc", counting)
     images = [picture(480, 640, 1), picture(300, 200, 2), picture(64, 64, 3)]
     with ClassifierClient(daemon.target) as client:
         for image in images:

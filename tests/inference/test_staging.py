@@ -19,7 +19,6 @@ from server.inference.staging import StagedBatch, Stager, stack
 from server.models.loader.build import build_for_serving
 
 REPO = Path(__file__).resolve().parents[2]
-cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 
 
 def digits_version(tmp_path: Path, device: str = "cpu", max_batch_size: int = 4) -> LoadedVersion:
@@ -90,7 +89,7 @@ def test_out_of_memory_split_halves_a_staged_batch(tmp_path: Path) -> None:
     assert np.allclose(np.stack(rows), version.predict(images(4)), atol=1e-6)
 
 
-@cuda
+@pytest.mark.cuda
 def test_cuda_stage_copies_from_pinned_memory_and_predicts_the_same(tmp_path: Path) -> None:
     version = digits_version(tmp_path, "cuda")
     arrays = images(4)
@@ -99,7 +98,7 @@ def test_cuda_stage_copies_from_pinned_memory_and_predicts_the_same(tmp_path: Pa
     assert np.allclose(version.predict(staged), version.predict([*arrays]), atol=1e-5)
 
 
-@cuda
+@pytest.mark.cuda
 def test_cuda_pinned_buffers_are_reused_only_after_their_copy(tmp_path: Path) -> None:
     version = digits_version(tmp_path, "cuda")
     batches = [images(4, seed=seed) for seed in range(7)]  # more batches than pinned buffers in the ring

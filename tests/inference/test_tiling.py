@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import io
 import time
 from collections.abc import Iterator
 
@@ -10,8 +11,14 @@ import numpy as np
 import pytest
 from classifier.v1 import classifier_pb2 as pb
 from classifier.v1 import classifier_pb2_grpc as pb_grpc
+from PIL import Image
 
 from client import tensor_request
+from server.core.errors import InvalidInput
+from server.core.manifest import InputSpec, TilingSpec
+from server.core.types import RawTensor
+from server.inference import preprocess as preprocess_module
+from server.inference.preprocess import preprocess_tiles, tile_boxes, tile_count
 from tests.support.kit import GATE, DaemonThread, encode, running_daemon, write_model
 from tests.support.probe_model import decode, probe_labels, probe_manifest
 
@@ -121,3 +128,35 @@ def test_tiles_beyond_the_queue_limit_fail_the_request_and_leave_nothing_queued(
         fits = stub.Classify(pb.ClassifyRequest(model="short_queue", image=encode(np.zeros((100, 400), np.uint8))),
                              timeout=60)
         assert fits.tile_count == 4
+
+
+@pytest.mark.parametrize(("width", "height"), [(1, 1), (99, 100), (100, 100), (101, 100), (150, 260), (999, 1001),
+                                               (4000, 3000)])
+@pytest.mark.parametrize(("tile", "stride"), [((100, 100), (50, 50)), ((100, 60), (100, 7)), ((33, 100), (1, 99))])
+def test_the_tile_count_is_the_number_of_boxes(width: int, height: int, tile: tuple[int, int],
+                                               stride: tuple[int, int]) -> None:
+    tiling = TilingSpec(tile=tile, stride=stride)
+    assert tile_count(width, height, tiling) == len(tile_boxes(width, height, tiling))
+
+
+def test_millions_of_tiles_are_refused_from_the_header_before_any_box_or_pixel(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    tiling = TilingSpec(tile=(2, 2), stride=(1, 1), max_tiles=256)
+    assert tile_count(10_000, 10_000, tiling) == 9999 * 9999  # by arithmetic: no list of 10^8 boxes
+
+    def forbidden(*args: object) -> None:
+        raise AssertionError("listed boxes or decoded pixels of an image with too many tiles")
+
+    monkeypatch.setattr(preprocess_module, "tile_boxes", forbidden)
+    monkeypatch.setattr(preprocess_module, "decode_image", forbidden)
+    monkeypatch.setattr(preprocess_module, "tensor_to_array", forbidden)
+    spec = InputSpec(color="L", height=16, width=16, resize=16)
+    huge = Image.new("L", (10_000, 10_000))
+    buffer = io.BytesIO()
+    huge.save(buffer, "PNG")
+    with pytest.raises(InvalidInput, match="image of 10000x10000 pixels gives 99980001 tiles of 2x2, more than "
+                                           "the model's limit of 256"):
+        preprocess_tiles(buffer.getvalue(), spec, tiling)
+    tensor = RawTensor("uint8", (3000, 2000), bytes(6_000_000))
+    with pytest.raises(InvalidInput, match="image of 2000x3000 pixels gives 5995001 tiles"):
+        preprocess_tiles(tensor, spec, tiling)

@@ -138,6 +138,7 @@ def daemon(repo: Path) -> Iterator[DaemonThread]:
         yield running
 
 
+@pytest.mark.slow
 def test_torture_twenty_publishes_zero_failures_and_every_response_matches_its_version(
     repo: Path, daemon: DaemonThread, tmp_path: Path
 ) -> None:

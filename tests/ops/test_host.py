@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+import platform
 from pathlib import Path
 
 import pytest
@@ -43,3 +45,44 @@ def test_apply_sets_and_returns_the_thread_count() -> None:
         assert host.apply_torch_threads(None, workers=1) == host.default_torch_threads(1)
     finally:
         torch.set_num_threads(before)
+
+
+@pytest.mark.parametrize(("workers", "cores", "threads"), [(1, 64, 64), (1, 2, 2), (1, 1, 2), (4, 16, 4), (8, 8, 2)])
+def test_preprocessing_threads_share_the_cores_between_workers(workers: int, cores: int, threads: int) -> None:
+    assert host.default_pool_threads(workers, cores=cores) == threads
+
+
+def test_a_2_cpu_pod_on_a_64_core_node_gets_2_preprocessing_threads(tmp_path: Path,
+                                                                     monkeypatch: pytest.MonkeyPatch) -> None:
+    quota = tmp_path / "cpu.max"
+    quota.write_text("200000 100000\n")
+    monkeypatch.setattr(host, "CGROUP_CPU_MAX", quota)
+    monkeypatch.setattr(host.os, "sched_getaffinity", lambda pid: set(range(64)))
+    monkeypatch.setattr(host.os, "cpu_count", lambda: 64)
+    assert host.default_pool_threads() == 2
+
+
+def test_the_decode_budget_is_a_quarter_of_the_memory_shared_by_the_workers() -> None:
+    assert host.default_decode_bytes(1, memory=16 << 30) == 4 << 30
+    assert host.default_decode_bytes(4, memory=16 << 30) == 1 << 30
+    assert host.default_decode_bytes(0, memory=8 << 30) == 2 << 30
+
+
+def test_a_cgroup_memory_limit_lowers_the_memory(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    limit = tmp_path / "memory.max"
+    monkeypatch.setattr(host, "CGROUP_MEMORY_MAX", limit)
+    total = host.available_memory()  # no file: the machine's RAM
+    assert total == os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    limit.write_text("max\n")
+    assert host.available_memory() == total
+    limit.write_text(f"{2 << 30}\n")
+    assert host.available_memory() == min(total, 2 << 30)
+    assert host.default_decode_bytes() == min(total, 2 << 30) // 4
+    limit.write_text("garbage\n")
+    assert host.available_memory() == total
+
+
+@pytest.mark.skipif(platform.libc_ver()[0] != "glibc", reason="malloc_trim is glibc's")
+def test_freed_memory_can_go_back_to_the_system_on_glibc() -> None:
+    assert host._malloc_trim() is not None
+    assert isinstance(host.return_freed_memory(), bool)

@@ -39,7 +39,8 @@ def daemon(tmp_path_factory: pytest.TempPathFactory) -> Iterator[DaemonThread]:
     shutil.copytree(REPO / "models" / "digits", root / "digits")
     broken = write_model(root, "broken", manifest={"input": {"color": "L", "size": 8, "resize": 8}})
     (broken / "model.safetensors").write_bytes(b"not safetensors")
-    with running_daemon(root, watch=False, metrics_port=0) as running:
+    # reload_min_interval_s=0: two tests of this module reload digits within the default 5 s
+    with running_daemon(root, watch=False, metrics_port=0, reload_min_interval_s=0.0) as running:
         yield running
 
 
@@ -58,7 +59,8 @@ def test_metrics_count_a_known_workload(daemon: DaemonThread) -> None:
             with pytest.raises(grpc.RpcError):
                 stub.Classify(request, timeout=20)
         # A new version of digits: loaded and swapped in.
-        shutil.copytree(daemon.config.models_dir / "digits" / "1", daemon.config.models_dir / "digits" / "2")
+        models_dir = daemon.config.models.models_dir
+        shutil.copytree(models_dir / "digits" / "1", models_dir / "digits" / "2")
         assert stub.ReloadModel(pb.ReloadModelRequest(model="digits"), timeout=60).serving_version == 2
         assert stub.Classify(tensor_request(np.zeros((8, 8), np.uint8)), timeout=20).version == 2
 
@@ -90,6 +92,24 @@ def test_metrics_count_a_known_workload(daemon: DaemonThread) -> None:
     documented = set(re.findall(r"^\| `(\w+)` \|", (REPO / "docs" / "metrics.md").read_text(), re.MULTILINE))
     assert {n for n in exposed if n.startswith("classifyd_")} == {n for n in documented if n.startswith("classifyd_")}
     assert {"process_resident_memory_bytes", "process_cpu_seconds_total"} <= documented & exposed
+
+
+def test_reloading_the_serving_version_keeps_its_serving_gauge(daemon: DaemonThread) -> None:
+    with grpc.insecure_channel(daemon.target) as channel:
+        stub = pb_grpc.ClassifierStub(channel)
+        serving = stub.GetModel(pb.GetModelRequest(model="digits"), timeout=10).serving_version
+        events = stub.WatchModels(pb.WatchModelsRequest(model="digits"), timeout=60)
+        reloaded = stub.ReloadModel(pb.ReloadModelRequest(model="digits"), timeout=60)
+        assert reloaded.serving_version == serving  # the same version, as a new generation
+        for event in events:  # the old generation is released after the new one took over
+            if event.kind == pb.ModelEvent.UNLOADED:
+                assert event.version == serving and event.serving
+                break
+        events.cancel()
+        assert stub.Classify(tensor_request(np.zeros((8, 8), np.uint8)), timeout=20).version == serving
+    _, samples = scrape(daemon.daemon.metrics_port)
+    assert value(samples, "classifyd_model_serving_version", model="digits") == serving
+    assert ("classifyd_model_serving_version", frozenset({("model", "broken")})) not in samples  # never served
 
 
 def test_unknown_model_names_do_not_create_series(daemon: DaemonThread) -> None:

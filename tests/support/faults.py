@@ -1,20 +1,22 @@
-"""Test architectures for production behaviour: a slow model, and one that fails on demand.
+"""Test architectures for production behaviour: a slow model, ones that fail on demand, one that cannot be built.
 
-Importing this module registers ``classifyd:test_slow`` and ``classifyd:test_fussy``. Both record the size of
-every batch they computed in ``COMPUTED[tag]`` (``tag`` comes from the manifest's ``model_args``), so tests can
-count exactly which requests reached a forward pass.
+``classifyd:test_slow``, ``classifyd:test_fussy``, ``classifyd:test_raising`` and ``classifyd:test_broken_init``
+once tests/support/architectures.py registers them. The first two record the size of every batch they computed
+in ``COMPUTED[tag]`` (``tag`` comes from the manifest's ``model_args``), so tests can count exactly which
+requests reached a forward pass.
 """
 
 from __future__ import annotations
 
+import asyncio
 import threading
 import time
+import weakref
 from collections import defaultdict
+from typing import ClassVar
 
 import torch
 from torch import nn
-
-from server.models.loader.architectures import BUILTIN
 
 COMPUTED: defaultdict[str, list[int]] = defaultdict(list)
 _LOCK = threading.Lock()
@@ -66,7 +68,7 @@ class FussyModel(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         self.calls += 1
         if self.calls > 1:
-            if bool((x[:, 0, 0, 0] > x[:, 0, 0, 1] + 0.5).any()):
+            if _marked(x):
                 raise ValueError("marked input: this test model refuses it")
             if x.shape[0] > self.oom_above:
                 if x.is_cuda and self.real_oom_bytes:
@@ -77,5 +79,45 @@ class FussyModel(nn.Module):
         return self.linear(x.mean(dim=(2, 3)))
 
 
-BUILTIN.setdefault("test_slow", SlowModel)
-BUILTIN.setdefault("test_fussy", FussyModel)
+def _marked(x: torch.Tensor) -> bool:
+    """Whether a batch holds a marked input (see :class:`FussyModel`)."""
+    return bool((x[:, 0, 0, 0] > x[:, 0, 0, 1] + 0.5).any())
+
+
+def raised(name: str, message: str) -> BaseException:
+    """The exception a test model raises, by name: the ordinary ones, and the ones asyncio cannot carry."""
+    kinds: dict[str, type[BaseException]] = {
+        "AssertionError": AssertionError, "IndexError": IndexError, "StopIteration": StopIteration,
+        "CancelledError": asyncio.CancelledError, "BaseException": BaseException}
+    return kinds[name](message)
+
+
+class RaisingModel(nn.Module):
+    """Raises ``raises`` (a name :func:`raised` knows) for a batch with a marked input; computes others. The
+    loader's warm-up batch is blank, so the model loads."""
+
+    def __init__(self, num_classes: int, in_channels: int = 1, raises: str = "StopIteration") -> None:
+        super().__init__()
+        self.linear = nn.Linear(in_channels, num_classes)
+        self.raises = raises
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if _marked(x):
+            raise raised(self.raises, "raised by model code (test model)")
+        return self.linear(x.mean(dim=(2, 3)))
+
+
+class BrokenInit(nn.Module):
+    """A constructor that raises ``raises`` (a name :func:`raised` knows) after building a layer, as
+    torchvision's ``vit_b_16`` asserts for an ``image_size`` its patches do not divide. ``built`` keeps a weak
+    reference to every half-built instance, so tests can check that a failed load frees it."""
+
+    built: ClassVar[list[weakref.ref[nn.Module]]] = []
+
+    def __init__(self, num_classes: int, in_channels: int = 1, raises: str = "AssertionError") -> None:
+        super().__init__()
+        self.linear = nn.Linear(in_channels, num_classes)
+        BrokenInit.built.append(weakref.ref(self))
+        message = "input shape indivisible by patch size (test model)" if raises == "AssertionError" else \
+            "raised by a constructor (test model)"
+        raise raised(raises, message)

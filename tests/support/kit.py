@@ -9,6 +9,7 @@ import time
 import tomllib
 from collections.abc import Iterator
 from contextlib import contextmanager
+from dataclasses import fields
 from pathlib import Path
 from typing import Any
 
@@ -18,8 +19,9 @@ from PIL import Image
 from safetensors.torch import save_file
 from torch import nn
 
-from server.daemon import Daemon, ServerConfig
-from server.models.loader.architectures import BUILTIN, build_architecture
+from server.core.config import ServerConfig
+from server.daemon import Daemon
+from server.models.loader.architectures import build_architecture
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -76,11 +78,25 @@ class DaemonThread:
         self._thread.join(60)
 
 
+def local_config(models_dir: Path, **settings: Any) -> ServerConfig:
+    """A :class:`ServerConfig` serving ``models_dir`` on the CPU, 127.0.0.1 and a free port, with flat ``settings``
+    (``watch=False, http_port=0, tls_cert=...``), each given to the config section with a field of that name.
+    Raises TypeError for a name no section has."""
+    flat = {"models_dir": models_dir, "port": 0, "device": "cpu", **settings}
+    defaults = ServerConfig()
+    sections: dict[str, Any] = {}
+    for section in fields(ServerConfig):
+        kind = type(getattr(defaults, section.name))
+        sections[section.name] = kind(**{f.name: flat.pop(f.name) for f in fields(kind) if f.name in flat})
+    if flat:
+        raise TypeError(f"no config section has {', '.join(flat)}")
+    return ServerConfig(**sections)
+
+
 @contextmanager
-def running_daemon(models_dir: Path, **overrides: Any) -> Iterator[DaemonThread]:
-    """A daemon serving ``models_dir`` on 127.0.0.1 and a free port, stopped on exit."""
-    config = ServerConfig(models_dir=models_dir, port=0, device="cpu", **overrides)
-    thread = DaemonThread(config).start()
+def running_daemon(models_dir: Path, **settings: Any) -> Iterator[DaemonThread]:
+    """A daemon serving ``models_dir`` on 127.0.0.1 and a free port (:func:`local_config`), stopped on exit."""
+    thread = DaemonThread(local_config(models_dir, **settings)).start()
     try:
         yield thread
     finally:
@@ -168,9 +184,6 @@ class GatedModel(nn.Module):
         return self.linear(x.mean(dim=(2, 3)))
 
 
-BUILTIN.setdefault("test_gated", GatedModel)
-
-
 class PacedModel(nn.Module):
     """A tiny classifier whose forward pass sleeps for a batch time the test chooses (``model_args``):
     ``base_ms + per_item_ms * b`` up to ``knee`` items, then ``slow_ms`` more for each item beyond."""
@@ -187,6 +200,3 @@ class PacedModel(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         time.sleep(self.batch_s(x.shape[0]))
         return self.linear(x.mean(dim=(2, 3)))
-
-
-BUILTIN.setdefault("test_paced", PacedModel)

@@ -1,4 +1,4 @@
-"""Test models whose outputs reveal exactly what reached them, registered as classifyd builtins.
+"""Test models whose outputs reveal exactly what reached them (tests/support/architectures.py registers them).
 
 ``classifyd:test_probe`` outputs, per image: the mean of every input channel,
 then the mean of channel 0 over the top half and over the left half. With
@@ -14,8 +14,6 @@ from typing import Any
 
 import torch
 from torch import nn
-
-from server.models.loader.architectures import BUILTIN
 
 
 class Probe(nn.Module):
@@ -33,7 +31,6 @@ class Probe(nn.Module):
         return torch.cat([x.mean(dim=(2, 3)), top[:, None], left[:, None]], dim=1)
 
 
-BUILTIN.setdefault("test_probe", Probe)
 COLORS = {"L": 1, "RGB": 3, "RGBA": 4}
 
 

@@ -10,6 +10,8 @@ import pytest
 from benchmarks import cpu_bench, swap_bench
 
 
+@pytest.mark.slow
+@pytest.mark.process
 def test_swap_bench_publishes_a_version_under_load_without_failed_requests(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
@@ -32,6 +34,8 @@ def test_swap_bench_publishes_a_version_under_load_without_failed_requests(
     assert "publish → ready" in capsys.readouterr().out
 
 
+@pytest.mark.slow
+@pytest.mark.process
 def test_cpu_bench_at_its_smallest_runs_the_model_as_the_manifest_settings_say(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:

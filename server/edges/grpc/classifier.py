@@ -9,11 +9,11 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import os
-import random
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
-from typing import Any, TypeVar
+from functools import partial
+from pathlib import Path
+from typing import Any
 
 import grpc
 from classifier.v1 import classifier_pb2 as pb
@@ -21,33 +21,28 @@ from classifier.v1 import classifier_pb2_grpc as pb_grpc
 from grpc_health.v1 import health, health_pb2
 
 from server.core import errors
-from server.core.errors import Status
+from server.core.config import DEFAULT_RELOAD_MIN_INTERVAL_S, MAX_STREAM_IN_FLIGHT
 from server.core.lifecycle import ModelEvent, VersionState
-from server.core.types import ClassifyCall, ClassifyResult, Prediction, RawTensor, RequestObserver, RequestReport
-from server.models.manager import ModelManager, ModelRecord, VersionRecord
+from server.core.types import FLOAT32, UINT8, ClassifyCall, ClassifyResult, Prediction, RawTensor, RequestObserver
+from server.edges.common.describe import ModelDescription, VersionDescription, describe_model
+from server.edges.common.requests import RequestBook, Ticket
+from server.edges.common.results import prediction_fields, result_fields, tile_fields
+from server.edges.grpc.common import (
+    answer_concurrently,
+    deadline_of,
+    mark_serving_process,
+    outcome_in,
+    status_for,
+    stream_outcome,
+)
+from server.edges.grpc.drain import answers_of
+from server.models.manager import ModelManager, ModelRecord
+from server.models.reloads import Reloads
 from server.service import ClassifierService
 
 log = logging.getLogger("classifyd.grpc")
 
-Request = TypeVar("Request")
-Response = TypeVar("Response")
-_DTYPE_NAMES = {pb.Tensor.UINT8: "uint8", pb.Tensor.FLOAT32: "float32"}
-
-
-def grpc_code(status: Status) -> grpc.StatusCode:
-    """The gRPC code of a domain status (the names are the same)."""
-    return grpc.StatusCode[status.name]
-
-
-def status_for(exc: BaseException) -> tuple[grpc.StatusCode, str]:
-    """The gRPC status code and message a request that raised ``exc`` gets (the table is :mod:`server.core.errors`)."""
-    status, message = errors.status_for(exc)
-    return grpc_code(status), message
-
-
-def new_request_id() -> str:
-    """An id for a request that brought none."""
-    return f"{random.getrandbits(64):016x}"  # uuid4 costs a system call per request
+_DTYPE_NAMES = {pb.Tensor.UINT8: UINT8, pb.Tensor.FLOAT32: FLOAT32}
 
 
 class ErrorInterceptor(grpc.aio.ServerInterceptor):
@@ -93,7 +88,7 @@ def _guard_unary(inner: Callable[..., Awaitable[Any]], method: str) -> Callable[
 def _guard_stream(inner: Callable[..., AsyncIterator[Any]], method: str) -> Callable[..., AsyncIterator[Any]]:
     async def stream(request: Any, context: grpc.aio.ServicerContext) -> AsyncIterator[Any]:
         try:
-            async for response in inner(request, context):
+            async for response in answers_of(inner(request, context)):  # grpc_health's Watch writes, returns
                 yield response
         except Exception as exc:  # noqa: BLE001 - every failure becomes a status, never a crash
             await _abort_for(exc, context, method)
@@ -118,70 +113,62 @@ def call_from_request(request: pb.ClassifyRequest, deadline: float | None, reque
 
 
 def response_from_result(result: ClassifyResult, request_id: str) -> pb.ClassifyResponse:
-    """Translate a ClassifyResult."""
+    """Translate a ClassifyResult (the fields are :func:`server.edges.common.results.result_fields`)."""
     return pb.ClassifyResponse(
         predictions=_predictions(result.predictions),
-        model=result.model,
-        version=result.version,
         request_id=request_id,
-        batch_size=result.batch_size,
-        queue_us=round(result.queue_s * 1e6),
-        compute_us=round(result.compute_s * 1e6),
-        preprocess_us=round(result.preprocess_s * 1e6),
-        tiles=[pb.TileResult(x=t.box[0], y=t.box[1], width=t.box[2], height=t.box[3],
-                             predictions=_predictions(t.predictions), batch_size=t.batch_size) for t in result.tiles],
-        tile_count=result.tile_count,
-        lang=result.lang,
+        tiles=[pb.TileResult(predictions=_predictions(t.predictions), **tile_fields(t)) for t in result.tiles],
+        **result_fields(result),
     )
 
 
 def _predictions(predictions: list[Prediction]) -> list[pb.Prediction]:
-    return [pb.Prediction(index=p.index, label=p.label, score=p.score) for p in predictions]
+    return [pb.Prediction(**prediction_fields(p)) for p in predictions]
 
 
 def model_info(record: ModelRecord, device: str) -> pb.ModelInfo:
-    """Describe a model from the manager's record."""
-    manifest = record.latest_manifest()
-    serving = record.serving()
-    info = pb.ModelInfo(
-        name=record.name,
-        versions=[version_info(v) for v in sorted(record.versions.values(), key=lambda v: -v.version)],
-        device=device,
-        serving_version=serving.version if serving else 0,
-    )
-    if manifest:
-        spec = manifest.input
-        info.num_labels = manifest.num_classes
-        info.input.CopyFrom(pb.InputSpec(height=spec.height, width=spec.width, channels=spec.channels,
-                                         color=spec.color, mean=spec.mean, std=spec.std, resize=spec.resize,
-                                         crop=spec.crop, interpolation=spec.interpolation,
-                                         resolved_from=spec.resolved_from))
-        info.is_default = manifest.is_default
-        info.architecture = manifest.architecture
-        info.default_top_k = manifest.top_k
-        info.activation = manifest.activation
-        info.channels_last = manifest.channels_last
-        info.languages.extend(manifest.translations)
-        info.precision = manifest.precision
-        if manifest.tiling:
-            t = manifest.tiling
-            info.tiling.CopyFrom(pb.Tiling(tile_height=t.tile[0], tile_width=t.tile[1], stride_y=t.stride[0],
-                                           stride_x=t.stride[1], reduce=t.reduce, max_tiles=t.max_tiles))
-    if serving and serving.loaded:
-        info.max_batch_size = serving.loaded.max_batch_size
-        info.max_delay_ms = serving.loaded.max_delay_ms
-        info.latency_target_ms = serving.loaded.manifest.batching.latency_target_ms or 0.0
-        curve = serving.loaded.batch_curve
-        if curve is not None:
-            info.autotuned = curve.autotuned
+    """Describe a model from the manager's record (the one description: :mod:`server.edges.common.describe`)."""
+    model = describe_model(record)
+    info = pb.ModelInfo(name=model.name, versions=[version_info(v) for v in model.versions], device=device,
+                        serving_version=model.serving_version)
+    if model.manifest:
+        _manifest_info(info, model)
+    serving = model.serving
+    if serving:
+        info.max_batch_size = serving.max_batch_size
+        info.max_delay_ms = serving.max_delay_ms
+        info.latency_target_ms = serving.latency_target_ms
+        if serving.batch_curve is not None:
+            info.autotuned = serving.batch_curve.autotuned
             info.batch_curve.extend(pb.BatchPoint(batch_size=p.batch_size, images_per_second=p.images_per_second,
-                                                  batch_ms=p.batch_s * 1000.0) for p in curve.points)
-        info.precision = serving.loaded.precision
-        info.precision_note = serving.loaded.precision_note
+                                                  batch_ms=p.batch_s * 1000.0) for p in serving.batch_curve.points)
+        info.precision = serving.precision
+        info.precision_note = serving.precision_note
     return info
 
 
-def version_info(entry: VersionRecord) -> pb.VersionInfo:
+def _manifest_info(info: pb.ModelInfo, model: ModelDescription) -> None:
+    manifest = model.manifest
+    assert manifest is not None
+    spec = manifest.input
+    info.num_labels = manifest.num_classes
+    info.input.CopyFrom(pb.InputSpec(height=spec.height, width=spec.width, channels=spec.channels, color=spec.color,
+                                     mean=spec.mean, std=spec.std, resize=spec.resize, crop=spec.crop,
+                                     interpolation=spec.interpolation, resolved_from=spec.resolved_from))
+    info.is_default = manifest.is_default
+    info.architecture = manifest.architecture
+    info.default_top_k = manifest.top_k
+    info.activation = manifest.activation
+    info.channels_last = manifest.channels_last
+    info.languages.extend(manifest.translations)
+    info.precision = manifest.precision
+    if manifest.tiling:
+        t = manifest.tiling
+        info.tiling.CopyFrom(pb.Tiling(tile_height=t.tile[0], tile_width=t.tile[1], stride_y=t.stride[0],
+                                       stride_x=t.stride[1], reduce=t.reduce, max_tiles=t.max_tiles))
+
+
+def version_info(entry: VersionDescription) -> pb.VersionInfo:
     """Describe one version."""
     info = pb.VersionInfo(version=entry.version, state=entry.state.value, error=entry.error,
                           generation=entry.generation)
@@ -207,107 +194,52 @@ def current_events(record: ModelRecord) -> list[pb.ModelEvent]:
             for v in sorted(record.versions.values(), key=lambda v: v.version)]
 
 
-def _deadline(context: grpc.aio.ServicerContext) -> float | None:
-    remaining = context.time_remaining()
-    return None if remaining is None else time.monotonic() + remaining
-
-
-async def answer_concurrently(requests: AsyncIterator[Request],
-                              answer: Callable[[Request], Awaitable[Response]]) -> AsyncIterator[Response]:
-    """Answer each request of a stream in its own task; yield the answers as they complete (order not kept).
-
-    ``answer`` must not raise. Ends once every request is answered; cancels the rest when the caller stops.
-    """
-    done: asyncio.Queue[Response | None] = asyncio.Queue()
-    pending: set[asyncio.Task[None]] = set()
-
-    async def answer_one(request: Request) -> None:
-        await done.put(await answer(request))
-
-    async def read_all() -> None:
-        async for request in requests:
-            task = asyncio.create_task(answer_one(request))
-            pending.add(task)
-            task.add_done_callback(pending.discard)
-        await asyncio.gather(*list(pending))
-        await done.put(None)
-
-    reader = asyncio.create_task(read_all())
-    try:
-        while (response := await done.get()) is not None:
-            yield response
-        await reader
-    finally:
-        reader.cancel()
-        for task in list(pending):
-            task.cancel()
-
-
-def _outcome(exc: BaseException, context: grpc.aio.ServicerContext) -> tuple[grpc.StatusCode, str]:
-    """The status a request ended with; a cancelled handler means the deadline passed or the client left."""
-    if isinstance(exc, asyncio.CancelledError):
-        remaining = context.time_remaining()
-        if remaining is not None and remaining <= 0:
-            return grpc.StatusCode.DEADLINE_EXCEEDED, "deadline exceeded"
-        return grpc.StatusCode.CANCELLED, "cancelled by the client"
-    return status_for(exc)
-
-
 class ClassifierServicer(pb_grpc.ClassifierServicer):
-    """classifier.v1.Classifier, translating to :class:`ClassifierService` calls."""
+    """classifier.v1.Classifier, translating to :class:`ClassifierService` calls. A ClassifyStream holds at most
+    ``stream_in_flight`` requests at once (``--max-stream-in-flight``)."""
 
     def __init__(self, service: ClassifierService, manager: ModelManager,
-                 on_request: RequestObserver | None = None) -> None:
+                 on_request: RequestObserver | None = None, *, stream_in_flight: int = MAX_STREAM_IN_FLIGHT,
+                 reload_min_interval_s: float = DEFAULT_RELOAD_MIN_INTERVAL_S) -> None:
         self._service = service
         self._manager = manager
-        self._on_request = on_request
+        self._reloads = Reloads(partial(manager.reconcile, force=True), reload_min_interval_s)
+        self._requests = RequestBook(on_request)
+        self._stream_in_flight = stream_in_flight
 
     async def Classify(self, request: pb.ClassifyRequest, context: grpc.aio.ServicerContext) -> pb.ClassifyResponse:
-        request_id = request.request_id or new_request_id()
-        started = time.perf_counter()
-        try:
-            result = await self._service.classify(call_from_request(request, _deadline(context), request_id))
-        except BaseException as exc:
-            self._report(request, request_id, started, *_outcome(exc, context))
-            raise
-        self._report(request, request_id, started, grpc.StatusCode.OK, "", result)
-        context.set_trailing_metadata((("classifyd-pid", str(os.getpid())),))  # which process served (--workers)
-        return response_from_result(result, request_id)
+        ticket = self._ticket(request)
+        result = await ticket.track_result(self._classify(request, deadline_of(context), ticket),
+                                           outcome_in(context))
+        mark_serving_process(context)
+        return response_from_result(result, ticket.request_id)
 
-    def _report(self, request: pb.ClassifyRequest, request_id: str, started: float, code: grpc.StatusCode,
-                message: str, result: ClassifyResult | None = None) -> None:
-        if self._on_request is None:
-            return
-        report = RequestReport(request_id, request.model, request.version, Status[code.name], message,
-                               time.perf_counter() - started, result)
-        try:
-            self._on_request(report)
-        except Exception:
-            log.exception("request observer failed")
+    def _ticket(self, request: pb.ClassifyRequest) -> Ticket:
+        return self._requests.open(request.request_id, request.model, request.version)
+
+    async def _classify(self, request: pb.ClassifyRequest, deadline: float | None, ticket: Ticket) -> ClassifyResult:
+        return await self._service.classify(call_from_request(request, deadline, ticket.request_id))
 
     async def ClassifyStream(self, request_iterator: AsyncIterator[pb.ClassifyRequest],
                              context: grpc.aio.ServicerContext) -> AsyncIterator[pb.ClassifyResponse]:
-        """Requests are computed concurrently; responses go out as they complete (order not kept)."""
+        """Requests are computed concurrently; responses go out as they complete (order not kept). With
+        ``stream_in_flight`` requests held, the stream is read no further until the client reads an answer."""
         async for response in answer_concurrently(request_iterator,
-                                                  lambda r: self._stream_answer(r, _deadline(context))):
+                                                  lambda r: self._stream_answer(r, deadline_of(context)),
+                                                  self._stream_in_flight):
             yield response
 
     async def _stream_answer(self, request: pb.ClassifyRequest, deadline: float | None) -> pb.ClassifyResponse:
-        request_id = request.request_id or new_request_id()
-        started = time.perf_counter()
+        ticket = self._ticket(request)
         try:
-            result = await self._service.classify(call_from_request(request, deadline, request_id))
-        except asyncio.CancelledError:
-            self._report(request, request_id, started, grpc.StatusCode.CANCELLED, "stream ended before the answer")
-            raise
+            result = await ticket.track_result(self._classify(request, deadline, ticket), stream_outcome)
         except Exception as exc:
             if not isinstance(exc, errors.ClassifydError):
                 log.exception("unexpected error in ClassifyStream")
             code, message = status_for(exc)
-            self._report(request, request_id, started, code, message)
-            return pb.ClassifyResponse(request_id=request_id, error=pb.Error(code=code.value[0], message=message))
-        self._report(request, request_id, started, grpc.StatusCode.OK, "", result)
-        return response_from_result(result, request_id)
+            return pb.ClassifyResponse(request_id=ticket.request_id, error=pb.Error(code=code.value[0],
+                                                                                   message=message))
+        return response_from_result(result, ticket.request_id)
 
     async def ListModels(self, request: pb.ListModelsRequest, context: grpc.aio.ServicerContext) \
             -> pb.ListModelsResponse:
@@ -340,13 +272,36 @@ class ClassifierServicer(pb_grpc.ClassifierServicer):
             self._manager.remove_listener(listener)
 
     async def ReloadModel(self, request: pb.ReloadModelRequest, context: grpc.aio.ServicerContext) -> pb.ModelInfo:
+        """Load the model's versions from disk again, or a model directory not loaded yet. Operators only (the
+        model-control rule: server/edges/grpc/security.py); concurrent calls share one reload, and a model reloads
+        at most once per ``--reload-min-interval-seconds`` (RESOURCE_EXHAUSTED: :class:`Reloads`)."""
         name = request.model or self._manager.get("").name
-        if not name.isprintable() or "/" in name or name.startswith("."):
-            raise errors.InvalidInput(f"invalid model name {name!r}")
-        if not (self._manager.settings.models_dir / name).is_dir():
+        check_model_name(name)
+        if not await asyncio.to_thread(_is_model_directory, self._manager.settings.models_dir / name):
             self._manager.get(name)  # raises NOT_FOUND for an unknown model
-        await self._manager.reconcile(name, force=True)
+        await self._reloads.reload(name)
         return model_info(self._manager.get(name), str(self._manager.settings.device))
+
+
+NAME_MAX_BYTES = 255
+"""The longest file name Linux filesystems take: a model is a directory named after it."""
+
+
+def check_model_name(name: str) -> None:
+    """Raise InvalidInput unless ``name`` can name a model directory of the repository."""
+    if not name.isprintable() or "/" in name or name.startswith("."):
+        raise errors.InvalidInput(f"invalid model name {name[:100]!r}: printable, no '/', not starting with '.'")
+    if len(name.encode()) > NAME_MAX_BYTES:
+        raise errors.InvalidInput(f"invalid model name: {len(name.encode())} bytes long; a model is a directory "
+                                  f"and its name has at most {NAME_MAX_BYTES} bytes")
+
+
+def _is_model_directory(path: Path) -> bool:
+    """Whether ``path`` is a directory; False when it cannot be looked at. Blocks (network filesystems)."""
+    try:
+        return path.is_dir()
+    except OSError:
+        return False
 
 
 class HealthReporter:
@@ -372,9 +327,10 @@ class HealthReporter:
         await self._servicer.set(name, status)
 
     async def set_overall(self, serving: bool) -> None:
-        status = health_pb2.HealthCheckResponse.SERVING if serving else health_pb2.HealthCheckResponse.NOT_SERVING
-        await self._servicer.set("", status)
-        for record in self._manager.models():
-            if not serving:
-                await self._servicer.set(record.name, status)
+        """SERVING once the daemon serves; NOT_SERVING when it begins to stop: then the server and every model
+        report NOT_SERVING for good (model events that follow change nothing), and Watch streams are told so."""
+        if serving:
+            await self._servicer.set("", health_pb2.HealthCheckResponse.SERVING)
+        else:
+            await self._servicer.enter_graceful_shutdown()
 

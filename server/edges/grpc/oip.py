@@ -1,45 +1,56 @@
 """The Open Inference Protocol edge: ``inference.GRPCInferenceService`` (KServe v2) on classifyd's port.
 
-Translates to the same :class:`ClassifierService` as ``classifier.v1``: the
-same batchers, versions, deadlines and errors. Each image of a request
-becomes one classify call, so the images of one request (and of concurrent
-requests) are batched together. Errors of ``ModelInfer`` map to status codes
-in :class:`server.edges.grpc.classifier.ErrorInterceptor`; ``ModelStreamInfer`` reports
-them per request in ``error_message``. Tensor layouts are in
-:mod:`server.edges.common.oip_codec` and docs/oip.md.
+Only the wire form lives here: protobuf messages become the neutral requests of
+:mod:`server.edges.common.oip_codec` and its outputs become protobuf again; the flow (model first, then tensors,
+one classify call per image, one report per request) is :class:`server.edges.common.oip_infer.OipModels`, shared
+with the REST binding. Errors of ``ModelInfer`` map to status codes in
+:class:`server.edges.grpc.classifier.ErrorInterceptor`; ``ModelStreamInfer`` reports them per request in
+``error_message``. Tensor layouts are in docs/oip.md.
 """
 
 from __future__ import annotations
 
-import asyncio
 import logging
-import os
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Mapping
 from importlib import metadata
+from typing import Any
 
 import grpc
+import numpy as np
 from inference import grpc_service_pb2 as oip
 from inference import grpc_service_pb2_grpc as oip_grpc
 
 from server.core import errors
-from server.core.lifecycle import VersionState
-from server.core.types import ClassifyCall, ClassifyResult
+from server.core.config import MAX_IMAGES_PER_REQUEST, MAX_STREAM_IN_FLIGHT
+from server.core.types import RequestObserver
 from server.edges.common.oip_codec import (
-    INPUT,
-    OUTPUT,
-    build_response,
-    decode_payloads,
-    parse_classification,
-    parse_version,
+    BYTES,
+    InferRequest,
+    InferTensor,
+    ModelMetadata,
+    OutputTensor,
+    RequestedOutput,
+    join_bytes_elements,
+    require_one_input,
 )
-from server.edges.grpc.classifier import _deadline, answer_concurrently, status_for
+from server.edges.common.oip_infer import InferAnswer, OipModels
+from server.edges.common.requests import RequestBook
+from server.edges.grpc.common import (
+    answer_concurrently,
+    deadline_of,
+    mark_serving_process,
+    outcome_in,
+    status_for,
+    stream_outcome,
+)
 from server.models.manager import ModelManager
 from server.service import ClassifierService
 
 log = logging.getLogger("classifyd.oip")
 SERVICE_NAME = oip.DESCRIPTOR.services_by_name["GRPCInferenceService"].full_name
 EXTENSIONS = ("classification",)
-PID_METADATA = "classifyd-pid"
+_CONTENTS = {"BYTES": "bytes_contents", "UINT8": "uint_contents", "FP32": "fp32_contents"}
+"""The typed-contents field each accepted datatype is read from."""
 
 
 def server_version() -> str:
@@ -51,12 +62,16 @@ def server_version() -> str:
 
 class OipServicer(oip_grpc.GRPCInferenceServiceServicer):
     """inference.GRPCInferenceService over :class:`ClassifierService`. ``is_ready`` says whether the server accepts
-    requests (false while starting and stopping)."""
+    requests (false while starting and stopping); ``on_request`` gets one report per inference request. A request
+    holds at most ``max_images`` images; a ModelStreamInfer stream at most ``stream_in_flight`` requests at once."""
 
-    def __init__(self, service: ClassifierService, manager: ModelManager, is_ready: Callable[[], bool]) -> None:
-        self._service = service
-        self._manager = manager
+    def __init__(self, service: ClassifierService, manager: ModelManager, is_ready: Callable[[], bool],
+                 on_request: RequestObserver | None = None, *, max_images: int = MAX_IMAGES_PER_REQUEST,
+                 stream_in_flight: int = MAX_STREAM_IN_FLIGHT) -> None:
+        self._models = OipModels(service, manager, max_images)
         self._is_ready = is_ready
+        self._requests = RequestBook(on_request)
+        self._stream_in_flight = stream_in_flight
 
     async def ServerLive(self, request: oip.ServerLiveRequest, context: grpc.aio.ServicerContext) \
             -> oip.ServerLiveResponse:
@@ -69,12 +84,11 @@ class OipServicer(oip_grpc.GRPCInferenceServiceServicer):
     async def ModelReady(self, request: oip.ModelReadyRequest, context: grpc.aio.ServicerContext) \
             -> oip.ModelReadyResponse:
         """Ready when the version (or, with none named, the newest) can compute; unknown models are not ready."""
-        version = parse_version(request.version)
         try:
-            self._manager.resolve(request.name, version)
-        except (errors.ModelNotFound, errors.ModelUnavailable):
+            ready = self._models.ready(request.name, request.version)
+        except errors.ModelNotFound:
             return oip.ModelReadyResponse(ready=False)
-        return oip.ModelReadyResponse(ready=self._is_ready())
+        return oip.ModelReadyResponse(ready=ready and self._is_ready())
 
     async def ServerMetadata(self, request: oip.ServerMetadataRequest, context: grpc.aio.ServicerContext) \
             -> oip.ServerMetadataResponse:
@@ -83,73 +97,95 @@ class OipServicer(oip_grpc.GRPCInferenceServiceServicer):
     async def ModelMetadata(self, request: oip.ModelMetadataRequest, context: grpc.aio.ServicerContext) \
             -> oip.ModelMetadataResponse:
         """Raises ModelNotFound for an unknown model or version, ModelUnavailable when no manifest parsed."""
-        return model_metadata(self._manager, request.name, parse_version(request.version))
+        return metadata_message(self._models.metadata(request.name, request.version))
 
     async def ModelInfer(self, request: oip.ModelInferRequest, context: grpc.aio.ServicerContext) \
             -> oip.ModelInferResponse:
-        response = await self._infer(request, _deadline(context))
-        context.set_trailing_metadata(((PID_METADATA, str(os.getpid())),))
-        return response
+        ticket = self._requests.open(request.id, request.model_name)
+        answer = await self._models.infer(ticket, request.model_version, lambda: infer_request(request),
+                                          deadline_of(context), outcome_in(context))
+        mark_serving_process(context)
+        return response_message(answer)
 
     async def ModelStreamInfer(self, request_iterator: AsyncIterator[oip.ModelInferRequest],
                                context: grpc.aio.ServicerContext) -> AsyncIterator[oip.ModelStreamInferResponse]:
-        """Requests are computed concurrently; responses go out as they complete (match them by id)."""
+        """Requests are computed concurrently; responses go out as they complete (match them by id). With
+        ``stream_in_flight`` requests held, the stream is read no further until the client reads an answer."""
         async for response in answer_concurrently(request_iterator,
-                                                  lambda r: self._stream_answer(r, _deadline(context))):
+                                                  lambda r: self._stream_answer(r, deadline_of(context)),
+                                                  self._stream_in_flight):
             yield response
 
     async def _stream_answer(self, request: oip.ModelInferRequest, deadline: float | None) \
             -> oip.ModelStreamInferResponse:
+        ticket = self._requests.open(request.id, request.model_name)
         try:
-            response = await self._infer(request, deadline)
+            answer = await self._models.infer(ticket, request.model_version, lambda: infer_request(request),
+                                              deadline, stream_outcome)
         except Exception as exc:
             if not isinstance(exc, errors.ClassifydError):
                 log.exception("unexpected error in ModelStreamInfer")
             code, message = status_for(exc)
             return oip.ModelStreamInferResponse(error_message=f"{code.name}: {message}",
                                                 infer_response=oip.ModelInferResponse(id=request.id))
-        return oip.ModelStreamInferResponse(infer_response=response)
-
-    async def _infer(self, request: oip.ModelInferRequest, deadline: float | None) -> oip.ModelInferResponse:
-        """Classify every image of the request. Raises the first image's error (prefixed with its position)."""
-        version = parse_version(request.model_version)
-        labels = len(self._manager.resolve(request.model_name, version).labels)  # NOT_FOUND/UNAVAILABLE first
-        payloads = decode_payloads(request)
-        classification = parse_classification(request, labels)
-        calls = [ClassifyCall(request.model_name, p, version, classification or labels, deadline)
-                 for p in payloads.images]
-        outcomes = await asyncio.gather(*(self._service.classify(c) for c in calls), return_exceptions=True)
-        for position, outcome in enumerate(outcomes):
-            if isinstance(outcome, BaseException):
-                raise _with_position(outcome, position, len(outcomes))
-        results: list[ClassifyResult] = list(outcomes)  # type: ignore[arg-type]
-        return build_response(request, results, classification, labels, payloads.batched)
+        return oip.ModelStreamInferResponse(infer_response=response_message(answer))
 
 
-def _with_position(exc: BaseException, position: int, count: int) -> BaseException:
-    """The error of one image; for a batch, its message says which image it was."""
-    if count == 1 or not isinstance(exc, errors.ClassifydError):
-        return exc
-    return type(exc)(f"image {position} of the batch of {count}: {exc}")
+# ----- protobuf <-> the neutral request and answer
 
 
-def model_metadata(manager: ModelManager, name: str, version: int) -> oip.ModelMetadataResponse:
-    """Versions, inputs and outputs of a model. Raises ModelNotFound or ModelUnavailable."""
-    record = manager.get(name)
-    if version and version not in record.versions:
-        raise errors.ModelNotFound(f"model {record.name} has no version {version}")
-    manifest = record.versions[version].manifest if version else record.latest_manifest()
-    if manifest is None:
-        raise errors.ModelUnavailable(f"model {record.name}: no version has a valid manifest")
-    ready = sorted((v.version for v in record.versions.values() if v.state is VersionState.READY), reverse=True)
+async def infer_request(request: oip.ModelInferRequest) -> InferRequest:
+    """The request without its protobuf. Raises InvalidInput unless it has one input with as many
+    ``raw_input_contents`` (or none)."""
+    require_one_input([t.name for t in request.inputs])
+    raw = list(request.raw_input_contents)
+    if raw and len(raw) != len(request.inputs):
+        raise errors.InvalidInput(f"raw_input_contents has {len(raw)} entries for {len(request.inputs)} input(s)")
+    inputs = [_tensor(tensor, raw[n] if raw else None) for n, tensor in enumerate(request.inputs)]
+    outputs = [RequestedOutput(o.name, parameters(o.parameters)) for o in request.outputs]
+    return InferRequest(inputs, outputs, parameters(request.parameters), request.id)
+
+
+def _tensor(tensor: oip.ModelInferRequest.InferInputTensor, raw: bytes | None) -> InferTensor:
+    # The repeated field itself, not a list of it: its length is known without copying millions of elements, and
+    # the codec counts the images before it copies anything.
+    field = _CONTENTS.get(tensor.datatype)
+    contents = getattr(tensor.contents, field) if field and raw is None else None
+    return InferTensor(tensor.name, tensor.datatype, tuple(tensor.shape), contents, raw)
+
+
+def parameters(values: Mapping[str, oip.InferParameter]) -> dict[str, Any]:
+    """Protobuf parameters as plain values; a parameter with no value set is left out (as JSON null is)."""
+    plain = {}
+    for name, value in values.items():
+        which = value.WhichOneof("parameter_choice")
+        if which is not None:
+            plain[name] = getattr(value, which)
+    return plain
+
+
+def response_message(answer: InferAnswer) -> oip.ModelInferResponse:
+    """The answer as protobuf: outputs always in ``raw_output_contents``, as Triton sends them."""
+    response = oip.ModelInferResponse(model_name=answer.model_name, model_version=answer.model_version,
+                                      id=answer.id)
+    for output in answer.outputs:
+        response.outputs.add(name=output.name, datatype=output.datatype, shape=output.shape)
+        response.raw_output_contents.append(_raw(output))
+    return response
+
+
+def _raw(output: OutputTensor) -> bytes:
+    if output.datatype == BYTES:
+        return join_bytes_elements([str(s).encode() for s in output.data])
+    return np.asarray(output.data, dtype="<f4").tobytes()
+
+
+def metadata_message(model: ModelMetadata) -> oip.ModelMetadataResponse:
     tensor = oip.ModelMetadataResponse.TensorMetadata
     return oip.ModelMetadataResponse(
-        name=record.name,
-        versions=[str(v) for v in ([version] if version else ready)],
-        platform="pytorch",
-        inputs=[tensor(name=INPUT, datatype="BYTES", shape=[-1])],
-        outputs=[tensor(name=OUTPUT, datatype="FP32", shape=[-1, manifest.num_classes])],
-    )
+        name=model.name, versions=model.versions, platform=model.platform,
+        inputs=[tensor(name=t.name, datatype=t.datatype, shape=t.shape) for t in model.inputs],
+        outputs=[tensor(name=t.name, datatype=t.datatype, shape=t.shape) for t in model.outputs])
 
 
 def add_to_server(servicer: OipServicer, server: grpc.aio.Server) -> str:

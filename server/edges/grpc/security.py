@@ -1,21 +1,29 @@
-"""The gRPC edge's transport security and authentication: TLS / mutual TLS credentials and bearer-token auth.
+"""The gRPC edge's transport security and authentication: TLS / mutual TLS credentials, bearer-token auth, and
+who may make model-control calls (:data:`ADMIN_METHODS`).
 
-See docs/security.md for the threat model. Reading the files blocks (start-up
-only); the interceptor runs on the event loop and never blocks.
+See docs/security.md for the threat model and the table of who may call what. Reading the files blocks (start-up
+only); the interceptors run on the event loop and never block.
 """
 
 from __future__ import annotations
 
+import ipaddress
 from collections.abc import Awaitable, Callable, Sequence
 from pathlib import Path
 from typing import Any
+from urllib.parse import unquote
 
 import grpc
 
 from server.edges.common.auth import TokenChecker, read_file
+from server.edges.grpc.drain import answers_of
 
 HEALTH_PREFIX = "/grpc.health.v1.Health/"
 """Health checks need no token: load balancers and orchestrators probe without one."""
+ADMIN_METHODS = frozenset({"/classifier.v1.Classifier/ReloadModel"})
+"""Model-control calls: they change what the daemon serves and cost seconds of the shared inference thread, so only
+operators may make them (:class:`AdminInterceptor`). Every model-control method is listed here, and only here."""
+Refusal = tuple[grpc.StatusCode, str]
 
 
 def server_credentials(cert: Path, key: Path, client_ca: Path | None = None) -> grpc.ServerCredentials:
@@ -40,27 +48,103 @@ class AuthInterceptor(grpc.aio.ServerInterceptor):
         handler = await continuation(handler_call_details)
         if handler is None or handler_call_details.method.startswith(self._exempt):
             return handler
-        values = [v for k, v in handler_call_details.invocation_metadata or () if k == "authorization"]
-        problem = self._checker.problem(values[0] if values else None)
-        return handler if problem is None else _refusing(handler, problem)
+        problem = self._checker.problem(_authorization(handler_call_details))
+        return handler if problem is None else _checked(handler, lambda _: (grpc.StatusCode.UNAUTHENTICATED, problem))
 
 
-def _refusing(handler: grpc.RpcMethodHandler, problem: str) -> grpc.RpcMethodHandler:
-    """A handler of the same kind as ``handler`` that ends the call with UNAUTHENTICATED."""
+class AdminInterceptor(grpc.aio.ServerInterceptor):
+    """The model-control rule, for the calls of :data:`ADMIN_METHODS`.
 
-    async def refuse(request: Any, context: grpc.aio.ServicerContext) -> Any:
-        await context.abort(grpc.StatusCode.UNAUTHENTICATED, problem)
+    With ``admin_tokens`` (``--admin-token-file``) a call needs one of them: a client token (``client_tokens``,
+    ``--auth-token-file``) is PERMISSION_DENIED, no token or another one UNAUTHENTICATED. Without admin tokens,
+    only calls from this machine (a loopback address or a Unix socket) are accepted, unless ``allow_remote``
+    (``--allow-remote-admin``); others are PERMISSION_DENIED. Client tokens, when configured, are checked by
+    :class:`AuthInterceptor` as for every call.
+    """
 
-    async def refuse_stream(request: Any, context: grpc.aio.ServicerContext) -> Any:
-        await context.abort(grpc.StatusCode.UNAUTHENTICATED, problem)
-        yield  # pragma: no cover - makes this an async generator, as streaming handlers are
+    def __init__(self, admin_tokens: Sequence[str] = (), client_tokens: Sequence[str] = (), *,
+                 allow_remote: bool = False, methods: frozenset[str] = ADMIN_METHODS) -> None:
+        self._admin = TokenChecker(admin_tokens) if admin_tokens else None
+        self._clients = TokenChecker(client_tokens) if client_tokens else None
+        self._allow_remote = allow_remote
+        self._methods = methods
+
+    async def intercept_service(self, continuation: Callable[[Any], Awaitable[Any]],
+                                handler_call_details: grpc.HandlerCallDetails) -> Any:
+        handler = await continuation(handler_call_details)
+        method = handler_call_details.method
+        if handler is None or method not in self._methods:
+            return handler
+        if self._admin is not None:
+            refusal = self._token_refusal(method, _authorization(handler_call_details))
+            return handler if refusal is None else _checked(handler, lambda _: refusal)
+        if self._allow_remote:
+            return handler
+        return _checked(handler, lambda context: _remote_refusal(method, context.peer()))
+
+    def _token_refusal(self, method: str, authorization: str | bytes | None) -> Refusal | None:
+        assert self._admin is not None
+        problem = self._admin.problem(authorization)
+        if problem is None:
+            return None
+        if self._clients is not None and self._clients.problem(authorization) is None:
+            return (grpc.StatusCode.PERMISSION_DENIED, f"{method} is a model-control call: it needs a token of "
+                    "--admin-token-file; client tokens (--auth-token-file) do not suffice")
+        return grpc.StatusCode.UNAUTHENTICATED, f"{method} is a model-control call and needs an admin token: {problem}"
+
+
+def _remote_refusal(method: str, peer: str) -> Refusal | None:
+    if is_local_peer(peer):
+        return None
+    return (grpc.StatusCode.PERMISSION_DENIED, f"{method} is a model-control call: without --admin-token-file it is "
+            f"accepted only from this machine (loopback), not from {peer}; configure --admin-token-file or "
+            "--allow-remote-admin")
+
+
+def is_local_peer(peer: str) -> bool:
+    """Whether a gRPC peer (``context.peer()``: ``ipv4:127.0.0.1:5000``, ``ipv6:[::1]:5000``, possibly
+    percent-encoded, ``unix:/run/x.sock``) is this machine: a loopback address or a Unix socket."""
+    kind, _, address = unquote(peer).partition(":")
+    if kind in ("unix", "unix-abstract"):
+        return True
+    if kind not in ("ipv4", "ipv6"):
+        return False
+    host = address.rpartition(":")[0].strip("[]")
+    try:
+        ip = ipaddress.ip_address(host)
+    except ValueError:
+        return False
+    mapped = getattr(ip, "ipv4_mapped", None)  # ::ffff:127.0.0.1, a dual-stack socket's view of IPv4 loopback
+    return ip.is_loopback or (mapped is not None and mapped.is_loopback)
+
+
+def _authorization(details: grpc.HandlerCallDetails) -> str | bytes | None:
+    values = [v for k, v in details.invocation_metadata or () if k == "authorization"]
+    return values[0] if values else None
+
+
+def _checked(handler: grpc.RpcMethodHandler,
+             refusal: Callable[[grpc.aio.ServicerContext], Refusal | None]) -> grpc.RpcMethodHandler:
+    """``handler``, of the same kind, ending each call with ``refusal(context)``'s status when it gives one."""
+    inner = handler.unary_unary or handler.stream_unary or handler.unary_stream or handler.stream_stream
+
+    async def single(request: Any, context: grpc.aio.ServicerContext) -> Any:
+        if (refused := refusal(context)) is not None:
+            await context.abort(*refused)
+        return await inner(request, context)
+
+    async def streamed(request: Any, context: grpc.aio.ServicerContext) -> Any:
+        if (refused := refusal(context)) is not None:
+            await context.abort(*refused)
+        async for answer in answers_of(inner(request, context)):
+            yield answer
 
     codecs = {"request_deserializer": handler.request_deserializer,
               "response_serializer": handler.response_serializer}
     if handler.unary_unary:
-        return grpc.unary_unary_rpc_method_handler(refuse, **codecs)
+        return grpc.unary_unary_rpc_method_handler(single, **codecs)
     if handler.unary_stream:
-        return grpc.unary_stream_rpc_method_handler(refuse_stream, **codecs)
+        return grpc.unary_stream_rpc_method_handler(streamed, **codecs)
     if handler.stream_unary:
-        return grpc.stream_unary_rpc_method_handler(refuse, **codecs)
-    return grpc.stream_stream_rpc_method_handler(refuse_stream, **codecs)
+        return grpc.stream_unary_rpc_method_handler(single, **codecs)
+    return grpc.stream_stream_rpc_method_handler(streamed, **codecs)

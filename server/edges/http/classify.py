@@ -10,23 +10,28 @@ app and its server in :mod:`server.edges.http.server`.
 
 from __future__ import annotations
 
-import asyncio
 import base64
 import binascii
 import json
 import logging
-import time
+import re
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass
-from functools import partial
+from dataclasses import dataclass, field
 from typing import Any
 
-from aiohttp import BodyPartReader, web
+from aiohttp import web
 from aiohttp.typedefs import Handler
 
 from server.core import errors
-from server.core.types import ClassifyCall, ClassifyResult, Prediction
+from server.core.config import MAX_IMAGES_PER_REQUEST, MAX_JSON_BYTES
+from server.core.errors import Status
+from server.core.types import ClassifyCall, ClassifyResult, Prediction, RequestObserver
+from server.edges.common.oip_codec import shown
+from server.edges.common.oip_infer import OipModels
+from server.edges.common.requests import RequestBook, Ticket, classify_within, deadline_after, outcome_of
+from server.edges.common.results import prediction_fields, result_fields, tile_fields
 from server.edges.common.status import RETRYABLE, http_status, status_for_http
+from server.edges.http.bodies import BodyTooLarge, read_body, read_form, read_json
 from server.models.manager import ModelManager
 from server.ops.stats import EventLog, StatsCollector
 from server.service import ClassifierService
@@ -36,12 +41,20 @@ log = logging.getLogger("classifyd.http")
 RETRY_AFTER_S = 1
 RAW_IMAGE_TYPES = ("application/octet-stream",)  # and every image/* type
 CLASSIFY_FIELDS = ("top_k", "version", "lang", "return_tiles", "request_id", "timeout_ms")
-dumps = partial(json.dumps, ensure_ascii=False)  # labels go out as UTF-8, not \u escapes
+_INT_TEXT = re.compile(r"[+-]?[0-9]{1,18}")
+
+
+def dumps(value: Any) -> str:
+    """JSON with labels as UTF-8, not ``\\u`` escapes. A lone surrogate (a client's ``"\\ud800"``, echoed in an
+    error) cannot be UTF-8: it goes out as the JSON escape it came in as."""
+    text = json.dumps(value, ensure_ascii=False)
+    return text if text.isascii() else text.encode("utf-8", "backslashreplace").decode("utf-8")
 
 
 @dataclass
 class HttpContext:
-    """What the HTTP handlers share: the daemon's service and manager, limits and the status page's sources."""
+    """What the HTTP handlers share: the daemon's service and manager, limits, the status page's sources, and the
+    request observer every classification request is reported to (``on_request``: the request log and metrics)."""
 
     service: ClassifierService
     manager: ModelManager
@@ -50,7 +63,22 @@ class HttpContext:
     events: EventLog
     server_info: Callable[[], dict[str, Any]]
     serving: bool = False  # False before start and while stopping: new requests get 503
+    draining: bool = False  # the daemon is stopping: still serving, but /v2/health/ready says not ready
     in_flight: int = 0
+    on_request: RequestObserver | None = None
+    max_json_bytes: int = MAX_JSON_BYTES
+    max_images: int = MAX_IMAGES_PER_REQUEST
+    requests: RequestBook = field(init=False)
+    oip: OipModels = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.requests = RequestBook(self.on_request)
+        self.oip = OipModels(self.service, self.manager, self.max_images)
+
+    @property
+    def json_limit(self) -> int:
+        """The largest JSON document a request may carry: the JSON limit, within the body limit."""
+        return min(self.max_json_bytes, self.max_body_bytes)
 
 
 CONTEXT = web.AppKey("context", HttpContext)
@@ -76,6 +104,13 @@ def http_error_for(exc: BaseException) -> HttpError:
     return HttpError(http_status(status), status.name, message, headers)
 
 
+def http_outcome(exc: BaseException) -> tuple[Status, str]:
+    """The status of a request that raised ``exc``, for its report: aiohttp's own errors (413, 415) included."""
+    if isinstance(exc, web.HTTPException):
+        return status_for_http(exc.status), exc.text or exc.reason
+    return outcome_of(exc)
+
+
 def _http_error_from_aiohttp(exc: web.HTTPException, request: web.Request, limit: int) -> HttpError:
     status = exc.status
     if status == 404:
@@ -83,8 +118,8 @@ def _http_error_from_aiohttp(exc: web.HTTPException, request: web.Request, limit
     elif status == 405:
         allowed = ", ".join(sorted(getattr(exc, "allowed_methods", ()) or ()))
         message = f"method {request.method} is not allowed on {request.path}; allowed: {allowed}"
-    elif status == 413:
-        message = f"request body exceeds the limit of {limit} bytes"
+    elif status == 413:  # aiohttp's own (client_max_size) names no limit; ours (BodyTooLarge) name theirs
+        message = exc.text if isinstance(exc, BodyTooLarge) else f"request body exceeds the limit of {limit} bytes"
     else:
         message = exc.text or exc.reason
     code = status_for_http(status)
@@ -133,42 +168,19 @@ async def serving_middleware(request: web.Request, handler: Handler) -> web.Stre
 # ----- reading requests
 
 
-async def read_body(request: web.Request, limit: int) -> bytes:
-    """The whole body. Raises HTTPRequestEntityTooLarge past ``limit`` bytes (aiohttp's client_max_size)."""
-    if request.content_length is not None and request.content_length > limit:
-        raise web.HTTPRequestEntityTooLarge(max_size=limit, actual_size=request.content_length)
-    return await request.read()
-
-
-async def _read_part(part: BodyPartReader, limit: int) -> bytes:
-    """One multipart part, at most ``limit`` bytes (the multipart reader does not enforce client_max_size)."""
-    chunks, size = [], 0
-    while chunk := await part.read_chunk():
-        size += len(chunk)
-        if size > limit:
-            raise web.HTTPRequestEntityTooLarge(max_size=limit, actual_size=size)
-        chunks.append(chunk)
-    return b"".join(chunks)
-
-
 async def _read_multipart(request: web.Request, limit: int) -> tuple[bytes | None, dict[str, Any]]:
     """The ``image`` part and the text fields of a multipart/form-data body.
 
     Reads the parts as a stream: measured 2-3x faster than ``request.post()``, which spools files to disk.
     """
-    image, fields, size = None, {}, 0
-    reader = await request.multipart()
-    while (part := await reader.next()) is not None:
-        if not isinstance(part, BodyPartReader):
-            raise errors.InvalidInput("nested multipart bodies are not supported")
-        data = await _read_part(part, limit - size)
-        size += len(data)
-        if part.name == "image":
+    image, fields = None, {}
+    for name, data in await read_form(request, limit, ("image", *CLASSIFY_FIELDS)):
+        if name == "image":
             if image is not None:
                 raise errors.InvalidInput("one image per request: the form has several 'image' fields")
             image = data
         else:
-            fields[part.name or ""] = data.decode("utf-8", errors="replace")
+            fields[name] = data.decode("utf-8", errors="replace")
     return image, fields
 
 
@@ -184,15 +196,8 @@ def decode_b64(text: Any, what: str) -> bytes:
         raise errors.InvalidInput(f"{what} is not valid base64: {exc}") from None
 
 
-def parse_json(data: bytes) -> Any:
-    try:
-        return json.loads(data)
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise errors.InvalidInput(f"body is not valid JSON: {exc}") from None
-
-
 async def _read_json_image(request: web.Request, limit: int) -> tuple[bytes | None, dict[str, Any]]:
-    body = parse_json(await read_body(request, limit))
+    body = await read_json(request, limit)
     if not isinstance(body, dict):
         raise errors.InvalidInput("JSON body must be an object like {\"image_b64\": \"...\", \"top_k\": 3}")
     fields = dict(body)
@@ -200,7 +205,7 @@ async def _read_json_image(request: web.Request, limit: int) -> tuple[bytes | No
     return (None if encoded is None else decode_b64(encoded, "image_b64")), fields
 
 
-async def read_classify_input(request: web.Request, limit: int) -> tuple[bytes, dict[str, Any]]:
+async def read_classify_input(request: web.Request, context: HttpContext) -> tuple[bytes, dict[str, Any]]:
     """The image and the fields of a /v1 classify request: multipart, JSON with base64, or a raw image body.
 
     Query parameters apply to every form; body fields override them. Raises InvalidInput or HTTP 413/415.
@@ -208,11 +213,11 @@ async def read_classify_input(request: web.Request, limit: int) -> tuple[bytes, 
     fields: dict[str, Any] = dict(request.query)
     kind = request.content_type
     if kind == "multipart/form-data":
-        image, body_fields = await _read_multipart(request, limit)
+        image, body_fields = await _read_multipart(request, context.max_body_bytes)
     elif kind == "application/json":
-        image, body_fields = await _read_json_image(request, limit)
+        image, body_fields = await _read_json_image(request, context.json_limit)
     elif kind.startswith("image/") or kind in RAW_IMAGE_TYPES:
-        image, body_fields = await read_body(request, limit), {}
+        image, body_fields = await read_body(request, context.max_body_bytes), {}
     else:
         raise web.HTTPUnsupportedMediaType(text=(
             f"unsupported Content-Type {kind!r}: send multipart/form-data with an 'image' field (curl -F "
@@ -229,14 +234,14 @@ async def read_classify_input(request: web.Request, limit: int) -> tuple[bytes, 
 
 
 def int_field(fields: dict[str, Any], name: str, default: int = 0) -> int:
-    """An integer field given as a JSON number or a string. Raises InvalidInput."""
+    """An integer field given as a JSON number or a string of ASCII digits (``int()`` would also take ``١`` and
+    thousands of digits), within 64 bits. Raises InvalidInput."""
     value = fields.get(name, default)
-    if isinstance(value, bool) or not isinstance(value, int | str):
-        raise errors.InvalidInput(f"{name} must be an integer, got {value!r}")
-    try:
-        return int(value)
-    except ValueError:
-        raise errors.InvalidInput(f"{name} must be an integer, got {value!r}") from None
+    if isinstance(value, str) and _INT_TEXT.fullmatch(value.strip()):
+        value = int(value)
+    if isinstance(value, bool) or not isinstance(value, int) or not -(1 << 63) <= value < (1 << 63):
+        raise errors.InvalidInput(f"{name} must be an integer, got {shown(value)}")
+    return value
 
 
 def timeout_field(fields: dict[str, Any], name: str, scale: float) -> float | None:
@@ -247,36 +252,17 @@ def timeout_field(fields: dict[str, Any], name: str, scale: float) -> float | No
     try:
         seconds = float(value) * scale
     except (TypeError, ValueError):
-        raise errors.InvalidInput(f"{name} must be a number, got {value!r}") from None
+        raise errors.InvalidInput(f"{name} must be a number, got {shown(value)}") from None
     if not seconds > 0:
-        raise errors.InvalidInput(f"{name} must be > 0, got {value!r}")
+        raise errors.InvalidInput(f"{name} must be > 0, got {shown(value)}")
     return seconds
 
 
 # ----- classifying
 
 
-async def classify(service: ClassifierService, call: ClassifyCall, timeout_s: float | None) -> ClassifyResult:
-    """``service.classify`` with the request's timeout: DeadlineExpired once it passes, wherever the request is.
-
-    HTTP has no deadline of its own (gRPC cancels the handler at the client's deadline): without this a request
-    behind a long batch would only fail once its batch was formed. Cancelling withdraws it from the batcher.
-    """
-    if timeout_s is None:
-        return await service.classify(call)
-    try:
-        return await asyncio.wait_for(service.classify(call), timeout_s)
-    except TimeoutError:
-        raise errors.DeadlineExpired(f"the request's timeout of {timeout_s * 1000:g} ms passed before it was "
-                                     "answered") from None
-
-
-def deadline_after(timeout_s: float | None) -> float | None:
-    return None if timeout_s is None else time.monotonic() + timeout_s
-
-
 def _predictions_json(predictions: Sequence[Prediction]) -> list[dict[str, Any]]:
-    return [{"index": p.index, "label": p.label, "score": p.score} for p in predictions]
+    return [prediction_fields(p) for p in predictions]
 
 
 def bool_field(fields: Mapping[str, Any], name: str) -> bool:
@@ -286,40 +272,34 @@ def bool_field(fields: Mapping[str, Any], name: str) -> bool:
         return value
     text = str(value).strip().lower()
     if text not in ("true", "1", "false", "0", ""):
-        raise errors.InvalidInput(f"field '{name}' must be true or false, got {value!r}")
+        raise errors.InvalidInput(f"field '{name}' must be true or false, got {shown(value)}")
     return text in ("true", "1")
 
 
 def result_json(result: ClassifyResult, request_id: str) -> dict[str, Any]:
-    """The same content as a ClassifyResponse."""
-    tiles = [{"x": t.box[0], "y": t.box[1], "width": t.box[2], "height": t.box[3], "batch_size": t.batch_size,
-              "predictions": _predictions_json(t.predictions)} for t in result.tiles]
-    return {
-        "predictions": _predictions_json(result.predictions),
-        "lang": result.lang,
-        "tile_count": result.tile_count,
-        "tiles": tiles,
-        "model": result.model,
-        "version": result.version,
-        "request_id": request_id,
-        "batch_size": result.batch_size,
-        "queue_us": round(result.queue_s * 1e6),
-        "compute_us": round(result.compute_s * 1e6),
-        "preprocess_us": round(result.preprocess_s * 1e6),
-    }
+    """The same content as a ClassifyResponse (the fields are :func:`server.edges.common.results.result_fields`)."""
+    tiles = [{**tile_fields(t), "predictions": _predictions_json(t.predictions)} for t in result.tiles]
+    return {"predictions": _predictions_json(result.predictions), "tiles": tiles, "request_id": request_id,
+            **result_fields(result)}
 
 
 async def classify_handler(request: web.Request) -> web.Response:
-    """POST /v1/classify and /v1/models/{name}/classify."""
+    """POST /v1/classify and /v1/models/{name}/classify. Reported to the request observer with its request id."""
     context = request.app[CONTEXT]
-    image, fields = await read_classify_input(request, context.max_body_bytes)
+    ticket = context.requests.open(request.headers.get("X-Request-Id", ""), request.match_info.get("name", ""))
+    result = await ticket.track_result(_classify(request, context, ticket), http_outcome)
+    return web.json_response(result_json(result, ticket.request_id), dumps=dumps)
+
+
+async def _classify(request: web.Request, context: HttpContext, ticket: Ticket) -> ClassifyResult:
+    image, fields = await read_classify_input(request, context)
+    ticket.request_id = str(fields.get("request_id", "")) or ticket.request_id  # the body's, else the header's
+    ticket.version = int_field(fields, "version")
     timeout_s = timeout_field(fields, "timeout_ms", 1e-3)
-    call = ClassifyCall(request.match_info.get("name", ""), image, int_field(fields, "version"),
-                        int_field(fields, "top_k"), deadline_after(timeout_s), lang=str(fields.get("lang", "")),
-                        return_tiles=bool_field(fields, "return_tiles"))
-    result = await classify(context.service, call, timeout_s)
-    request_id = str(fields.get("request_id", request.headers.get("X-Request-Id", "")))
-    return web.json_response(result_json(result, request_id), dumps=dumps)
+    call = ClassifyCall(ticket.model, image, ticket.version, int_field(fields, "top_k"), deadline_after(timeout_s),
+                        lang=str(fields.get("lang", "")), return_tiles=bool_field(fields, "return_tiles"),
+                        request_id=ticket.request_id)
+    return await classify_within(context.service, call, timeout_s)
 
 
 def add_classify_routes(router: web.UrlDispatcher) -> None:

@@ -1,216 +1,201 @@
 """The Open Inference Protocol's REST form (KServe v2, as Triton serves it), on the same service and batchers.
 
-Each model has one input and one output:
-
-- input ``image`` (any name is accepted): ``BYTES`` of shape ``[N]`` holding encoded images, base64 in JSON
-  (Triton's convention for JSON BYTES) or raw with the binary tensor extension; or a ``UINT8`` / ``FP32`` pixel
-  tensor of shape ``[N, H, W, C]``, or ``[H, W, C]`` / ``[H, W]`` for one image (FP32 in 0..1).
-- output ``probabilities``: ``FP32`` ``[N, num_labels]``; with the ``classification`` parameter ``k``, ``BYTES``
-  ``[N, k]`` of ``"score:index:label"`` strings, best first.
-
-Every image of a request is classified as its own call, so they batch with all other traffic. Answers are JSON
-(binary outputs are not produced; clients read JSON data whatever they asked for). Errors are
-``{"error": message}`` as the protocol says, with the same HTTP codes as ``/v1``.
+Only the wire form lives here: the JSON body (with Triton's binary tensor extension) becomes the neutral request
+of :mod:`server.edges.common.oip_codec`, and its outputs become JSON again. What a request may hold, the order of
+the checks and the answer are the gRPC binding's too (:class:`server.edges.common.oip_infer.OipModels`); the
+tensor layouts are in docs/oip.md and docs/http.md. JSON ``BYTES`` elements are base64 (Triton's convention for
+binary data in JSON). Answers are JSON (binary outputs are not produced; clients read JSON data whatever they
+asked for). Errors are ``{"error": message}`` as the protocol says, with the same HTTP codes as ``/v1``.
 """
 
 from __future__ import annotations
 
-import asyncio
+import dataclasses
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, overload
 
-import numpy as np
 from aiohttp import web
 
 from server.core import errors
-from server.core.lifecycle import VersionState
-from server.core.types import ClassifyCall, ClassifyResult, RawTensor
-from server.edges.common.oip_codec import split_bytes_elements
-from server.edges.http.classify import (
-    CONTEXT,
-    classify,
-    deadline_after,
-    decode_b64,
-    dumps,
-    parse_json,
-    read_body,
-    timeout_field,
+from server.edges.common.oip_codec import (
+    BYTES,
+    InferRequest,
+    InferTensor,
+    OutputTensor,
+    RequestedOutput,
+    require_one_input,
 )
-from server.models.manager import ModelRecord, VersionRecord
+from server.edges.common.oip_infer import InferAnswer
+from server.edges.common.requests import Ticket, off_loop_if
+from server.edges.http.bodies import JSON_INLINE_BYTES, BodyTooLarge, parse_json, read_body
+from server.edges.http.classify import CONTEXT, HttpContext, decode_b64, dumps, http_outcome
 
-INPUT = "image"
-OUTPUT = "probabilities"
-_NUMERIC = {"UINT8": ("uint8", np.dtype("<u1")), "FP32": ("float32", np.dtype("<f4"))}
-Payload = bytes | RawTensor
-
+INT64_MIN, INT64_MAX = -(1 << 63), (1 << 63) - 1
+HEADER_LENGTH = "Inference-Header-Content-Length"
+MAX_LENGTH_DIGITS = 18
+"""A longer byte count is refused before ``int()`` sees it (a body has fewer than 10**18 bytes)."""
 
 # ----- reading an inference request
 
 
-async def read_infer_body(request: web.Request, limit: int) -> tuple[dict[str, Any], bytes]:
-    """The JSON header and the binary data after it (binary tensor extension). Raises InvalidInput or 413."""
-    body = await read_body(request, limit)
-    header = request.headers.get("Inference-Header-Content-Length")
-    size = len(body)
-    if header is not None:
-        if not header.isdigit() or int(header) > len(body):
-            raise errors.InvalidInput(f"Inference-Header-Content-Length {header!r} does not fit a body of "
-                                      f"{len(body)} bytes")
-        size = int(header)
-    document = parse_json(body[:size])
+@dataclass(frozen=True)
+class InferBody:
+    """An inference request's body: its JSON document and the binary data after it (binary tensor extension)."""
+
+    document: dict[str, Any]
+    binary: bytes
+    size: int
+    """The body's length in bytes."""
+
+
+async def read_infer_body(request: web.Request, context: HttpContext) -> InferBody:
+    """The JSON header and the binary data after it. Raises InvalidInput, or 413 for a body over the body limit or
+    JSON over the JSON limit (a body that is all JSON is refused before it is read when it says its length)."""
+    header = request.headers.get(HEADER_LENGTH)
+    if header is None:
+        body = await read_body(request, context.json_limit, "JSON body")
+        return InferBody(_infer_document(await parse_json(body)), b"", len(body))
+    if not (header.isascii() and header.isdigit()) or len(header) > MAX_LENGTH_DIGITS:
+        raise errors.InvalidInput(f"{HEADER_LENGTH} must be a byte count, got {header[:40]!r}")
+    size = int(header)
+    if size > context.json_limit:
+        raise BodyTooLarge(f"the JSON header ({HEADER_LENGTH})", context.json_limit, size)
+    body = await read_body(request, context.max_body_bytes)
+    if size > len(body):
+        raise errors.InvalidInput(f"{HEADER_LENGTH} {size} does not fit a body of {len(body)} bytes")
+    return InferBody(_infer_document(await parse_json(body[:size])), body[size:], len(body))
+
+
+def _infer_document(document: Any) -> dict[str, Any]:
     if not isinstance(document, dict):
         raise errors.InvalidInput("inference request must be a JSON object with 'inputs'")
-    return document, body[size:]
+    return document
+
+
+def infer_request(document: dict[str, Any], binary: bytes) -> InferRequest:
+    """The request without its JSON. Raises InvalidInput for a body whose structure is not the protocol's."""
+    inputs = document.get("inputs", [])
+    if not isinstance(inputs, list) or not all(isinstance(t, dict) for t in inputs):
+        raise errors.InvalidInput("'inputs' must be a list of tensor objects")
+    require_one_input([t.get("name") for t in inputs])
+    tensors, offset = [], 0
+    for tensor in inputs:
+        size = _object(tensor.get("parameters"), "an input's 'parameters'").get("binary_data_size")
+        raw = None
+        if size is not None:
+            if isinstance(size, bool) or not isinstance(size, int) or not 0 <= size <= len(binary) - offset:
+                raise errors.InvalidInput(f"binary_data_size {size!r} does not fit the {len(binary) - offset} "
+                                          "binary bytes left")
+            raw, offset = binary[offset:offset + size], offset + size
+        tensors.append(_tensor(tensor, raw))
+    if offset != len(binary):
+        raise errors.InvalidInput(f"{len(binary) - offset} binary bytes are not claimed by any input's "
+                                  "binary_data_size")
+    outputs = document.get("outputs") or []
+    if not isinstance(outputs, list) or not all(isinstance(o, dict) for o in outputs):
+        raise errors.InvalidInput("'outputs' must be a list of objects")
+    requested = [RequestedOutput(o.get("name"), _object(o.get("parameters"), "an output's 'parameters'"))
+                 for o in outputs]
+    request_id = document.get("id")
+    if request_id is not None and not isinstance(request_id, str):
+        raise errors.InvalidInput(f"'id' must be a string, got {type(request_id).__name__}")
+    return InferRequest(tensors, requested, _object(document.get("parameters"), "'parameters'"), request_id)
+
+
+def _object(value: Any, what: str) -> dict[str, Any]:
+    """A ``parameters`` object without its null values (a parameter with no value is not given)."""
+    if value is None:
+        return {}
+    if not isinstance(value, dict):
+        raise errors.InvalidInput(f"{what} must be a JSON object, got {type(value).__name__}")
+    return {k: v for k, v in value.items() if v is not None}
+
+
+def _tensor(tensor: dict[str, Any], raw: bytes | None) -> InferTensor:
+    shape = tensor.get("shape")
+    if not isinstance(shape, list) or not all(isinstance(d, int) and not isinstance(d, bool) for d in shape):
+        raise errors.InvalidInput(f"input shape must be a list of integers, got {str(shape)[:100]}")
+    if not all(INT64_MIN <= d <= INT64_MAX for d in shape):
+        raise errors.InvalidInput("input shape must be a list of 64-bit integers; a dimension is out of range")
+    datatype = tensor.get("datatype")
+    datatype = datatype if isinstance(datatype, str) else ""
+    contents: Sequence[Any] | None = None
+    if raw is None and tensor.get("data") is not None:
+        contents = _flatten(tensor["data"])
+        if datatype == BYTES:
+            contents = Base64Elements(contents)
+    return InferTensor(str(tensor.get("name", "")), datatype, tuple(shape), contents, raw)
 
 
 def _flatten(data: Any) -> list[Any]:
+    """Nested arrays as one row-major list, a level per pass (the document's depth is bounded)."""
     if not isinstance(data, list):
         return [data]
-    return [leaf for item in data for leaf in _flatten(item)]
+    while any(isinstance(item, list) for item in data):
+        data = [leaf for item in data for leaf in (item if isinstance(item, list) else (item,))]
+    return data
 
 
-def _shape(tensor: dict[str, Any]) -> list[int]:
-    shape = tensor.get("shape")
-    if not isinstance(shape, list) or not all(isinstance(d, int) and not isinstance(d, bool) and d >= 0
-                                              for d in shape):
-        raise errors.InvalidInput(f"input shape must be a list of non-negative integers, got {shape!r}")
-    return shape
+class Base64Elements(Sequence[bytes]):
+    """JSON ``BYTES`` elements (base64 strings), decoded only when read: the codec counts them before it reads
+    any, so a request of millions of elements is refused without decoding one."""
 
+    def __init__(self, items: list[Any]) -> None:
+        self._items = items
 
-def _image_payloads(shape: list[int], data: Any, raw: bytes | None) -> list[Payload]:
-    """BYTES input: one encoded image per element, batched along the first dimension."""
-    count = int(np.prod(shape, dtype=np.int64))
-    if raw is not None:
-        images = split_bytes_elements(raw)
-    else:
-        images = [decode_b64(item, f"BYTES element {n}") for n, item in enumerate(_flatten(data))]
-    if len(images) != count:
-        raise errors.InvalidInput(f"input of shape {shape} needs {count} element(s), got {len(images)}")
-    if count == 0:
-        raise errors.InvalidInput("the input holds no image")
-    return list(images)
+    def __len__(self) -> int:
+        return len(self._items)
 
+    @overload
+    def __getitem__(self, index: int) -> bytes: ...
 
-def _tensor_payloads(datatype: str, shape: list[int], data: Any, raw: bytes | None) -> tuple[list[Payload], bool]:
-    """UINT8 / FP32 pixels: ``[N, H, W, C]`` is a batch, ``[H, W, C]`` or ``[H, W]`` one image."""
-    if len(shape) not in (2, 3, 4):
-        raise errors.InvalidInput(f"{datatype} input shape must be [N, H, W, C], [H, W, C] or [H, W], got {shape}")
-    name, dtype = _NUMERIC[datatype]
-    count = int(np.prod(shape, dtype=np.int64))
-    if raw is None:
-        try:
-            raw = np.asarray(_flatten(data), dtype=dtype).tobytes()
-        except (TypeError, ValueError, OverflowError) as exc:
-            raise errors.InvalidInput(f"{datatype} input data is not a list of {datatype} numbers: {exc}") from None
-    if len(raw) != count * dtype.itemsize:
-        raise errors.InvalidInput(f"{datatype} input of shape {shape} needs {count} values "
-                                  f"({count * dtype.itemsize} bytes), got {len(raw) // dtype.itemsize}")
-    batched = len(shape) == 4
-    item_shape = tuple(shape[1:] if batched else shape)
-    items = shape[0] if batched else 1
-    step = len(raw) // items if items else 0
-    if items == 0:
-        raise errors.InvalidInput("the input holds no image")
-    return [RawTensor(name, item_shape, raw[n * step:(n + 1) * step]) for n in range(items)], batched
+    @overload
+    def __getitem__(self, index: slice) -> Sequence[bytes]: ...
 
-
-def parse_inputs(document: dict[str, Any], binary: bytes) -> tuple[list[Payload], bool]:
-    """The request's images, and whether the input had a batch dimension. Raises InvalidInput."""
-    inputs = document.get("inputs")
-    if not isinstance(inputs, list) or len(inputs) != 1 or not isinstance(inputs[0], dict):
-        raise errors.InvalidInput(f"'inputs' must hold exactly one tensor (the images, named {INPUT!r})")
-    tensor = inputs[0]
-    shape, datatype = _shape(tensor), tensor.get("datatype")
-    size = (tensor.get("parameters") or {}).get("binary_data_size")
-    if size is not None and (not isinstance(size, int) or size != len(binary)):
-        raise errors.InvalidInput(f"binary_data_size {size!r} does not match the {len(binary)} binary bytes sent")
-    raw = binary if size is not None else None
-    if raw is None and "data" not in tensor:
-        raise errors.InvalidInput("the input has neither 'data' nor binary data (binary_data_size)")
-    if datatype == "BYTES":
-        return _image_payloads(shape, tensor.get("data"), raw), True
-    if datatype in _NUMERIC:
-        return _tensor_payloads(datatype, shape, tensor.get("data"), raw)
-    raise errors.InvalidInput(f"input datatype must be BYTES (encoded images), UINT8 or FP32, got {datatype!r}")
-
-
-@dataclass(frozen=True)
-class RequestedOutput:
-    name: str
-    classification: int  # 0: the probabilities; k > 0: the top k as strings
-
-
-def parse_outputs(document: dict[str, Any], num_labels: int) -> list[RequestedOutput]:
-    """The outputs asked for (all of them when none is named). Raises InvalidInput."""
-    outputs = document.get("outputs")
-    if outputs is None:
-        return [RequestedOutput(OUTPUT, 0)]
-    if not isinstance(outputs, list) or not all(isinstance(o, dict) for o in outputs):
-        raise errors.InvalidInput("'outputs' must be a list of objects")
-    requested = []
-    for output in outputs:
-        if output.get("name") != OUTPUT:
-            raise errors.InvalidInput(f"unknown output {output.get('name')!r}; the model's output is {OUTPUT!r}")
-        k = (output.get("parameters") or {}).get("classification", 0)
-        if isinstance(k, bool) or not isinstance(k, int) or not 0 <= k <= num_labels:
-            raise errors.InvalidInput(f"classification must be an integer from 1 to the {num_labels} labels, "
-                                      f"got {k!r}")
-        requested.append(RequestedOutput(OUTPUT, k))
-    return requested
+    def __getitem__(self, index: int | slice) -> bytes | Sequence[bytes]:
+        """Raises InvalidInput for an element that is not base64."""
+        if isinstance(index, slice):
+            return [self[n] for n in range(*index.indices(len(self)))]
+        return decode_b64(self._items[index], f"BYTES element {index}")
 
 
 # ----- answering
 
 
-def output_json(output: RequestedOutput, results: list[ClassifyResult], num_labels: int,
-                batched: bool) -> dict[str, Any]:
+def output_json(output: OutputTensor) -> dict[str, Any]:
     """One output tensor, JSON data, row-major."""
-    if output.classification:
-        k = output.classification
-        data: list[Any] = [f"{p.score:f}:{p.index}:{p.label}" for r in results for p in r.predictions[:k]]
-        datatype, width = "BYTES", k
-    else:
-        rows = np.zeros((len(results), num_labels), dtype=np.float32)
-        for row, result in zip(rows, results, strict=True):
-            for p in result.predictions:
-                if p.index < num_labels:
-                    row[p.index] = p.score
-        data, datatype, width = rows.ravel().tolist(), "FP32", num_labels
-    shape = [len(results), width] if batched else [width]
-    return {"name": output.name, "datatype": datatype, "shape": shape, "data": data}
+    data = output.data if isinstance(output.data, list) else output.data.tolist()
+    return {"name": output.name, "datatype": output.datatype, "shape": output.shape, "data": data}
 
 
-def _version(request: web.Request) -> int:
-    text = request.match_info.get("version")
-    if text is None:
-        return 0
-    if not text.isdigit() or int(text) < 1:
-        raise errors.InvalidInput(f"model version must be a positive integer, got {text!r}")
-    return int(text)
+def _version(request: web.Request) -> str:
+    return request.match_info.get("version", "")
 
 
 async def infer(request: web.Request) -> web.Response:
-    """POST /v2/models/{model}[/versions/{version}]/infer."""
+    """POST /v2/models/{model}[/versions/{version}]/infer. Reported to the request observer under its ``id``."""
     context = request.app[CONTEXT]
-    name, version = request.match_info["model"], _version(request)
-    document, binary = await read_infer_body(request, context.max_body_bytes)
-    payloads, batched = parse_inputs(document, binary)
-    num_labels = len(context.manager.resolve(name, version).labels)  # NOT_FOUND / UNAVAILABLE before any work
-    outputs = parse_outputs(document, num_labels)
-    parameters = document.get("parameters") or {}
-    timeout_s = timeout_field(parameters if isinstance(parameters, dict) else {}, "timeout", 1e-6)  # Triton: µs
-    deadline = deadline_after(timeout_s)
-    calls = [ClassifyCall(name, payload, version, num_labels, deadline) for payload in payloads]
-    answers = await asyncio.gather(*(classify(context.service, c, timeout_s) for c in calls), return_exceptions=True)
-    failed = [a for a in answers if isinstance(a, BaseException)]
-    if failed:
-        raise failed[0]
-    results = [a for a in answers if isinstance(a, ClassifyResult)]
-    body: dict[str, Any] = {"model_name": results[0].model, "model_version": str(max(r.version for r in results)),
-                            "outputs": [output_json(o, results, num_labels, batched) for o in outputs]}
-    if "id" in document:
-        body["id"] = document["id"]
+    ticket = context.requests.open(model=request.match_info["model"])
+    answer = await ticket.track(_answer(request, ticket), lambda a: a.result, http_outcome)
+    body: dict[str, Any] = {"model_name": answer.model_name, "model_version": answer.model_version,
+                            "outputs": [output_json(o) for o in answer.outputs]}
+    if answer.id is not None:
+        body["id"] = answer.id
     return web.json_response(body, dumps=dumps)
+
+
+async def _answer(request: web.Request, ticket: Ticket) -> InferAnswer:
+    """Read the body (its ``id`` names the request), then the flow both bindings share: model first, then tensors."""
+    context = request.app[CONTEXT]
+    body = await read_infer_body(request, context)
+    if isinstance(body.document.get("id"), str) and body.document["id"]:
+        ticket.request_id = body.document["id"]
+
+    async def read() -> InferRequest:  # flattening and decoding a large document takes long: off the loop then
+        return await off_loop_if(body.size > JSON_INLINE_BYTES, infer_request, body.document, body.binary)
+
+    return await context.oip.answer(ticket, _version(request), read, None)
 
 
 # ----- health and metadata
@@ -221,23 +206,19 @@ def _ready(ready: bool, **fields: Any) -> web.Response:
     return web.json_response({**fields, "ready": ready}, status=200 if ready else 400)
 
 
-def _version_record(record: ModelRecord, version: int) -> VersionRecord | None:
-    return record.serving() if version == 0 else record.versions.get(version)
-
-
 async def live(request: web.Request) -> web.Response:
     return web.json_response({"live": True})
 
 
 async def server_ready(request: web.Request) -> web.Response:
-    return _ready(request.app[CONTEXT].serving)
+    context = request.app[CONTEXT]
+    return _ready(context.serving and not context.draining)
 
 
 async def model_ready(request: web.Request) -> web.Response:
-    record = request.app[CONTEXT].manager.get(request.match_info["model"])
-    entry = _version_record(record, _version(request))
-    return _ready(entry is not None and entry.state is VersionState.READY and entry.loaded is not None,
-                  name=record.name)
+    """Ready when the version (or the serving one) can compute; 404 for an unknown model."""
+    name = request.match_info["model"]
+    return _ready(request.app[CONTEXT].oip.ready(name, _version(request)), name=name)
 
 
 async def server_metadata(request: web.Request) -> web.Response:
@@ -248,21 +229,8 @@ async def server_metadata(request: web.Request) -> web.Response:
 
 async def model_metadata(request: web.Request) -> web.Response:
     """The model's name, ready versions, and its input and output tensors."""
-    record = request.app[CONTEXT].manager.get(request.match_info["model"])
-    version = _version(request)
-    entry = _version_record(record, version)
-    if version and entry is None:
-        raise errors.ModelNotFound(f"model {record.name} has no version {version}")
-    manifest = entry.manifest if entry and entry.manifest else record.latest_manifest()
-    labels = manifest.num_classes if manifest else -1
-    ready = sorted((v.version for v in record.versions.values() if v.state is VersionState.READY), reverse=True)
-    return web.json_response({
-        "name": record.name,
-        "versions": [str(v) for v in ([version] if version else ready)],
-        "platform": "pytorch",
-        "inputs": [{"name": INPUT, "datatype": "BYTES", "shape": [-1]}],
-        "outputs": [{"name": OUTPUT, "datatype": "FP32", "shape": [-1, labels]}],
-    }, dumps=dumps)
+    described = request.app[CONTEXT].oip.metadata(request.match_info["model"], _version(request))
+    return web.json_response(dataclasses.asdict(described), dumps=dumps)
 
 
 def add_oip_routes(router: web.UrlDispatcher) -> None:
@@ -273,4 +241,3 @@ def add_oip_routes(router: web.UrlDispatcher) -> None:
         router.add_get(prefix, model_metadata)
         router.add_get(f"{prefix}/ready", model_ready)
         router.add_post(f"{prefix}/infer", infer)
-

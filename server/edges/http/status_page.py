@@ -12,6 +12,7 @@ from typing import Any
 
 from aiohttp import web
 
+from server.edges.common.describe import describe_model
 from server.edges.http.classify import CONTEXT, HttpContext, dumps
 from server.models.manager import ModelRecord
 
@@ -20,22 +21,22 @@ EVENTS_SHOWN = 50
 
 
 def model_json(record: ModelRecord, context: HttpContext) -> dict[str, Any]:
-    """One model as the page and ``/v1/models`` show it."""
-    manifest = record.latest_manifest()
-    serving = record.serving()
-    loaded = serving.loaded if serving else None
+    """One model as the page and ``/v1/models`` show it (the one description:
+    :mod:`server.edges.common.describe`), with its queue depth and whether it is the default model."""
+    model = describe_model(record)
+    serving = model.serving
     versions = [{"version": v.version, "state": v.state.name, "error": v.error, "generation": v.generation,
-                 "validation_accuracy": v.validation_accuracy}
-                for v in sorted(record.versions.values(), key=lambda v: -v.version)]
+                 "validation_accuracy": v.validation_accuracy} for v in model.versions]
     description: dict[str, Any] = {
-        "name": record.name,
-        "default": record.name == context.manager.default_model,
-        "serving_version": serving.version if serving else 0,
+        "name": model.name,
+        "default": model.name == context.manager.default_model,
+        "serving_version": model.serving_version,
         "versions": versions,
-        "queue_depth": context.service.batcher_depth(record.name),
-        "max_batch_size": loaded.max_batch_size if loaded else None,
-        "max_delay_ms": loaded.max_delay_ms if loaded else None,
+        "queue_depth": context.service.batcher_depth(model.name),
+        "max_batch_size": serving.max_batch_size if serving else None,
+        "max_delay_ms": serving.max_delay_ms if serving else None,
     }
+    manifest = model.manifest
     if manifest:
         spec = manifest.input
         description.update(architecture=manifest.architecture, num_labels=manifest.num_classes,

@@ -1,8 +1,9 @@
 """From a parsed manifest to a module ready to serve: build, resolve preprocessing, place on the device
 (wrapped for ``torch.compile`` at bucketed batch sizes when the manifest asks).
 
-Shared by the model manager (the daemon) and ``python -m server check``, so
-both load a version the same way. Everything here blocks (file reads, weight
+A step of the loader pipeline (:mod:`server.models.loader.pipeline`), which the
+model manager (the daemon) and ``python -m server check`` share, so both load a
+version the same way. Everything here blocks (file reads, weight
 loading): run it on the loader thread. Raises
 :class:`server.models.loader.weights.WeightsError` with a message naming what is wrong.
 """

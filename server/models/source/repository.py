@@ -19,18 +19,42 @@ _SHARED_SUFFIXES = (".toml", ".txt", ".py")
 Fingerprint = tuple[tuple[str, int, int], ...]
 
 
+class RepositoryUnreachable(FileNotFoundError):
+    """The models directory itself is gone (renamed away, unmounted): a filesystem outage, which says nothing
+    about the models in it. Other outages (a stale NFS handle) raise their own OSError."""
+
+
 def version_numbers(model_dir: Path) -> list[int]:
-    """Numbered version directories of a model; anything else (``.tmp-3``, ``samples``) is ignored."""
+    """Numbered version directories of a model; anything else (``.tmp-3``, ``samples``) is ignored; none for a
+    model directory that is gone. Blocks; raises RepositoryUnreachable when the models directory is gone too,
+    OSError for other filesystem errors."""
     try:
         entries = list(model_dir.iterdir())
     except (FileNotFoundError, NotADirectoryError):
+        _check_reachable(model_dir.parent)
         return []
     return sorted(int(p.name) for p in entries if _VERSION_DIR.match(p.name) and p.is_dir())
 
 
+def model_present(models_dir: Path, name: str) -> bool:
+    """Whether model ``name`` has a directory in the repository. Blocks; raises RepositoryUnreachable when the
+    models directory itself is gone (its models are not removed by that), OSError for other filesystem errors."""
+    if (models_dir / name).is_dir():
+        return True
+    _check_reachable(models_dir)
+    return False
+
+
 def model_names(models_dir: Path) -> list[str]:
-    """Model directories of the repository (hidden ones, such as ``.staging``, are skipped)."""
+    """Model directories of the repository (hidden ones, such as ``.staging``, are skipped). Blocks; raises
+    OSError (RepositoryUnreachable when the models directory is gone)."""
+    _check_reachable(models_dir)
     return sorted(p.name for p in models_dir.iterdir() if p.is_dir() and not p.name.startswith("."))
+
+
+def _check_reachable(models_dir: Path) -> None:
+    if not models_dir.is_dir():
+        raise RepositoryUnreachable(f"models directory {models_dir} is not there (renamed, removed or unmounted)")
 
 
 def fingerprint(version_dir: Path) -> Fingerprint:
