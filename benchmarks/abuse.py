@@ -117,8 +117,16 @@ def _multipart(parts: list[tuple[str, bytes]], boundary: str = "b0undary") -> by
 
 
 def _png16(side: int) -> bytes:
+    return _png(np.zeros((side, side), dtype=np.uint16))
+
+
+def _png8(side: int) -> bytes:
+    return _png(np.zeros((side, side), dtype=np.uint8))
+
+
+def _png(pixels: np.ndarray) -> bytes:
     buffer = io.BytesIO()
-    Image.fromarray(np.zeros((side, side), dtype=np.uint16)).save(buffer, format="PNG")
+    Image.fromarray(pixels).save(buffer, format="PNG")
     return buffer.getvalue()
 
 
@@ -200,9 +208,8 @@ ATTACKS: dict[str, Callable[[Target], str]] = {
         model_name="digits", model_version="9" * 5000)), t),
     "ReloadModel 300-char name": lambda t: _grpc(lambda c: pb_grpc.ClassifierStub(c).ReloadModel(
         pb.ReloadModelRequest(model="m" * 300), timeout=ATTACK_TIMEOUT_S), t),
-    "tiling 60000x60000 tensor": lambda t: _grpc(lambda c: pb_grpc.ClassifierStub(c).Classify(pb.ClassifyRequest(
-        model="tiles", tensor=pb.Tensor(dtype=pb.Tensor.UINT8, shape=[60_000, 60_000, 1], data=b"")),
-        timeout=ATTACK_TIMEOUT_S), t),
+    "tiling: 9000x9000 PNG = 1.3M tiles": lambda t: _http(t, "POST", "/v1/models/tiles/classify", _png8(9_000),
+                                                          {"Content-Type": "image/png"}),
     "3 concurrent 10000x10000 16-bit PNGs": _many_huge_pngs,
     "ClassifyStream written, never read": _stream_without_reading,
     "ReloadModel x20 concurrent": _reload_spam,

@@ -1,4 +1,4 @@
-"""The swap benchmark script end to end, at its smallest (digits model, one swap), so it cannot rot unnoticed."""
+"""The benchmark scripts end to end, at their smallest, so they cannot rot unnoticed."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from benchmarks import cpu_bench, swap_bench
+from benchmarks import abuse, cpu_bench, swap_bench
 
 
 @pytest.mark.slow
@@ -60,3 +60,16 @@ def test_manifest_settings_from_the_command_line_parse_as_toml_values() -> None:
         "top": {"precision": "bf16", "channels_last": True},
         "input_table": {"decode": "device", "size": [56, 56]},
     }
+
+
+@pytest.mark.slow
+@pytest.mark.process
+def test_abuse_bench_refuses_two_attacks_and_the_good_client_keeps_being_answered(
+    capsys: pytest.CaptureFixture[str]
+) -> None:
+    code = abuse.main(["--seconds-per-attack", "0.3", "--only", "REST shape wraps int64", "JSON nested 1000 deep"])
+    out = capsys.readouterr().out
+    assert code == 0, out
+    rows = [line for line in out.splitlines() if line.startswith("| REST") or line.startswith("| JSON")]
+    assert len(rows) == 2 and all("HTTP 400" in row and "0 failed" in row and row.endswith("| yes |") for row in rows)
+    assert "2 attacks; daemon alive at the end: True" in out
