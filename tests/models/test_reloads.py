@@ -63,13 +63,13 @@ def test_a_model_reloads_at_most_once_per_interval_after_its_last_reload_finishe
 def test_a_failed_reload_counts_and_its_error_reaches_every_caller() -> None:
     async def scenario() -> None:
         reloader, clock = Reloader(), FakeClock()
-        reloader.error = OSError("stale file handle")
+        reloader.error = RuntimeError("warm-up ran out of memory")
         reloads = Reloads(reloader, 5.0, clock.now)
         calls = [asyncio.ensure_future(reloads.reload("a")) for _ in range(2)]
         await settle()
         reloader.finish.set()
         results = await asyncio.gather(*calls, return_exceptions=True)
-        assert [str(r) for r in results] == ["stale file handle"] * 2
+        assert [str(r) for r in results] == ["warm-up ran out of memory"] * 2
         with pytest.raises(Overloaded):
             await reloads.reload("a")
 
