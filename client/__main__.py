@@ -61,9 +61,17 @@ def classify(client: ClassifierClient, args: argparse.Namespace) -> None:
     for path in args.images:
         response = client.classify(path, model=args.model, top_k=args.top_k, version=args.version,
                                    timeout=args.timeout, lang=args.lang)
-        print(f"{path}: {response.model} v{response.version} (batch {response.batch_size})")
+        print(f"{path}: {response.model} v{response.version} (batch {response.batch_size}, "
+              f"{labels_used(response.lang, args.lang)})")
         for p in response.predictions:
             print(f"  {p.score:7.4f}  {p.index:>5}  {p.label}")
+
+
+def labels_used(answered: str, asked: str) -> str:
+    """Which labels file answered, and when it is not the language asked for, that it fell back."""
+    if answered:
+        return f"labels.{answered}.txt"
+    return f"labels.txt: no labels.{asked}.txt" if asked else "labels.txt"
 
 
 def list_models(client: ClassifierClient, args: argparse.Namespace) -> None:
@@ -72,18 +80,34 @@ def list_models(client: ClassifierClient, args: argparse.Namespace) -> None:
         print(f"{info.name}{mark}: {info.architecture}, {info.num_labels} labels, input "
               f"{info.input.height}x{info.input.width}x{info.input.channels} {info.input.color}, "
               f"device {info.device}, max batch {info.max_batch_size}")
+        extras = [f"precision {info.precision}" + (f" ({info.precision_note})" if info.precision_note else "")] \
+            if info.precision else []
+        if info.languages:
+            extras.append(f"labels in {', '.join(info.languages)} (--lang)")
+        if extras:
+            print(f"  {'; '.join(extras)}")
         for v in info.versions:
             error = f": {v.error}" if v.error else ""
-            print(f"  version {v.version}: {pb.VersionInfo.State.Name(v.state)}{error}")
+            serving = " (serving)" if v.version == info.serving_version else ""
+            print(f"  version {v.version}: {state_name(v.state)}{serving}{error}")
+
+
+def state_name(state: int) -> str:
+    """``READY`` for 2: states by name, whatever the stub version."""
+    return pb.VersionInfo.State.Name(state) if state in pb.VersionInfo.State.values() else f"state {state}"
 
 
 def watch(client: ClassifierClient, args: argparse.Namespace) -> None:
     for event in client.watch_models(args.model, include_current=args.current):
-        stamp = time.strftime("%H:%M:%S", time.localtime(event.time_unix_ms / 1000))
-        serving = " (serving)" if event.serving else ""
-        reason = f": {event.reason}" if event.reason else ""
-        print(f"{stamp} {event.model} v{event.version} {pb.ModelEvent.Kind.Name(event.kind)}{serving}{reason}",
-              flush=True)
+        print(event_line(event), flush=True)
+
+
+def event_line(event: pb.ModelEvent) -> str:
+    """``12:00:01 digits v2 READY (serving): version 2 now serves``: the reason says which version serves."""
+    stamp = time.strftime("%H:%M:%S", time.localtime(event.time_unix_ms / 1000))
+    serving = " (serving)" if event.serving else ""
+    reason = f": {event.reason}" if event.reason else ""
+    return f"{stamp} {event.model} v{event.version} {pb.ModelEvent.Kind.Name(event.kind)}{serving}{reason}"
 
 
 def reload(client: ClassifierClient, args: argparse.Namespace) -> None:
@@ -91,7 +115,7 @@ def reload(client: ClassifierClient, args: argparse.Namespace) -> None:
     print(f"{info.name}: serving version {info.serving_version or 'none'}")
     for v in info.versions:
         error = f": {v.error}" if v.error else ""
-        print(f"  version {v.version}: {pb.VersionInfo.State.Name(v.state)} (generation {v.generation}){error}")
+        print(f"  version {v.version}: {state_name(v.state)} (generation {v.generation}){error}")
 
 
 COMMANDS: dict[str, Callable[[ClassifierClient, argparse.Namespace], None]] = {

@@ -1,7 +1,8 @@
 """Assemble the daemon: model manager, service, gRPC server with health and reflection, optional HTTP server.
 
-``Daemon.start()`` binds the port (0 picks a free one, as tests do) and
-returns once every model in the repository has been tried; ``Daemon.stop()``
+``Daemon.start()`` binds the ports first (0 picks a free one, as tests do; health says NOT_SERVING, a model
+still loading answers UNAVAILABLE "is loading"), then loads the repository, models concurrently, and returns
+once every model has been tried (:meth:`Daemon.listen` and :meth:`Daemon.load` are its two halves); ``Daemon.stop()``
 is the graceful stop of docs/production.md (drain, stop accepting, finish
 in-flight calls within the grace period, release).
 """
@@ -147,29 +148,60 @@ class Daemon:
                                  allow_remote=self.config.security.allow_remote_admin)
         return [self.gate, *auth, admin, ErrorInterceptor()]
 
-    async def start(self) -> int:
-        """Load the repository, bind and start serving. Returns the bound port. Raises OSError if it cannot bind."""
-        await self.manager.load_repository()
+    async def start(self, *, wait_for_curves: bool = True) -> int:
+        """:meth:`listen`, then :meth:`load`; with ``wait_for_curves`` also wait for the batch curves measured
+        after readiness (tests that read them). Returns the bound port. Raises OSError if it cannot bind."""
+        await self.listen()
+        await self.load()
+        if wait_for_curves:
+            await self.manager.tuned()
+        return self.port
+
+    async def listen(self) -> int:
+        """Bind and start the gRPC (and HTTP, metrics) listeners with health NOT_SERVING: load balancers and
+        probes can tell loading from down. Returns the bound port. Raises OSError if it cannot bind."""
         self.port = self._bind_grpc()
         self._start_metrics()
+        await self.health_reporter.set_overall(False, for_good=False)
         await self.server.start()
         if self.http:
+            self.http.loading(True)
             try:
                 self.http_port = await self.http.start(self.config.listen.host, self.config.listen.http_port or 0)
             except OSError:
                 await self.server.stop(0)
                 raise
+        host = self.config.listen.host
+        http = f", HTTP on http://{host}:{self.http_port}/" if self.http else ""
+        log.info("classifyd listening on %s:%d%s (device %s): NOT_SERVING while the models load", host, self.port,
+                 http, self.manager.settings.device)
+        return self.port
+
+    async def load(self) -> None:
+        """Load the repository (each model's health turns SERVING as it becomes ready), then report the server
+        SERVING and start watching the repository. Blocks the calling task until every model has been tried."""
+        await self.manager.load_repository()
         if self.config.models.watch:
             await self._start_watcher()
         await self.health_reporter.set_overall(True)
+        if self.http:
+            self.http.loading(False)
         self.ready = True
         for record in self.manager.models():
             await self.health_reporter.update(record.name)
-        host = self.config.listen.host
-        http = f", HTTP on http://{host}:{self.http_port}/" if self.http else ""
-        log.info("classifyd serving on %s:%d%s (device %s); models: %s", host, self.port, http,
-                 self.manager.settings.device, self.describe_models())
-        return self.port
+        log.info("classifyd serving on %s:%d (%.1f s after start); models: %s", self.config.listen.host, self.port,
+                 time.time() - self._started, self.describe_models())
+        self._warn_without_default()
+
+    def _warn_without_default(self) -> None:
+        """Several models and none marked default: requests that name no model are refused, which is easy to miss
+        when a second model is added beside the one that was the default by being alone."""
+        names = self.manager.model_names()
+        if self.manager.default_model is None and len(names) > 1:
+            log.warning("no default model: the repository has %d models (%s) and none sets default = true, so "
+                        "requests that name no model get NOT_FOUND (HTTP 404); add default = true to one model's "
+                        "model.toml, e.g. %s", len(names), ", ".join(names),
+                        self.config.models.models_dir / names[0] / "model.toml")
 
     def _bind_grpc(self) -> int:
         """Add the gRPC port (TLS when configured). Returns the bound port. Raises OSError if it cannot bind."""

@@ -13,9 +13,13 @@ import logging
 import sys
 from pathlib import Path
 
+import torch
+
 from server.core.config import DEFAULT_MAX_BATCH_SIZE, BatchingDefaults
-from server.core.manifest import Manifest
+from server.core.input_changes import PreprocessingChanged, check_preprocessing
+from server.core.manifest import Manifest, load_manifest
 from server.inference.runtime import InferenceThread, pick_device
+from server.models.loader.build import build_for_serving
 from server.models.loader.pipeline import Loaded, LoadFailed, LoadSettings, VersionLoader
 from server.models.loader.weights import WeightsError, find_weights
 from server.models.source.repository import version_numbers
@@ -64,11 +68,23 @@ def main(argv: list[str]) -> int:
     if manifest is not None:
         _describe(manifest, model_dir / str(number))
     if isinstance(outcome, LoadFailed):
-        print(f"FAILED: {outcome}", file=sys.stderr)
+        print(f"FAILED: {_reason(outcome, args)}", file=sys.stderr)
         return 1
     _describe_loaded(outcome)
+    refused = _compare_preprocessing(settings, model_dir, number, outcome.version.manifest)
+    if refused:
+        print(f"FAILED: {refused}", file=sys.stderr)
+        return 1
     print(f"OK: {args.model_dir} version {number} can serve")
     return 0
+
+
+def _reason(failed: LoadFailed, args: argparse.Namespace) -> str:
+    """Why the version cannot serve; code refused for want of --trust-code is worded for this command."""
+    cause = failed.__cause__
+    if isinstance(cause, WeightsError) and cause.untrusted is not None:
+        return cause.untrusted.advise(f"run `python -m server check --trust-code {args.model_dir}` to allow it")
+    return str(failed)
 
 
 async def _load(settings: LoadSettings, model_dir: Path, number: int) -> Loaded | LoadFailed:
@@ -84,6 +100,41 @@ async def _load(settings: LoadSettings, model_dir: Path, number: int) -> Loaded 
         inference.shutdown()
     loaded.version.release()
     return loaded
+
+
+def _compare_preprocessing(settings: LoadSettings, model_dir: Path, number: int, manifest: Manifest) -> str | None:
+    """Print how version ``number``'s preprocessing compares with the version the daemon would be serving before
+    it (the next-newest that builds); return the daemon's refusal when it would refuse the swap, else None.
+    Blocks: builds older versions on the CPU until one builds."""
+    previous = _previous(settings, model_dir, number)
+    if previous is None:
+        print("preprocessing no older version builds: nothing to compare with")
+        return None
+    older, old_manifest = previous
+    try:
+        changes = check_preprocessing(older, old_manifest, manifest)
+    except PreprocessingChanged as exc:
+        return str(exc)
+    if changes:
+        print(f"preprocessing changed from version {older}, acknowledged by preprocessing_changed = true: "
+              f"{', '.join(changes)}")
+    else:
+        print(f"preprocessing same as version {older}, the version serving before it")
+    return None
+
+
+def _previous(settings: LoadSettings, model_dir: Path, number: int) -> tuple[int, Manifest] | None:
+    """The newest version older than ``number`` that builds, with its resolved manifest; None if none does."""
+    for older in sorted((v for v in version_numbers(model_dir) if v < number), reverse=True):
+        version_dir = model_dir / str(older)
+        try:
+            module, manifest = build_for_serving(version_dir, load_manifest(version_dir), torch.device("cpu"),
+                                                 settings.trust_code)
+        except Exception:  # noqa: BLE001 - a version that does not build would not be serving: try the next
+            continue
+        del module
+        return older, manifest
+    return None
 
 
 def _describe(manifest: Manifest, version_dir: Path) -> None:

@@ -294,7 +294,8 @@ def _add_process(parser: argparse.ArgumentParser) -> None:
                             f"to finish; queued ones that would not are UNAVAILABLE early (default: "
                             f"{DEFAULT_GRACE_S:g})")
     group.add_argument("--port-file", type=Path,
-                       help="once serving, write the bound port (useful with --port 0) to this file")
+                       help="write the bound port (useful with --port 0) to this file once the initial load is done "
+                            "(every model tried); the ports answer earlier, with health NOT_SERVING")
 
 
 def _check_process(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:

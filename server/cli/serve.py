@@ -22,7 +22,9 @@ async def serve(config: ServerConfig) -> None:
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):  # before loading: a signal during start-up stops it cleanly
         loop.add_signal_handler(sig, stop.set)
-    port = await daemon.start()
+    # The ports answer at once (health NOT_SERVING while loading); the port file says the initial load is done.
+    # Batch curves are measured afterwards, in the background, while the models already serve.
+    port = await daemon.start(wait_for_curves=False)
     if config.process.port_file:
         write_port_file(config.process.port_file, port)
     await stop.wait()

@@ -66,7 +66,7 @@ class ModelEvent:
     reason: str = ""
     serving: bool = False
     """Whether ``version`` serves unpinned requests once this change is made (another generation of the same
-    version number included)."""
+    version number included); never for UNLOADED: an unloaded generation does not serve."""
     serving_version: int | None = None
     """The version that serves the model's unpinned requests once this change is made; None: none does."""
     time: float = field(default_factory=time.time)

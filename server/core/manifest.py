@@ -6,12 +6,15 @@ Pure parsing: no torch, no file watching. Every problem raises
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 import re
 import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+
+from server.core.layering import Origins, merge_layers, origin_of
 
 MANIFEST_NAME = "model.toml"
 LABELS_NAME = "labels.txt"
@@ -31,7 +34,7 @@ _LANG_FILE = re.compile(r"^labels\.([A-Za-z]{2,8}(?:[-_][A-Za-z0-9]{1,8})*)\.txt
 
 _TOP_KEYS = {"architecture", "num_classes", "weights", "top_k", "default", "model_args", "input", "batching",
              "description", "keep_versions", "min_accuracy", "activation", "threshold", "thresholds", "precision",
-             "channels_last", "tiling"}
+             "channels_last", "tiling", "preprocessing_changed"}
 _INPUT_KEYS = {"color", "size", "resize", "crop", "mean", "std", "interpolation", "fill_alpha", "decode"}
 _BATCHING_KEYS = {"max_batch_size", "max_delay_ms", "max_queue", "autotune", "autotune_budget_s",
                   "autotune_max_batch_size", "latency_target_ms"}
@@ -47,6 +50,7 @@ class ManifestError(ValueError):
         super().__init__(f"{where}: {message}")
         self.path = path
         self.key = key
+        self.detail = message
 
 
 @dataclass(frozen=True)
@@ -126,6 +130,10 @@ class Manifest:
     """The batch-size buckets to compile; empty: powers of two up to max_batch_size, and max_batch_size."""
     translations: dict[str, tuple[str, ...]] = field(default_factory=dict)
     """Labels by language tag (lower case, ``-`` separated), from ``labels.<lang>.txt``."""
+    preprocessing_changed: bool = False
+    """The version's own model.toml acknowledges that its preprocessing differs from the serving version's."""
+    origins: Origins = field(default_factory=dict)
+    """Which model.toml set each key (see :mod:`server.core.layering`); empty for a manifest not read from files."""
 
     def labels_for(self, lang: str) -> tuple[str, tuple[str, ...]]:
         """The language actually used for ``lang`` and its labels: the exact tag, then its primary
@@ -187,19 +195,43 @@ def read_translations(version_dir: Path, labels: tuple[str, ...]) -> dict[str, t
 
 
 def load_manifest(version_dir: Path) -> Manifest:
-    """Read and validate the manifest and labels that apply to ``version_dir``.
+    """Read and validate the manifest and labels that apply to ``version_dir``: the version's own ``model.toml``
+    merged key by key over the model's (:mod:`server.core.layering`); either may be absent, not both.
 
-    Blocks on file reads. Raises ManifestError.
+    Blocks on file reads. Raises ManifestError naming the file that set the offending key.
     """
-    path = find_file(version_dir, MANIFEST_NAME)
-    try:
-        raw = tomllib.loads(path.read_text(encoding="utf-8"))
-    except FileNotFoundError:
-        raise ManifestError(path, "manifest not found") from None
-    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
-        raise ManifestError(path, f"invalid TOML: {exc}") from None
+    layers = _read_layers(version_dir)
+    raw, origins = merge_layers(layers)
+    path = layers[-1][0]
     labels = read_labels(find_file(version_dir, LABELS_NAME))
-    return parse_manifest(raw, path, labels, read_translations(version_dir, labels))
+    try:
+        manifest = parse_manifest(raw, path, labels, read_translations(version_dir, labels))
+    except ManifestError as exc:
+        origin = origin_of(origins, exc.key) if exc.key else None
+        merged = f" ({path} is merged over {layers[0][0]}, key by key)" if len(layers) > 1 else ""
+        raise ManifestError(origin or exc.path, exc.detail + merged, exc.key) from None
+    return dataclasses.replace(manifest, origins=origins)
+
+
+def _read_layers(version_dir: Path) -> list[tuple[Path, dict[str, Any]]]:
+    """The decoded model-level and version-level manifests that exist, the model's first. Raises ManifestError
+    when neither exists, one is not TOML, or the model's sets a key only a version may set."""
+    layers = []
+    for path in (version_dir.parent / MANIFEST_NAME, version_dir / MANIFEST_NAME):
+        try:
+            layers.append((path, tomllib.loads(path.read_text(encoding="utf-8"))))
+        except FileNotFoundError:
+            continue
+        except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
+            raise ManifestError(path, f"invalid TOML: {exc}") from None
+    if not layers:
+        raise ManifestError(version_dir.parent / MANIFEST_NAME, "manifest not found")
+    model_level = layers[0][0].parent != version_dir
+    if model_level and "preprocessing_changed" in layers[0][1]:
+        raise ManifestError(layers[0][0], "acknowledges one version's preprocessing change: set it in that "
+                                          f"version's own {MANIFEST_NAME} ({version_dir / MANIFEST_NAME})",
+                            "preprocessing_changed")
+    return layers
 
 
 def parse_manifest(raw: dict[str, Any], path: Path, labels: tuple[str, ...],
@@ -244,6 +276,7 @@ def parse_manifest(raw: dict[str, Any], path: Path, labels: tuple[str, ...],
         channels_last=_get(raw, "channels_last", bool, path, default=False),
         tiling=_parse_tiling(_get(raw, "tiling", dict, path), path),
         translations=dict(translations or {}),
+        preprocessing_changed=_get(raw, "preprocessing_changed", bool, path, default=False),
         **_parse_compile(raw, path),
     )
 

@@ -18,9 +18,6 @@ from dataclasses import dataclass
 from typing import cast
 
 import torch
-from torchvision.io import ImageReadMode, decode_jpeg
-from torchvision.transforms.v2 import InterpolationMode
-from torchvision.transforms.v2.functional import resize
 
 from server.core.config import MAX_PIXELS
 from server.core.errors import InvalidInput
@@ -34,10 +31,11 @@ from server.inference.preprocess import (
 )
 
 # Pillow's NEAREST samples at pixel centres: torch's "nearest-exact", not its "nearest".
-_FILTERS = {"nearest": InterpolationMode.NEAREST_EXACT, "bilinear": InterpolationMode.BILINEAR,
-            "bicubic": InterpolationMode.BICUBIC}
+# torchvision's names; torchvision itself is imported on first use (CUDA only): importing it costs about a
+# second of start-up, before the daemon can bind its ports.
+_FILTERS = {"nearest": "NEAREST_EXACT", "bilinear": "BILINEAR", "bicubic": "BICUBIC"}
 # An RGBA model gets an RGB decode plus an opaque alpha channel, as Pillow's convert("RGBA") gives a JPEG.
-_READ_MODES = {"RGB": ImageReadMode.RGB, "L": ImageReadMode.GRAY, "RGBA": ImageReadMode.RGB}
+_READ_MODES = {"RGB": "RGB", "L": "GRAY", "RGBA": "RGB"}
 # Pillow modes of JPEGs both decoders turn into the same colours (CMYK/YCCK JPEGs are left to Pillow).
 _JPEG_MODES = ("RGB", "L")
 _EXIF_ORIENTATION = 0x0112
@@ -131,10 +129,14 @@ only one that runs torch CPU operators); on CUDA any worker thread will do. Such
     return cast(list[torch.Tensor | InvalidInput], results)  # every slot is filled above
 
 
-def _decode(jpegs: Sequence[DeviceJpeg], mode: ImageReadMode, device: torch.device) -> list[torch.Tensor | None]:
-    """Decode all JPEGs in one call; if that fails, one by one, with None for each that fails."""
+def _decode(jpegs: Sequence[DeviceJpeg], mode_name: str, device: torch.device) -> list[torch.Tensor | None]:
+    """Decode all JPEGs in one call (``mode_name``: an ImageReadMode name); if that fails, one by one, with None
+    for each that fails."""
     if not jpegs:
         return []
+    from torchvision.io import ImageReadMode, decode_jpeg  # first use only: see _FILTERS
+
+    mode = getattr(ImageReadMode, mode_name)
     # bytearray: torch.frombuffer warns on read-only buffers, and the copy is small next to the decode
     data = [torch.frombuffer(bytearray(jpeg.data), dtype=torch.uint8) for jpeg in jpegs]
     try:
@@ -160,7 +162,11 @@ def _fit(batch: torch.Tensor, spec: InputSpec) -> torch.Tensor:
     size = (spec.width, spec.height) if spec.crop == "none" else scaled_size(width, height, spec)
     if size != (width, height):
         # antialias=True is Pillow's resampling (a = -0.5 for bicubic); nearest ignores it
-        batch = resize(batch, [size[1], size[0]], interpolation=_FILTERS[spec.interpolation], antialias=True)
+        from torchvision.transforms.v2 import InterpolationMode  # first use only: see _FILTERS
+        from torchvision.transforms.v2.functional import resize
+
+        filter_ = getattr(InterpolationMode, _FILTERS[spec.interpolation])
+        batch = resize(batch, [size[1], size[0]], interpolation=filter_, antialias=True)
     left, top = crop_origin(size[0], size[1], spec)
     batch = batch[..., top:top + spec.height, left:left + spec.width]
     if spec.color == "RGBA":

@@ -143,9 +143,19 @@ def load_source(payload: Payload, spec: InputSpec, max_pixels: int = MAX_PIXELS)
     image = decode_image(payload, max_pixels)
     try:
         return _convert(image, spec)
+    except InvalidInput:
+        raise
     except Exception as exc:  # noqa: BLE001 - whatever a decoded-but-odd image makes Pillow raise is bad input
-        raise InvalidInput(f"cannot convert image ({image.format} {image.mode} {image.width}x{image.height}): "
-                           f"{type(exc).__name__}: {exc}") from None
+        raise InvalidInput(f"{_modes(image, spec)} and cannot be converted ({type(exc).__name__}: {exc})") from None
+
+
+def _modes(image: Image.Image, spec: InputSpec) -> str:
+    """What the model takes and what the image is, e.g. "the model takes 4-channel RGBA input; this JPEG is RGB
+    (3 channels, no alpha)"."""
+    bands = len(image.getbands())
+    alpha = "" if has_alpha(image) else ", no alpha"
+    return (f"the model takes {spec.channels}-channel {spec.color} input; this {image.format or 'image'} "
+            f"({image.width}x{image.height}) is {image.mode} ({bands} channel{'s' if bands > 1 else ''}{alpha})")
 
 
 def crop(source: Source, box: Box) -> Source:
@@ -235,9 +245,8 @@ def _convert(image: Image.Image, spec: InputSpec) -> Image.Image:
         return image
     alpha = has_alpha(image)
     if color == "RGBA" and not alpha and not spec.fill_alpha:
-        raise InvalidInput(f"image has mode {image.mode} ({len(image.getbands())} channel(s), no alpha); the model "
-                           "takes 4 channels (RGBA) and a fourth channel cannot be made up (the model's manifest "
-                           "does not set fill_alpha)")
+        raise InvalidInput(f"{_modes(image, spec)}: send a PNG or WebP with alpha, or a 4-channel tensor (a fourth "
+                           "channel cannot be made up; the model's manifest would have to set fill_alpha = true)")
     if image.mode in HIGH_DEPTH_MODES:
         image = _to_8bit(image)
     if image.mode == "P":
@@ -251,7 +260,7 @@ def _convert(image: Image.Image, spec: InputSpec) -> Image.Image:
     try:  # Pillow converts some modes (LAB) only to RGB
         return image.convert("RGB").convert(color)
     except ValueError as exc:
-        raise InvalidInput(f"image mode {image.mode} cannot be converted to {color}: {exc}") from None
+        raise InvalidInput(f"{_modes(image, spec)} and cannot be converted to {color}: {exc}") from None
 
 
 def has_alpha(image: Image.Image) -> bool:

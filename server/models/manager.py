@@ -27,9 +27,11 @@ from server.core.config import (
     BatchingDefaults,
 )
 from server.core.errors import ModelNotFound, ModelUnavailable
-from server.core.lifecycle import ModelEvent, VersionState, move
+from server.core.input_changes import check_preprocessing
+from server.core.lifecycle import EventKind, ModelEvent, VersionState, move
 from server.core.manifest import Manifest
 from server.inference.runtime import InferenceThread, LoadedVersion
+from server.models.loader.autotune import TuneQueue
 from server.models.loader.pipeline import Loaded, LoadFailed, LoadSettings, VersionLoader
 from server.models.source.repository import (
     Fingerprint,
@@ -74,6 +76,8 @@ class ModelRecord:
     versions: dict[int, VersionRecord] = field(default_factory=dict)
     removed: bool = False
     lock: asyncio.Lock = field(default_factory=asyncio.Lock)
+    announced: int | None = None
+    """The serving version the last event told of (None: none serves), so the next change is told once."""
 
     def serving(self) -> VersionRecord | None:
         """The newest READY version, the one requests without a pinned version get."""
@@ -121,6 +125,8 @@ class ModelManager:
         self._models: dict[str, ModelRecord] = {}
         self._listeners: list[Listener] = []
         self._retiring: set[asyncio.Task[None]] = set()
+        self._tuning = TuneQueue(inference)
+        self._starting = False  # the initial load: readiness first, batch curves measured afterwards
         self.default_model: str | None = None
 
     # ----- events and state changes
@@ -141,26 +147,54 @@ class ModelManager:
             return
         serving = record.serving()
         number = serving.version if serving is not None else None
-        event = ModelEvent(record.name, entry.version, kind, reason, number == entry.version, number)
+        reason = self._tell_serving(record, kind, reason, number)
+        # an unloaded generation never serves, even when another generation of its number does
+        now_serving = number == entry.version and kind is not EventKind.UNLOADED
+        event = ModelEvent(record.name, entry.version, kind, reason, now_serving, number)
         for listener in list(self._listeners):
             try:
                 listener(event)
             except Exception:
                 log.exception("model event listener %r failed on %s", listener, event)
 
+    @staticmethod
+    def _tell_serving(record: ModelRecord, kind: EventKind, reason: str, number: int | None) -> str:
+        """``reason`` with which version serves now: after every change of it (told once), and on every unload.
+        A FAILED reason stays the load error alone (it is the version's error too)."""
+        if kind is EventKind.FAILED or (number == record.announced and kind is not EventKind.UNLOADED):
+            return reason
+        told = "no version serves now" if number is None else \
+            f"version {number} {'serves' if number == record.announced else 'now serves'}"
+        record.announced = number
+        return f"{reason}; {told}" if reason else told
+
     # ----- loading and swapping
 
     async def load_repository(self) -> None:
         """Load every model of the repository now (no settle period: the daemon is starting).
 
-        A version that fails to load is FAILED and the other models load and serve all the same; a model whose
-        directory cannot be read now is logged and left to the watcher. Raises OSError only when the models
-        directory itself cannot be listed."""
-        for name in await asyncio.to_thread(model_names, self.settings.models_dir):
-            try:
-                await self.reconcile(name)
-            except Exception:  # one unreadable model directory must not keep the others down
-                log.exception("model %s: cannot read its directory; the repository watcher tries again", name)
+        The models load concurrently (their heavy steps still take turns on the loader and inference threads,
+        so small models do not wait behind a big one's every step), and a version goes READY before its batch
+        curve is measured: it serves with its provisional cap while the measurements run afterwards, one at a
+        time (:meth:`tuned` waits for them). A version that fails to load is FAILED and the other models load
+        and serve all the same; a model whose directory cannot be read now is logged and left to the watcher.
+        Raises OSError only when the models directory itself cannot be listed."""
+        names = await asyncio.to_thread(model_names, self.settings.models_dir)
+        self._starting = True
+        try:
+            await asyncio.gather(*(self._load_at_start(name) for name in names))
+        finally:
+            self._starting = False
+
+    async def _load_at_start(self, name: str) -> None:
+        try:
+            await self.reconcile(name)
+        except Exception:  # one unreadable model directory must not keep the others down
+            log.exception("model %s: cannot read its directory; the repository watcher tries again", name)
+
+    async def tuned(self) -> None:
+        """Block until the batch curves deferred by :meth:`load_repository` are measured."""
+        await self._tuning.wait()
 
     async def reconcile(self, name: str, *, settle: SettleTracker | None = None, force: bool = False) -> float:
         """Bring model ``name`` in line with its directory.
@@ -235,13 +269,31 @@ class ModelManager:
             entry.manifest = manifest
 
         try:
-            loaded = await self._loader.load(record.name, number, record.directory / str(number), on_manifest=seen)
+            loaded = await self._loader.load(record.name, number, record.directory / str(number), on_manifest=seen,
+                                             defer_tune=self._starting, accept=self._preprocessing_gate(record, number))
         except LoadFailed as exc:  # any exception of the load: the loader has released what it built
             return self._load_failed(record, entry, serving_copy, exc)
         except asyncio.CancelledError:
             self._load_cut_short(record, entry)
             raise
         return self._load_succeeded(record, entry, serving_copy, loaded)
+
+    @staticmethod
+    def _preprocessing_gate(record: ModelRecord, number: int) -> Callable[[Manifest], None]:
+        """What the loader calls with the version's resolved manifest: raises PreprocessingChanged when the version
+        would take over from the serving version (a newer number, or new files of the serving one) with other
+        preprocessing that its own model.toml does not acknowledge. Older versions (kept for pinning, or a
+        rollback's) are not compared."""
+        def accept(manifest: Manifest) -> None:
+            serving = record.serving()
+            if serving is None or serving.manifest is None or number < serving.version:
+                return
+            changes = check_preprocessing(serving.version, serving.manifest, manifest)
+            if changes:
+                log.warning("model %s version %d: preprocessing changed from version %d (acknowledged by "
+                            "preprocessing_changed = true): %s", record.name, number, serving.version,
+                            ", ".join(changes))
+        return accept
 
     def _load_cut_short(self, record: ModelRecord, entry: VersionRecord) -> None:
         """A cancelled load is forgotten, not left LOADING: the next reconcile tries its files again (a serving
@@ -256,10 +308,13 @@ class ModelManager:
         entry.validation_accuracy = loaded.validation_accuracy
         record.versions[entry.version] = entry
         if serving_copy is not None and serving_copy.loaded:
-            self._retire(record, serving_copy, f"replaced by generation {entry.generation}")
+            self._retire(record, serving_copy, f"generation {serving_copy.generation} retired, replaced by "
+                                               f"generation {entry.generation}")
         log.info("model %s version %d ready on %s (generation %d, %.2f s)", record.name, entry.version,
                  self.settings.device, entry.generation, loaded.seconds)
         self._move(record, entry, VersionState.READY)
+        if loaded.pending_tune is not None:
+            self._tuning.schedule(loaded.version, loaded.pending_tune)
         return entry
 
     def _load_failed(self, record: ModelRecord, entry: VersionRecord, serving_copy: VersionRecord | None,
@@ -361,6 +416,8 @@ class ModelManager:
         entry = record.serving() if version == 0 else record.versions.get(version)
         if entry is None and version:
             raise ModelNotFound(f"model {record.name} has no loaded version {version}")
+        if entry is None and any(v.state is VersionState.LOADING for v in record.versions.values()):
+            raise ModelUnavailable(f"model {record.name} is loading; retry shortly")
         if entry is None or entry.loaded is None or entry.state is not VersionState.READY:
             state = "no version is ready" if entry is None else f"version {version} is {entry.state.name}"
             raise ModelUnavailable(f"model {record.name}: {state}")
@@ -370,6 +427,7 @@ class ModelManager:
         """Release every loaded version and stop the loader thread."""
         for task in list(self._retiring):
             task.cancel()
+        self._tuning.cancel()
         for record in self._models.values():
             for entry in record.versions.values():
                 if entry.loaded:

@@ -148,7 +148,7 @@ TRAPS = [  # (id, builds the model directory, check's flags, words its error mus
     ("mean", mean, [], "key 'input.mean': has 3 values but the input has 1 channel(s)"),
     ("utf-8", latin1_labels, [], "labels.txt: not valid UTF-8 (byte 3)"),
     ("trust", lambda root: python_model(root, "custom", "ok"), [],
-     "refused because classifyd was started without --trust-code"),
+     "refused: run `python -m server check --trust-code"),
     ("tuple", lambda root: python_model(root, "tuple", "tuple"), ["--trust-code"],
      "model returned tuple for a batch of 4; expected one row of 5 logits per image (4, 5)"),
     ("pooled", lambda root: python_model(root, "pooled", "pooled"), ["--trust-code"],

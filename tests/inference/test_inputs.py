@@ -126,7 +126,10 @@ def test_rgb_plus_nir_tensors_keep_every_channel_when_resized(stub: pb_grpc.Clas
 def test_inputs_without_a_fourth_channel_are_refused_unless_the_model_fills_alpha(
         stub: pb_grpc.ClassifierStub) -> None:
     jpeg = encode(np.full((16, 16, 3), 90, np.uint8), "JPEG")
-    assert "no alpha" in refused(stub, image_request(jpeg, model="rgba"))
+    said = refused(stub, image_request(jpeg, model="rgba"))  # what the model takes, what it got, what to send
+    assert said.startswith("the model takes 4-channel RGBA input; this JPEG (16x16) is RGB (3 channels, no alpha): "
+                           "send a PNG or WebP with alpha, or a 4-channel tensor"), said
+    assert "cannot convert image" not in said and "None" not in said
     rgb = np.full((16, 16, 3), 90, np.uint8)
     message = refused(stub, tensor_request(rgb, model="rgba"))
     assert "tensor has 3 channel(s)" in message and "fourth channel" in message

@@ -19,8 +19,12 @@ from client import tensor_request
 from server.batching.curve import BatchCurve, BatchPoint, best_rates, choose_knee, ladder
 from server.core.config import AutotuneDefaults
 from server.core.manifest import BatchingSpec, ManifestError, parse_manifest
+from server.daemon import manager_settings
+from server.inference.runtime import InferenceThread, LoadedVersion
+from server.models.loader import autotune
 from server.models.loader.autotune import TunePlan, curve_from, measure, plan_for
-from tests.support.kit import DaemonThread, PacedModel, running_daemon, write_model
+from server.models.manager import ModelManager
+from tests.support.kit import DaemonThread, PacedModel, local_config, running_daemon, write_model
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -266,3 +270,44 @@ def test_batches_of_the_tuned_model_stay_within_its_cap(daemon: DaemonThread) ->
         sizes = [call.result().batch_size for call in calls]
     assert max(sizes) <= 8
     assert max(sizes) > 1  # 40 concurrent requests were batched
+
+
+# ----- at start-up: ready first, curves afterwards, one at a time
+
+
+def test_start_up_serves_with_the_provisional_cap_then_measures_one_model_at_a_time(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    for name in ("a", "b", "c"):
+        write_model(tmp_path, name, architecture="classifyd:test_paced", manifest={
+            "model_args": PACED_ARGS, "input": TINY_INPUT, "batching": {"autotune_max_batch_size": 16}})
+    running: list[str] = []
+    overlaps: list[tuple[str, ...]] = []
+    real_tune = autotune.tune
+
+    async def watched_tune(version: LoadedVersion, inference: InferenceThread, plan: TunePlan) -> object:
+        running.append(version.name)
+        overlaps.append(tuple(running))
+        try:
+            return await real_tune(version, inference, plan)
+        finally:
+            running.remove(version.name)
+
+    monkeypatch.setattr(autotune, "tune", watched_tune)
+
+    async def main() -> None:
+        inference = InferenceThread()
+        manager = ModelManager(manager_settings(local_config(tmp_path, max_batch_size=3)), inference)
+        try:
+            await manager.load_repository()
+            ready = [manager.get(n).serving() for n in ("a", "b", "c")]
+            assert all(r is not None and r.loaded is not None for r in ready), "not every model is READY"
+            provisional = [(r.loaded.max_batch_size, r.loaded.batch_curve) for r in ready if r and r.loaded]
+            assert provisional == [(3, None)] * 3, "a model waited for its curve before READY"
+            await manager.tuned()
+            assert [r.loaded.max_batch_size for r in ready if r and r.loaded] == [8, 8, 8]  # the knee, in place
+        finally:
+            await manager.aclose()
+            inference.shutdown()
+
+    asyncio.run(main())
+    assert sorted(overlaps) == [("a",), ("b",), ("c",)], f"measurements overlapped: {overlaps}"

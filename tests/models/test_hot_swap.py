@@ -253,7 +253,7 @@ def test_removing_a_model_unloads_it_after_in_flight_requests_finish(tmp_path: P
         for event in events:
             kinds.append(event.kind)
             if event.kind == pb.ModelEvent.UNLOADED:
-                assert event.reason == "model directory removed"
+                assert event.reason == "model directory removed; no version serves now" and not event.serving
                 break
         events.cancel()
         assert pb.ModelEvent.UNLOADED in kinds

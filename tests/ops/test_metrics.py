@@ -102,8 +102,9 @@ def test_reloading_the_serving_version_keeps_its_serving_gauge(daemon: DaemonThr
         reloaded = stub.ReloadModel(pb.ReloadModelRequest(model="digits"), timeout=60)
         assert reloaded.serving_version == serving  # the same version, as a new generation
         for event in events:  # the old generation is released after the new one took over
-            if event.kind == pb.ModelEvent.UNLOADED:
-                assert event.version == serving and event.serving
+            if event.kind == pb.ModelEvent.UNLOADED:  # a retired generation is never called serving
+                assert event.version == serving and not event.serving
+                assert f"version {serving} serves" in event.reason, event.reason
                 break
         events.cancel()
         assert stub.Classify(tensor_request(np.zeros((8, 8), np.uint8)), timeout=20).version == serving

@@ -68,7 +68,9 @@ class DaemonProcess:
         return self
 
     def wait_serving(self, timeout: float = 120.0) -> DaemonProcess:
-        """Block until the port file appears. Raises RuntimeError if the process exits first, TimeoutError
+        """Block until the port file appears: the initial load is done, every model tried (the port answers
+        earlier, health NOT_SERVING; tests/daemon/test_startup.py watches that). Raises RuntimeError if the process
+        exits first, TimeoutError
         (after killing it) if it does not serve within ``timeout`` seconds."""
         deadline = time.monotonic() + timeout
         while not self.port_file.exists():

@@ -326,11 +326,15 @@ class HealthReporter:
         status = health_pb2.HealthCheckResponse.SERVING if serving else health_pb2.HealthCheckResponse.NOT_SERVING
         await self._servicer.set(name, status)
 
-    async def set_overall(self, serving: bool) -> None:
-        """SERVING once the daemon serves; NOT_SERVING when it begins to stop: then the server and every model
-        report NOT_SERVING for good (model events that follow change nothing), and Watch streams are told so."""
+    async def set_overall(self, serving: bool, *, for_good: bool = True) -> None:
+        """SERVING once the daemon serves; NOT_SERVING while the repository loads (``for_good=False``: each
+        model still turns SERVING as it becomes ready) and when it begins to stop: then the server and every
+        model report NOT_SERVING for good (model events that follow change nothing), and Watch streams are
+        told so."""
         if serving:
             await self._servicer.set("", health_pb2.HealthCheckResponse.SERVING)
-        else:
+        elif for_good:
             await self._servicer.enter_graceful_shutdown()
+        else:
+            await self._servicer.set("", health_pb2.HealthCheckResponse.NOT_SERVING)
 

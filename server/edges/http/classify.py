@@ -64,6 +64,7 @@ class HttpContext:
     server_info: Callable[[], dict[str, Any]]
     serving: bool = False  # False before start and while stopping: new requests get 503
     draining: bool = False  # the daemon is stopping: still serving, but /v2/health/ready says not ready
+    loading: bool = False  # the initial load is under way: serving, but /v2/health/ready says not ready
     in_flight: int = 0
     on_request: RequestObserver | None = None
     max_json_bytes: int = MAX_JSON_BYTES

@@ -212,7 +212,7 @@ async def live(request: web.Request) -> web.Response:
 
 async def server_ready(request: web.Request) -> web.Response:
     context = request.app[CONTEXT]
-    return _ready(context.serving and not context.draining)
+    return _ready(context.serving and not context.loading and not context.draining)
 
 
 async def model_ready(request: web.Request) -> web.Response:

@@ -64,6 +64,11 @@ class HttpServer:
         self.app[CONTEXT].serving = True
         return int(sockets[0].getsockname()[1])
 
+    def loading(self, loading: bool) -> None:
+        """While the daemon's initial load is under way ``/v2/health/ready`` says not ready; requests are still
+        answered (a model not yet ready is UNAVAILABLE, "is loading")."""
+        self.app[CONTEXT].loading = loading
+
     def draining(self) -> None:
         """The daemon begins to stop: ``/v2/health/ready`` says not ready; requests are still served."""
         self.app[CONTEXT].draining = True

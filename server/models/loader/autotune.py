@@ -4,13 +4,16 @@ Bigger batches are not always faster (on a 2-core CPU resnet18 peaks at batch 4;
 to 256), so the cap is measured per model and device instead of guessed. The pure parts (:func:`choose_knee`,
 :func:`best_rates`, :class:`BatchCurve`, :func:`plan_for`) are unit-tested on synthetic curves; :func:`measure`
 times a ladder of batch sizes; :func:`tune` runs it, one forward pass at a time on the inference thread, after
-warm-up and validation and before the version goes live, so the version already serving keeps answering.
+warm-up and validation and before the version goes live, so the version already serving keeps answering. At
+start-up nothing serves yet, so readiness comes first: :class:`TuneQueue` measures the curves afterwards, one
+version at a time, while the versions serve with their provisional caps.
 
 No torch here: forward passes go through ``LoadedVersion.predict``; the curve maths is :mod:`server.batching.curve`.
 """
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import time
 from collections.abc import Awaitable, Callable, Mapping, Sequence
@@ -139,3 +142,43 @@ async def tune(version: LoadedVersion, inference: InferenceThread, plan: TunePla
     log.info("model %s version %d: batch curve (size:images/s) %s; max_batch_size %d (%s), measured in %.2f s%s",
              version.name, version.version, curve.describe(), curve.chosen, how, time.monotonic() - started, note)
     return curve
+
+
+class TuneQueue:
+    """Measurements deferred past readiness (start-up): run one at a time, in the order scheduled, so that two
+    models' curves never disturb each other. Each runs :func:`tune` on the inference thread; until it ends the
+    version serves with its provisional cap (the manifest's, else the server's default)."""
+
+    def __init__(self, inference: InferenceThread) -> None:
+        self._inference = inference
+        self._turn = asyncio.Lock()  # FIFO: waiters acquire in the order they asked
+        self._tasks: set[asyncio.Task[None]] = set()
+
+    def schedule(self, version: LoadedVersion, plan: TunePlan) -> None:
+        """Queue ``version``'s measurement. Call on the event loop; never blocks, never raises."""
+        log.info("model %s version %d: serving with provisional max_batch_size %d; batch curve queued (budget %g s)",
+                 version.name, version.version, version.max_batch_size, plan.budget_s)
+        task = asyncio.get_running_loop().create_task(self._run(version, plan))
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    async def _run(self, version: LoadedVersion, plan: TunePlan) -> None:
+        async with self._turn:
+            if version.released:  # retired before its turn: nothing to measure
+                return
+            try:
+                await tune(version, self._inference, plan)
+            except Exception as exc:  # noqa: BLE001 - a failed measurement keeps the provisional cap; it serves on
+                if not version.released:
+                    log.warning("model %s version %d: batch curve not measured (%s); keeping max_batch_size %d",
+                                version.name, version.version, exc, version.max_batch_size)
+
+    async def wait(self) -> None:
+        """Block until every queued measurement has finished."""
+        while self._tasks:
+            await asyncio.gather(*self._tasks, return_exceptions=True)
+
+    def cancel(self) -> None:
+        """Drop the queued and running measurements (the daemon is stopping)."""
+        for task in list(self._tasks):
+            task.cancel()

@@ -43,9 +43,23 @@ def require_trust(architecture: str, version_dir: Path, trust_code: bool) -> Pat
     file_name, _ = parse_reference(architecture)
     path = find_file(version_dir, file_name)
     if not trust_code:
-        raise CustomCodeError(f"architecture {architecture!r} runs the Python code of {path}; refused because "
-                              "classifyd was started without --trust-code")
+        raise UntrustedCode(architecture, path)
     return path
+
+
+class UntrustedCode(CustomCodeError):
+    """A ``python:`` architecture refused because code may not run; :meth:`advise` words the fix per command."""
+
+    DAEMON = "start classifyd with --trust-code to allow it"
+
+    def __init__(self, architecture: str, path: Path) -> None:
+        self.architecture = architecture
+        self.path = path
+        super().__init__(self.advise(self.DAEMON))
+
+    def advise(self, how: str) -> str:
+        """The refusal, ending with ``how`` to allow the code (the daemon's flag, or ``check``'s)."""
+        return f"architecture {self.architecture!r} runs the Python code of {self.path}; refused: {how}"
 
 
 def build_custom(architecture: str, version_dir: Path, num_classes: int, in_channels: int,

@@ -4,7 +4,8 @@ TF Serving's *loader*: it knows nothing of states, leases or which version serve
 it for every version it loads) and nothing of where versions come from (the source). ``python -m server
 check`` calls it directly, so a version is checked exactly as the daemon loads it. Files are read and modules
 built on the loader's own thread; warm-up, validation and autotune run on the inference thread, one forward
-pass at a time, so versions already serving keep answering.
+pass at a time, so versions already serving keep answering. At start-up the manager defers autotune past
+readiness (``load(defer_tune=True)``).
 """
 
 from __future__ import annotations
@@ -12,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import gc
+import logging
 import time
 import traceback
 from collections.abc import Callable
@@ -33,6 +35,7 @@ from server.models.loader.validation import ValidationError, validate_version
 from server.models.loader.weights import WeightsError
 
 T = TypeVar("T")
+log = logging.getLogger("classifyd.models")
 
 LOAD_ERRORS = (ManifestError, WeightsError, ValidationError, RuntimeError, ValueError, TypeError, OSError, KeyError)
 """What a bad version directory is expected to raise while it loads: :class:`LoadFailed` carries its message
@@ -57,7 +60,10 @@ class Loaded:
     validation_accuracy: float | None
     """Top-1 accuracy on the version's ``samples/``; None when it has none."""
     seconds: float
-    """How long the load took, from the manifest to the end of autotune."""
+    """How long the load took, from the manifest to the end of autotune (or of validation when deferred)."""
+    pending_tune: TunePlan | None = None
+    """The batch-curve measurement left for after readiness (``load(defer_tune=True)``); None when done or
+    not needed."""
 
 
 class LoadFailed(Exception):
@@ -81,28 +87,39 @@ class VersionLoader:
         self._thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="classifyd-load")
 
     async def load(self, name: str, number: int, version_dir: Path, *,
-                   on_manifest: Callable[[Manifest], None] | None = None) -> Loaded:
+                   on_manifest: Callable[[Manifest], None] | None = None, defer_tune: bool = False,
+                   accept: Callable[[Manifest], None] | None = None) -> Loaded:
         """Load, warm up, validate and tune version ``number`` of model ``name`` from ``version_dir``.
 
         Blocks the calling task only (the steps run on the loader and inference threads). ``on_manifest`` is
         called with the manifest as soon as it is read, and again once the build has resolved its input spec
-        (the manager shows it while the version loads). Raises LoadFailed for any exception, after releasing
-        what was built (the module, its device memory). BaseExceptions (cancellation, KeyboardInterrupt,
-        SystemExit) propagate, the built version released too.
+        (the manager shows it while the version loads). ``accept`` is called with the resolved manifest before
+        the warm-up and raises (a ValueError) to refuse the version (the manager's preprocessing gate). With
+        ``defer_tune`` the batch-curve measurement is left to the caller (:attr:`Loaded.pending_tune`) unless
+        the manifest sets a ``latency_target_ms``, which needs the curve before the first batch. Each step is
+        logged (INFO, ``loading: ...``). Raises LoadFailed for any exception, after releasing what was built
+        (the module, its device memory). BaseExceptions (cancellation, KeyboardInterrupt, SystemExit)
+        propagate, the built version released too.
         """
         seen = on_manifest or (lambda manifest: None)
         started = time.monotonic()
         manifest: Manifest | None = None
         loaded: LoadedVersion | None = None
+        pending: TunePlan | None = None
         try:
+            _step(name, number, f"reading the manifest and weights in {version_dir}")
             manifest = await self._on_thread(load_manifest, version_dir)
             seen(manifest)
             loaded, plan = await self._build(name, number, version_dir, manifest)
             manifest = loaded.manifest
             seen(manifest)
+            if accept is not None:
+                accept(manifest)
+            _step(name, number, f"warm-up at batch size {loaded.max_batch_size}")
             await self._inference.run(loaded.warm_up)
+            _step(name, number, "validation on its samples/ (if any)")
             accuracy = await validate_version(loaded, version_dir, self._thread, self._inference)
-            await tune(loaded, self._inference, plan)
+            pending = await self._tune_now_or_later(loaded, plan, defer_tune)
         except Exception as exc:
             await self._release_failed(loaded, exc)
             expected = isinstance(exc, LOAD_ERRORS)
@@ -111,7 +128,18 @@ class VersionLoader:
             if loaded is not None:
                 loaded.release()
             raise
-        return Loaded(loaded, accuracy, time.monotonic() - started)
+        return Loaded(loaded, accuracy, time.monotonic() - started, pending)
+
+    async def _tune_now_or_later(self, loaded: LoadedVersion, plan: TunePlan, defer: bool) -> TunePlan | None:
+        """Measure the curve now, or return the plan to measure it after readiness. A latency target needs its
+        curve before the first batch, so such a version is always measured now."""
+        if not plan.measure:
+            return None
+        if defer and loaded.manifest.batching.latency_target_ms is None:
+            return plan
+        _step(loaded.name, loaded.version, f"autotune (budget {plan.budget_s:g} s)")
+        await tune(loaded, self._inference, plan)
+        return None
 
     async def _release_failed(self, loaded: LoadedVersion | None, exc: BaseException) -> None:
         """Release what a failed load built: the version's module, and whatever the frames of the traceback
@@ -126,8 +154,11 @@ class VersionLoader:
                      manifest: Manifest) -> tuple[LoadedVersion, TunePlan]:
         """The module built on the loader thread, as a version with its batching plan. Once this returns, only
         the version holds the module, so releasing the version releases it."""
-        module, manifest = await self._on_thread(build_for_serving, version_dir, manifest, self.settings.device,
-                                                 self.settings.trust_code)
+        try:
+            module, manifest = await self._on_thread(build_for_serving, version_dir, manifest, self.settings.device,
+                                                     self.settings.trust_code)
+        except WeightsError as exc:
+            raise _with_architecture_origin(exc, number, version_dir, manifest) from None
         plan = plan_for(manifest.batching, self.settings.batching.autotune, self.settings.batching.max_batch_size,
                         self.settings.device.type)
         return self._loaded_version(name, number, manifest, module, plan), plan
@@ -155,6 +186,23 @@ class VersionLoader:
     def close(self) -> None:
         """Wait for the step running on the loader thread, then stop the thread."""
         self._thread.shutdown(wait=True)
+
+
+def _step(name: str, number: int, what: str) -> None:
+    log.info("model %s version %d loading: %s", name, number, what)
+
+
+def _with_architecture_origin(exc: WeightsError, number: int, version_dir: Path, manifest: Manifest) -> WeightsError:
+    """A version that takes its architecture from the model-level model.toml (it has none of its own) and whose
+    weights do not fit it: most likely that shared file changed under it. Say so, and how to pin the version."""
+    origin = manifest.origins.get("architecture")
+    if origin is None or origin.parent == version_dir or exc.untrusted is not None:  # code refused: not a misfit
+        return exc
+    return WeightsError(f"version {number} has no architecture of its own: the model-level {origin} says "
+                        f"{manifest.architecture!r}, and version {number}'s weights do not fit it: {exc}; if "
+                        f"version {number} was made for another architecture, put a {origin.name} naming it in "
+                        f"{version_dir}/ (a version's manifest travels with its weights: docs/manifest.md)",
+                        file_outputs=exc.file_outputs, file_in_channels=exc.file_in_channels)
 
 
 def _free_memory(device: torch.device) -> None:

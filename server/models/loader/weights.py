@@ -6,6 +6,8 @@ Blocks on file reads and tensor work; call it off the event loop. Raises
 
 from __future__ import annotations
 
+import pickle
+import re
 import warnings
 import zipfile
 from collections.abc import Mapping
@@ -27,13 +29,15 @@ class WeightsError(ValueError):
     """Weights are missing, unreadable, or do not fit the architecture.
 
     ``file_outputs`` is set when the classification head's output count differs from the architecture's,
-    ``file_in_channels`` when the first convolution's input channels do.
+    ``file_in_channels`` when the first convolution's input channels do, ``untrusted`` when code may not run.
     """
 
-    def __init__(self, message: str, *, file_outputs: int | None = None, file_in_channels: int | None = None) -> None:
+    def __init__(self, message: str, *, file_outputs: int | None = None, file_in_channels: int | None = None,
+                 untrusted: custom_code.UntrustedCode | None = None) -> None:
         super().__init__(message)
         self.file_outputs = file_outputs
         self.file_in_channels = file_in_channels
+        self.untrusted = untrusted
 
 
 def find_weights(version_dir: Path, manifest: Manifest) -> Path:
@@ -60,9 +64,12 @@ def build_model(version_dir: Path, manifest: Manifest, *, trust_code: bool = Fal
     if architecture.startswith(custom_code.PREFIX):
         try:
             custom_code.require_trust(architecture, version_dir, trust_code)
+        except custom_code.UntrustedCode as exc:
+            raise WeightsError(str(exc), untrusted=exc) from None
         except custom_code.CustomCodeError as exc:
             raise WeightsError(str(exc)) from None
     path = find_weights(version_dir, manifest)
+    _check_archive_kind(path, architecture)
     if architecture == "torchscript":
         return _load_torchscript(path)
     if architecture == "torch_export":
@@ -76,6 +83,13 @@ def build_model(version_dir: Path, manifest: Manifest, *, trust_code: bool = Fal
     except WeightsError as exc:
         raise WeightsError(f"{exc}{_hint(exc, manifest)}") from None
     return module.eval()
+
+
+def _check_archive_kind(path: Path, architecture: str) -> None:
+    """An exported program or TorchScript archive under another architecture is named first, before any other error."""
+    kind = archive_kind(path)
+    if kind is not None and kind != architecture:
+        raise WeightsError(f"{path}: {archive_advice(kind, architecture)}")
 
 
 def _construct(version_dir: Path, manifest: Manifest, trust_code: bool) -> nn.Module:
@@ -103,31 +117,66 @@ def _hint(exc: WeightsError, manifest: Manifest) -> str:
 
 
 def read_state_dict(path: Path) -> dict[str, torch.Tensor]:
-    """Read a state dict from .safetensors or a .pt/.pth checkpoint (weights_only)."""
+    """Read a state dict from .safetensors or a .pt/.pth checkpoint (weights_only).
+
+    A file that is an exported program, a TorchScript archive or a pickled module is named as such first,
+    with what to do instead; torch's own message is passed on only for other failures, without colour codes.
+    """
+    kind = archive_kind(path)
+    if kind is not None:
+        raise WeightsError(f"{path}: {archive_advice(kind)}")
     try:
         if path.suffix == ".safetensors":
             from safetensors.torch import load_file
 
             return load_file(str(path), device="cpu")
         raw = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as exc:
+        raise WeightsError(f"{path}: {_pickled_advice(str(exc))}") from None
     except Exception as exc:  # noqa: BLE001 - any parse failure is a failed load, never a served model
-        raise WeightsError(f"{path}: cannot read weights: {type(exc).__name__}: {exc}{_archive_hint(path)}") \
-            from None
+        raise WeightsError(f"{path}: cannot read weights: {type(exc).__name__}: {plain(str(exc))}") from None
     return _unwrap(raw, path)
 
 
-def _archive_hint(path: Path) -> str:
-    """When a state dict cannot be read, say if the file is a self-describing archive instead."""
+ARCHIVES = {"torch_export": "torch.export program", "torchscript": "TorchScript archive"}
+
+
+def archive_advice(kind: str, architecture: str | None = None) -> str:
+    """Said first when the weights file is a self-describing archive the manifest's architecture does not read."""
+    given = f'the manifest gives "{architecture}"' if architecture else "not a state dict"
+    return f'the file is a {ARCHIVES[kind]}: set architecture = "{kind}" ({given})'
+
+_ANSI = re.compile(r"\x1b\[[0-9;]*[A-Za-z]")
+_GLOBAL = re.compile(r"GLOBAL ([\w.]+)")
+_SAVE_STATE_DICT = ('save the weights only: torch.save(model.state_dict(), "model.pt"), or '
+                    'safetensors.torch.save_file(model.state_dict(), "model.safetensors")')
+
+
+def plain(message: str) -> str:
+    """``message`` without terminal colour codes (torch marks up some of its errors)."""
+    return _ANSI.sub("", message)
+
+
+def _pickled_advice(message: str) -> str:
+    """What to do when a checkpoint holds pickled Python objects (usually a whole module) instead of tensors."""
+    found = _GLOBAL.search(message)
+    what = f"a pickled {found.group(1)} object" if found else "pickled Python objects"
+    return (f"the file holds {what} (torch.save(model) saves the whole module), not a state dict; "
+            f"classifyd never unpickles code: {_SAVE_STATE_DICT}")
+
+
+def archive_kind(path: Path) -> str | None:
+    """``"torch_export"`` or ``"torchscript"`` when the file is such a self-describing archive, else None."""
     try:
         with zipfile.ZipFile(path) as archive:
             names = archive.namelist()
     except (OSError, zipfile.BadZipFile):
-        return ""
+        return None
     if any(n.endswith("/archive_format") or "serialized_exported_program" in n for n in names):
-        return '; the file is a torch.export program: set architecture = "torch_export"'
+        return "torch_export"
     if any(n.endswith("/constants.pkl") or "/code/__torch__/" in n for n in names):
-        return '; the file is a TorchScript archive: set architecture = "torchscript"'
-    return ""
+        return "torchscript"
+    return None
 
 
 def _unwrap(raw: object, path: Path) -> dict[str, torch.Tensor]:
@@ -189,4 +238,5 @@ def _load_torchscript(path: Path) -> nn.Module:
             warnings.simplefilter("ignore", FutureWarning)
             return torch.jit.load(str(path), map_location="cpu").eval()
     except Exception as exc:  # noqa: BLE001 - a broken archive is a failed load
-        raise WeightsError(f"{path}: cannot load TorchScript archive: {type(exc).__name__}: {exc}") from None
+        raise WeightsError(f"{path}: cannot load TorchScript archive: {type(exc).__name__}: {plain(str(exc))}") \
+            from None

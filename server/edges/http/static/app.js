@@ -60,9 +60,12 @@ function versionRows(model) {
 
 function modelCard(model) {
   const stats = model.stats;
+  const loading = model.versions.some((v) => v.state === "LOADING");
   const serving = model.serving_version
     ? el("span", { class: "badge serving-version", "data-state": "serving" }, `serving v${model.serving_version}`)
-    : el("span", { class: "badge serving-version", "data-state": "FAILED" }, "not serving");
+    : loading  // still starting (or a first version loading): not a failure
+      ? el("span", { class: "badge serving-version", "data-state": "LOADING" }, "loading")
+      : el("span", { class: "badge serving-version", "data-state": "FAILED" }, "not serving");
   const facts = [model.architecture, model.input && `${model.input.width}×${model.input.height} ${model.input.color}`,
     model.num_labels && `${model.num_labels} labels`, model.max_batch_size && `batch ≤ ${model.max_batch_size}`,
     model.max_delay_ms !== null && model.max_delay_ms !== undefined && `delay ${model.max_delay_ms} ms`]
