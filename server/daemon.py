@@ -332,7 +332,7 @@ def manager_settings(config: ServerConfig) -> ManagerSettings:
     return ManagerSettings(models_dir=models.models_dir, device=pick_device(models.device),
                            default_max_batch_size=batching.max_batch_size, default_max_delay_ms=batching.max_delay_ms,
                            default_max_queue=batching.max_queue, autotune=batching.autotune,
-                           trust_code=models.trust_code)
+                           trust_code=models.trust_code, cache_dir=models.cache_dir)
 
 
 def _package_version() -> str:

@@ -18,6 +18,7 @@ from server.cli.workers import run_workers
 from server.core.config import (
     CPU_CEILING,
     DEFAULT_BUDGET_S,
+    DEFAULT_CACHE_DIR,
     DEFAULT_DEVICE,
     DEFAULT_DRAIN_S,
     DEFAULT_GRACE_S,
@@ -77,7 +78,7 @@ def config_from_args(args: argparse.Namespace) -> ServerConfig:
             autotune=AutotuneDefaults(tuned, args.autotune_budget_s, args.autotune_max_batch_size)),
         models=ModelsConfig(models_dir=args.models_dir, device=args.device, watch=args.watch, poll=args.poll,
                             settle_s=args.settle_seconds, trust_code=args.trust_code, torch_threads=args.torch_threads,
-                            reload_min_interval_s=args.reload_min_interval_seconds),
+                            reload_min_interval_s=args.reload_min_interval_seconds, cache_dir=args.cache_dir),
         limits=LimitsConfig(max_message_bytes=args.max_message_bytes, max_pixels=args.max_pixels,
                             max_images_per_request=args.max_images_per_request,
                             max_json_bytes=args.max_json_bytes, max_stream_in_flight=args.max_stream_in_flight,
@@ -143,6 +144,9 @@ def _add_models(parser: argparse.ArgumentParser) -> None:
                        help=f"ReloadModel reloads a model at most once per this long (each reload warms up and "
                             f"autotunes on the inference thread); sooner is RESOURCE_EXHAUSTED "
                             f"(default: {DEFAULT_RELOAD_MIN_INTERVAL_S:g})")
+    group.add_argument("--cache-dir", type=Path, default=DEFAULT_CACHE_DIR,
+                       help=f"where ONNX exports of runtime = \"onnxruntime\" versions are kept; keep it outside "
+                            f"--models-dir (default: {DEFAULT_CACHE_DIR})")
 
 
 def _check_models(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:

@@ -8,6 +8,7 @@ parent process of ``--workers``) reads them without loading torch.
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -23,6 +24,8 @@ CPU_CEILING = 64
 GPU_CEILING = 256
 # models
 DEFAULT_MODELS_DIR = Path("models")
+# ONNX exports (runtime = "onnxruntime"): outside the watched repository, so writing them triggers no reload
+DEFAULT_CACHE_DIR = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "classifyd"
 DEFAULT_DEVICE = "auto"
 DEFAULT_SETTLE_S = 1.0
 DEFAULT_RESCAN_S = 30.0
@@ -85,6 +88,7 @@ class ModelsConfig:
     trust_code: bool = False  # allow python: architectures, which execute files of the repository
     torch_threads: int | None = None  # None: the host rule (server/ops/host.py), usable cores // workers
     reload_min_interval_s: float = DEFAULT_RELOAD_MIN_INTERVAL_S  # ReloadModel per model; sooner: RESOURCE_EXHAUSTED
+    cache_dir: Path = DEFAULT_CACHE_DIR  # ONNX exports of runtime = "onnxruntime" versions
 
 
 @dataclass(frozen=True)

@@ -18,7 +18,7 @@ from server.core.layering import Origins, merge_layers, origin_of
 
 MANIFEST_NAME = "model.toml"
 LABELS_NAME = "labels.txt"
-WEIGHT_SUFFIXES = (".safetensors", ".pt", ".pth", ".ts", ".pt2")
+WEIGHT_SUFFIXES = (".safetensors", ".pt", ".pth", ".ts", ".pt2", ".onnx")
 COLOR_CHANNELS = {"L": 1, "RGB": 3, "RGBA": 4}
 INTERPOLATIONS = ("nearest", "bilinear", "bicubic", "lanczos", "box", "hamming")
 CROPS = ("center", "none")
@@ -27,6 +27,9 @@ IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 ACTIVATIONS = ("softmax", "sigmoid")
 PRECISIONS = ("fp32", "fp16", "bf16")
+RUNTIMES = ("torch", "onnxruntime")
+ONNX_ARCHITECTURE = "onnx"
+"""A version shipped as ``model.onnx``: served through ONNX Runtime, no PyTorch module."""
 COMPILE_MODES = ("off", "default", "reduce-overhead", "max-autotune")
 REDUCTIONS = ("max", "mean")
 # labels.<lang>.txt: a BCP 47-like tag such as zh, en, pt-BR or zh_Hant
@@ -34,7 +37,7 @@ _LANG_FILE = re.compile(r"^labels\.([A-Za-z]{2,8}(?:[-_][A-Za-z0-9]{1,8})*)\.txt
 
 _TOP_KEYS = {"architecture", "num_classes", "weights", "top_k", "default", "model_args", "input", "batching",
              "description", "keep_versions", "min_accuracy", "activation", "threshold", "thresholds", "precision",
-             "channels_last", "tiling", "preprocessing_changed"}
+             "channels_last", "tiling", "preprocessing_changed", "runtime"}
 _INPUT_KEYS = {"color", "size", "resize", "crop", "mean", "std", "interpolation", "fill_alpha", "decode"}
 _BATCHING_KEYS = {"max_batch_size", "max_delay_ms", "max_queue", "autotune", "autotune_budget_s",
                   "autotune_max_batch_size", "latency_target_ms"}
@@ -128,6 +131,8 @@ class Manifest:
     """torch.compile mode, or "off" (eager)."""
     compile_batch_sizes: tuple[int, ...] = ()
     """The batch-size buckets to compile; empty: powers of two up to max_batch_size, and max_batch_size."""
+    runtime: str = "torch"
+    """What runs the forward pass: "torch", or "onnxruntime" (exported, cached and verified at load)."""
     translations: dict[str, tuple[str, ...]] = field(default_factory=dict)
     """Labels by language tag (lower case, ``-`` separated), from ``labels.<lang>.txt``."""
     preprocessing_changed: bool = False
@@ -277,8 +282,22 @@ def parse_manifest(raw: dict[str, Any], path: Path, labels: tuple[str, ...],
         tiling=_parse_tiling(_get(raw, "tiling", dict, path), path),
         translations=dict(translations or {}),
         preprocessing_changed=_get(raw, "preprocessing_changed", bool, path, default=False),
+        runtime=_parse_runtime(raw, architecture, path),
         **_parse_compile(raw, path),
     )
+
+
+def _parse_runtime(raw: dict[str, Any], architecture: str, path: Path) -> str:
+    """``runtime``; an ``onnx`` architecture always runs on ONNX Runtime, and only there."""
+    default = "onnxruntime" if architecture == ONNX_ARCHITECTURE else "torch"
+    runtime = _choice(raw, "runtime", RUNTIMES, default, path, prefix="")
+    if architecture == ONNX_ARCHITECTURE and runtime != "onnxruntime":
+        raise ManifestError(path, 'architecture = "onnx" runs on ONNX Runtime only; remove runtime or set '
+                                  '"onnxruntime"', "runtime")
+    if runtime == "onnxruntime" and raw.get("compile", "off") != "off":
+        raise ManifestError(path, 'torch.compile does not apply to runtime = "onnxruntime"; set one or the other',
+                            "runtime")
+    return runtime
 
 
 def _parse_compile(raw: dict[str, Any], path: Path) -> dict[str, Any]:

@@ -25,6 +25,7 @@ from server.inference.compiled import warm_up_sizes
 from server.inference.device_decode import uses_device_decode
 from server.inference.isolation import contained, describe
 from server.inference.precision import autocast, effective_precision
+from server.inference.runtimes import Runtime, TorchRuntime
 from server.inference.staging import Pixels, StagedBatch, Stager
 
 T = TypeVar("T")
@@ -84,8 +85,12 @@ class LoadedVersion:
     max_queue: int = DEFAULT_MAX_QUEUE
     batch_curve: BatchCurve | None = None
     """Measured at load time by :mod:`server.models.loader.autotune`; None when not measured."""
+    runtime: Runtime | None = None
+    """What runs the forward pass (server/inference/runtimes.py); None: the module itself (TorchRuntime)."""
 
     def __post_init__(self) -> None:
+        if self.runtime is None:
+            self.runtime = TorchRuntime(self.module)
         spec = self.manifest.input
         shape = (1, spec.channels, 1, 1)
         self._mean = torch.tensor(spec.mean, dtype=torch.float32, device=self.device).view(shape)
@@ -137,7 +142,7 @@ class LoadedVersion:
             staged = inputs if isinstance(inputs, StagedBatch) else self._stager.stage(inputs, self.max_batch_size)
             batch = self._normalize(staged.wait())
             with autocast(self.precision, self.device):
-                logits = self.module(batch)
+                logits = self.runtime(batch)
             self._check_output(logits, len(staged))
             if self.manifest.activation == "sigmoid":
                 return torch.sigmoid(logits.float()).cpu().numpy()
@@ -195,5 +200,6 @@ class LoadedVersion:
         with self._lock:
             self.released = True
             self.module = nn.Identity()
+            self.runtime = TorchRuntime(self.module)  # an ONNX session's memory goes with it
         if self.device.type == "cuda":
             torch.cuda.empty_cache()

@@ -20,6 +20,7 @@ from pathlib import Path
 import torch
 
 from server.core.config import (
+    DEFAULT_CACHE_DIR,
     DEFAULT_MAX_BATCH_SIZE,
     DEFAULT_MAX_DELAY_MS,
     DEFAULT_MAX_QUEUE,
@@ -104,12 +105,13 @@ class ManagerSettings:
     default_max_queue: int = DEFAULT_MAX_QUEUE
     autotune: AutotuneDefaults = field(default_factory=AutotuneDefaults)
     trust_code: bool = False  # allow python: architectures, which execute files of the repository
+    cache_dir: Path = DEFAULT_CACHE_DIR  # ONNX exports (runtime = "onnxruntime")
 
     def loading(self) -> LoadSettings:
         """What the loader needs of these settings."""
         batching = BatchingDefaults(max_batch_size=self.default_max_batch_size, max_delay_ms=self.default_max_delay_ms,
                                     max_queue=self.default_max_queue, autotune=self.autotune)
-        return LoadSettings(self.device, batching, self.trust_code)
+        return LoadSettings(self.device, batching, self.trust_code, self.cache_dir)
 
 
 Listener = Callable[[ModelEvent], None]

@@ -47,6 +47,7 @@ def test_every_flag_lands_in_its_section() -> None:
                  "--max-decode-bytes", "5000000",
                  "--tls-cert", "c.pem", "--tls-key", "k.pem", "--tls-client-ca", "ca.pem", "--auth-token-file", "t",
                  "--admin-token-file", "a", "--allow-remote-admin", "--reload-min-interval-seconds", "7",
+                 "--cache-dir", "exports",
                  "--log-level", "DEBUG", "--log-format", "json", "--metrics-port", "9100", "--metrics-host", "::",
                  "--workers", "3", "--drain-seconds", "4", "--grace-seconds", "2", "--port-file", "p")
     assert got == ServerConfig(
@@ -54,7 +55,8 @@ def test_every_flag_lands_in_its_section() -> None:
         batching=BatchingDefaults(max_batch_size=DEFAULT_MAX_BATCH_SIZE, max_delay_ms=4.0, max_queue=99,
                                   autotune=AutotuneDefaults(enabled=True, budget_s=1.5, max_batch_size=16)),
         models=ModelsConfig(models_dir=Path("repo"), device="cpu", watch=False, poll=True, settle_s=0.5,
-                            trust_code=True, torch_threads=2, reload_min_interval_s=7.0),
+                            trust_code=True, torch_threads=2, reload_min_interval_s=7.0,
+                            cache_dir=Path("exports")),
         limits=LimitsConfig(max_message_bytes=4096, max_pixels=1000, max_images_per_request=8, max_json_bytes=2048,
                             max_stream_in_flight=3, max_decode_bytes=5_000_000),
         security=SecurityConfig(tls_cert=Path("c.pem"), tls_key=Path("k.pem"), tls_client_ca=Path("ca.pem"),

@@ -124,7 +124,7 @@ class GetModelRequest(_message.Message):
     def __init__(self, model: _Optional[str] = ...) -> None: ...
 
 class ModelInfo(_message.Message):
-    __slots__ = ("name", "versions", "num_labels", "input", "device", "max_batch_size", "is_default", "architecture", "default_top_k", "max_delay_ms", "serving_version", "activation", "precision", "precision_note", "channels_last", "languages", "tiling", "batch_curve", "autotuned", "latency_target_ms")
+    __slots__ = ("name", "versions", "num_labels", "input", "device", "max_batch_size", "is_default", "architecture", "default_top_k", "max_delay_ms", "serving_version", "activation", "precision", "precision_note", "channels_last", "languages", "tiling", "runtime", "batch_curve", "autotuned", "latency_target_ms")
     NAME_FIELD_NUMBER: _ClassVar[int]
     VERSIONS_FIELD_NUMBER: _ClassVar[int]
     NUM_LABELS_FIELD_NUMBER: _ClassVar[int]
@@ -142,6 +142,7 @@ class ModelInfo(_message.Message):
     CHANNELS_LAST_FIELD_NUMBER: _ClassVar[int]
     LANGUAGES_FIELD_NUMBER: _ClassVar[int]
     TILING_FIELD_NUMBER: _ClassVar[int]
+    RUNTIME_FIELD_NUMBER: _ClassVar[int]
     BATCH_CURVE_FIELD_NUMBER: _ClassVar[int]
     AUTOTUNED_FIELD_NUMBER: _ClassVar[int]
     LATENCY_TARGET_MS_FIELD_NUMBER: _ClassVar[int]
@@ -162,10 +163,11 @@ class ModelInfo(_message.Message):
     channels_last: bool
     languages: _containers.RepeatedScalarFieldContainer[str]
     tiling: Tiling
+    runtime: str
     batch_curve: _containers.RepeatedCompositeFieldContainer[BatchPoint]
     autotuned: bool
     latency_target_ms: float
-    def __init__(self, name: _Optional[str] = ..., versions: _Optional[_Iterable[_Union[VersionInfo, _Mapping]]] = ..., num_labels: _Optional[int] = ..., input: _Optional[_Union[InputSpec, _Mapping]] = ..., device: _Optional[str] = ..., max_batch_size: _Optional[int] = ..., is_default: _Optional[bool] = ..., architecture: _Optional[str] = ..., default_top_k: _Optional[int] = ..., max_delay_ms: _Optional[float] = ..., serving_version: _Optional[int] = ..., activation: _Optional[str] = ..., precision: _Optional[str] = ..., precision_note: _Optional[str] = ..., channels_last: _Optional[bool] = ..., languages: _Optional[_Iterable[str]] = ..., tiling: _Optional[_Union[Tiling, _Mapping]] = ..., batch_curve: _Optional[_Iterable[_Union[BatchPoint, _Mapping]]] = ..., autotuned: _Optional[bool] = ..., latency_target_ms: _Optional[float] = ...) -> None: ...
+    def __init__(self, name: _Optional[str] = ..., versions: _Optional[_Iterable[_Union[VersionInfo, _Mapping]]] = ..., num_labels: _Optional[int] = ..., input: _Optional[_Union[InputSpec, _Mapping]] = ..., device: _Optional[str] = ..., max_batch_size: _Optional[int] = ..., is_default: _Optional[bool] = ..., architecture: _Optional[str] = ..., default_top_k: _Optional[int] = ..., max_delay_ms: _Optional[float] = ..., serving_version: _Optional[int] = ..., activation: _Optional[str] = ..., precision: _Optional[str] = ..., precision_note: _Optional[str] = ..., channels_last: _Optional[bool] = ..., languages: _Optional[_Iterable[str]] = ..., tiling: _Optional[_Union[Tiling, _Mapping]] = ..., runtime: _Optional[str] = ..., batch_curve: _Optional[_Iterable[_Union[BatchPoint, _Mapping]]] = ..., autotuned: _Optional[bool] = ..., latency_target_ms: _Optional[float] = ...) -> None: ...
 
 class BatchPoint(_message.Message):
     __slots__ = ("batch_size", "images_per_second", "batch_ms")

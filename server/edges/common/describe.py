@@ -39,6 +39,8 @@ class ServingDescription:
     batch_curve: BatchCurve | None
     precision: str
     precision_note: str
+    runtime: str
+    """What runs the forward pass (server/inference/runtimes.py): "torch" or "onnxruntime"."""
 
 
 @dataclass(frozen=True)
@@ -83,4 +85,5 @@ def _describe_serving(entry: VersionRecord | None) -> ServingDescription | None:
     loaded = entry.loaded
     return ServingDescription(entry.version, loaded.max_batch_size, loaded.max_delay_ms,
                               loaded.manifest.batching.latency_target_ms or 0.0, loaded.batch_curve,
-                              loaded.precision, loaded.precision_note)
+                              loaded.precision, loaded.precision_note,
+                              loaded.runtime.name if loaded.runtime else "torch")

@@ -144,6 +144,7 @@ def model_info(record: ModelRecord, device: str) -> pb.ModelInfo:
                                                   batch_ms=p.batch_s * 1000.0) for p in serving.batch_curve.points)
         info.precision = serving.precision
         info.precision_note = serving.precision_note
+        info.runtime = serving.runtime
     return info
 
 
@@ -162,6 +163,7 @@ def _manifest_info(info: pb.ModelInfo, model: ModelDescription) -> None:
     info.channels_last = manifest.channels_last
     info.languages.extend(manifest.translations)
     info.precision = manifest.precision
+    info.runtime = manifest.runtime
     if manifest.tiling:
         t = manifest.tiling
         info.tiling.CopyFrom(pb.Tiling(tile_height=t.tile[0], tile_width=t.tile[1], stride_y=t.stride[0],

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import gc
 import logging
 import time
@@ -25,10 +26,12 @@ from typing import TypeVar
 import torch
 from torch import nn
 
-from server.core.config import BatchingDefaults
-from server.core.manifest import Manifest, ManifestError, load_manifest
+from server.core.config import DEFAULT_CACHE_DIR, BatchingDefaults
+from server.core.manifest import ONNX_ARCHITECTURE, Manifest, ManifestError, load_manifest
 from server.inference.isolation import contained, describe
 from server.inference.runtime import InferenceThread, LoadedVersion
+from server.inference.runtimes import OnnxRuntime
+from server.models.loader import onnx
 from server.models.loader.autotune import TunePlan, plan_for, tune
 from server.models.loader.build import build_for_serving
 from server.models.loader.validation import ValidationError, validate_version
@@ -50,6 +53,7 @@ class LoadSettings:
     device: torch.device
     batching: BatchingDefaults = field(default_factory=BatchingDefaults)
     trust_code: bool = False  # allow python: architectures, which execute files of the repository
+    cache_dir: Path = DEFAULT_CACHE_DIR  # ONNX exports of runtime = "onnxruntime" versions
 
 
 @dataclass(frozen=True)
@@ -152,19 +156,41 @@ class VersionLoader:
 
     async def _build(self, name: str, number: int, version_dir: Path,
                      manifest: Manifest) -> tuple[LoadedVersion, TunePlan]:
-        """The module built on the loader thread, as a version with its batching plan. Once this returns, only
-        the version holds the module, so releasing the version releases it."""
+        """The module built on the loader thread (or the ONNX session opened, exported and verified there), as a
+        version with its batching plan. Once this returns, only the version holds the module, so releasing the
+        version releases it."""
+        plan = plan_for(manifest.batching, self.settings.batching.autotune, self.settings.batching.max_batch_size,
+                        self.settings.device.type)
+        if manifest.architecture == ONNX_ARCHITECTURE:
+            _step(name, number, "opening model.onnx in ONNX Runtime")
+            runtime, fixed_batch = await self._on_thread(onnx.open_shipped, version_dir, manifest)
+            if fixed_batch == 1:  # a graph exported for one image: batches of one
+                plan = dataclasses.replace(plan, cap=1, measure=False, choose_cap=False, ceiling=1)
+            return self._loaded_version(name, number, manifest, nn.Identity(), plan, runtime), plan
         try:
             module, manifest = await self._on_thread(build_for_serving, version_dir, manifest, self.settings.device,
                                                      self.settings.trust_code)
         except WeightsError as exc:
             raise _with_architecture_origin(exc, number, version_dir, manifest) from None
-        plan = plan_for(manifest.batching, self.settings.batching.autotune, self.settings.batching.max_batch_size,
-                        self.settings.device.type)
-        return self._loaded_version(name, number, manifest, module, plan), plan
+        loaded = self._loaded_version(name, number, manifest, module, plan)
+        if manifest.runtime == "onnxruntime":
+            await self._switch_to_onnx(loaded, version_dir)
+        return loaded, plan
+
+    async def _switch_to_onnx(self, loaded: LoadedVersion, version_dir: Path) -> None:
+        """Export (or find in the cache) and verify the version's module on the loader thread, then serve it through
+        ONNX Runtime and drop the module. Raises WeightsError (the version fails: an explicit runtime is a promise)."""
+        _step(loaded.name, loaded.version, f"ONNX export (cache {self.settings.cache_dir}) and verification")
+        module = loaded.module
+        loaded.runtime = await self._on_thread(onnx.exported_runtime, module, version_dir, loaded.manifest,
+                                               self.settings.cache_dir)
+        worst = await self._on_thread(onnx.verify, loaded)
+        log.info("model %s version %d serves through ONNX Runtime; largest probability difference from PyTorch "
+                 "%.2g (tolerance %g)", loaded.name, loaded.version, worst, onnx.TOLERANCE)
+        loaded.module = nn.Identity()
 
     def _loaded_version(self, name: str, number: int, manifest: Manifest, module: nn.Module,
-                        plan: TunePlan) -> LoadedVersion:
+                        plan: TunePlan, runtime: OnnxRuntime | None = None) -> LoadedVersion:
         """The built module as a version, with the manifest's batching or the server's defaults."""
         batching, defaults = manifest.batching, self.settings.batching
         return LoadedVersion(
@@ -176,6 +202,7 @@ class VersionLoader:
             max_batch_size=plan.cap,
             max_delay_ms=defaults.max_delay_ms if batching.max_delay_ms is None else batching.max_delay_ms,
             max_queue=batching.max_queue or defaults.max_queue,
+            runtime=runtime,
         )
 
     async def _on_thread(self, fn: Callable[..., T], *args: object) -> T:
