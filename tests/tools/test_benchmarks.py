@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from benchmarks import abuse, cpu_bench, swap_bench
+from benchmarks import abuse, cpu_bench, runtime_bench, swap_bench
 
 
 @pytest.mark.slow
@@ -52,6 +52,22 @@ def test_cpu_bench_at_its_smallest_runs_the_model_as_the_manifest_settings_say(
     (level,) = model["daemon"]["batching"]
     assert level["requests"] > 0 and level["errors"] == {}
     assert "mobilenet_v3_small" in capsys.readouterr().out
+
+
+@pytest.mark.slow
+@pytest.mark.process
+def test_runtime_bench_quick_measures_every_runtime_against_eager(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    markdown = tmp_path / "bench.md"
+    code = runtime_bench.main(["--quick", "--models", "mobilenet_v3_small", "--runtimes", "eager,onnxruntime",
+                               "--markdown", str(markdown)])
+    assert code == 0
+    text = markdown.read_text(encoding="utf-8")
+    assert "| mobilenet_v3_small | 1 |" in text and "| mobilenet_v3_small | 2 |" in text
+    assert "| mobilenet_v3_small | eager |" in text and "| 1.00 | 1.00 |" in text
+    assert "| mobilenet_v3_small | onnxruntime |" in text
+    assert "best vs eager" in capsys.readouterr().out
 
 
 def test_manifest_settings_from_the_command_line_parse_as_toml_values() -> None:
