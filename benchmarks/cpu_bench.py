@@ -194,12 +194,12 @@ def measure_in_process(version_dir: Path, workload: Workload, args: argparse.Nam
             result.pipeline[batch], times = sequential_pipeline(version, workload.inputs, batch, args.inproc_seconds)
             if batch == 1:
                 result.single_ms = [t * 1000 for t in times]
-        if batch == 1 and args.inproc_workers > 1:
-            result.single_ms = [t * 1000 for t in sequential_pipeline(version, workload.inputs, 1,
-                                                                       args.inproc_seconds)[1]]
         result.forward[batch] = forward_only(version, workload.inputs, batch, args.inproc_seconds)
         _progress(f"  in-process batch {batch}: pipeline {result.pipeline[batch]:.1f} img/s, "
                   f"forward {result.forward[batch]:.1f} img/s")
+    if not result.single_ms:  # overlapped workers, or --batch-sizes without 1: the one-image figure on its own
+        result.single_ms = [t * 1000 for t in sequential_pipeline(version, workload.inputs, 1,
+                                                                   args.inproc_seconds)[1]]
     version.release()
     gc.collect()
     return result

@@ -130,7 +130,11 @@ class InputPreparer:
 
     def _submit(self, held: _Held, job: Callable[..., T], *args: object) -> asyncio.Future[T]:
         """Run ``job(held, *args)`` in the pool; ``held`` goes back when the job is done or was cancelled unrun."""
-        future: Future[T] = self._pool.submit(job, held, *args)
+        try:
+            future: Future[T] = self._pool.submit(job, held, *args)
+        except BaseException:  # the pool was shut down (the daemon is stopping): the bytes go back at once
+            held.give_back()
+            raise
         future.add_done_callback(held.give_back)
         return asyncio.wrap_future(future)
 

@@ -217,6 +217,8 @@ class ModelManager:
         if record is None or record.removed:
             record = self._models[name] = ModelRecord(name, directory)
         async with record.lock:
+            if record.removed:  # removed while this call waited for the lock: a later call starts a new record
+                return 0.0
             on_disk = await asyncio.to_thread(version_numbers, record.directory)
             wait, kept = await self._load_newest(record, on_disk, settle, force)
             if wait == 0.0 or not any(v.state is VersionState.READY for v in record.versions.values()):
@@ -227,7 +229,7 @@ class ModelManager:
     async def _load_newest(self, record: ModelRecord, on_disk: list[int], settle: SettleTracker | None,
                            force: bool) -> tuple[float, set[int]]:
         if not on_disk:
-            log.error("model %s: no version directories (expected %s/<N>/)", record.name, record.directory)
+            log.warning("model %s: no version directories yet (expected %s/<N>/)", record.name, record.directory)
         wait, kept, keep = 0.0, set(), 1
         for number in sorted(on_disk, reverse=True):
             if len(kept) >= keep:
@@ -433,6 +435,14 @@ class ModelManager:
         for record in self._models.values():
             for entry in record.versions.values():
                 if entry.loaded:
-                    entry.loaded.release()
+                    await self._release(entry.loaded)
                     entry.loaded = None
-        self._loader.close()
+        await asyncio.to_thread(self._loader.close)  # waits for the loader thread's current step
+
+    async def _release(self, loaded: LoadedVersion) -> None:
+        """Release ``loaded`` on the inference thread (torch and the CUDA cache block), or here once that
+        thread has stopped."""
+        try:
+            await self._inference.run(loaded.release)
+        except RuntimeError:  # the inference thread was shut down first
+            loaded.release()

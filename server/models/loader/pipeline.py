@@ -11,7 +11,6 @@ readiness (``load(defer_tune=True)``).
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import dataclasses
 import gc
 import logging
@@ -148,11 +147,12 @@ class VersionLoader:
     async def _release_failed(self, loaded: LoadedVersion | None, exc: BaseException) -> None:
         """Release what a failed load built: the version's module, and whatever the frames of the traceback
         still hold (a module whose constructor or warm-up raised), then the device memory they held."""
-        if loaded is not None:
-            loaded.release()
         traceback.clear_frames(exc.__traceback__)  # the traceback text stays; the frames' locals go
-        with contextlib.suppress(RuntimeError):  # the loader thread is already closed: the daemon is stopping
-            await self._on_thread(_free_memory, self.settings.device)
+        try:  # on the loader thread: releasing and collecting block (torch, gc, the CUDA cache)
+            await self._on_thread(_free_memory, self.settings.device, loaded)
+        except RuntimeError:  # the loader thread is already closed: the daemon is stopping
+            if loaded is not None:
+                loaded.release()
 
     async def _build(self, name: str, number: int, version_dir: Path,
                      manifest: Manifest) -> tuple[LoadedVersion, TunePlan]:
@@ -232,8 +232,11 @@ def _with_architecture_origin(exc: WeightsError, number: int, version_dir: Path,
                         file_outputs=exc.file_outputs, file_in_channels=exc.file_in_channels)
 
 
-def _free_memory(device: torch.device) -> None:
-    """Collect what a failed load left unreachable and, on CUDA, return the cached blocks. Blocks (gc)."""
+def _free_memory(device: torch.device, loaded: LoadedVersion | None = None) -> None:
+    """Release ``loaded``, collect what a failed load left unreachable and, on CUDA, return the cached blocks.
+    Blocks (gc): run it on the loader thread."""
+    if loaded is not None:
+        loaded.release()
     gc.collect()
     if device.type == "cuda":
         torch.cuda.empty_cache()

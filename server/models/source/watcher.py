@@ -41,7 +41,7 @@ class Reconciler(Protocol):
     """What the watcher drives (the model manager): TF Serving's source → manager callback, typed structurally."""
 
     def model_names(self) -> Iterable[str]:
-        """The models it holds records of (loaded, failed or being removed)."""
+        """The models it holds records of that are not removed (loading, loaded or failed)."""
         ...
 
     async def reconcile(self, name: str, *, settle: SettleTracker) -> float:
