@@ -10,7 +10,6 @@ in-flight calls within the grace period, release).
 from __future__ import annotations
 
 import asyncio
-import importlib.metadata
 import logging
 import time
 
@@ -34,7 +33,7 @@ from server.edges.http.server import HttpServer, build_app
 from server.inference.runtime import InferenceThread, pick_device
 from server.models.manager import ManagerSettings, ModelManager
 from server.models.source.watcher import RepositoryWatcher
-from server.ops.host import apply_torch_threads
+from server.ops.host import apply_torch_threads, package_version
 from server.ops.logs import log_request
 from server.ops.metrics import Metrics
 from server.ops.stats import EventLog, StatsCollector
@@ -234,7 +233,7 @@ class Daemon:
 
     def server_info(self) -> dict[str, object]:
         """What the status page and the OIP server metadata say about this daemon."""
-        return {"version": _package_version(), "device": str(self.manager.settings.device),
+        return {"version": package_version(), "device": str(self.manager.settings.device),
                 "host": self.config.listen.host,
                 "grpc_port": self.port, "http_port": self.http_port, "default_model": self.manager.default_model,
                 "started_unix_ms": round(self._started * 1000), "uptime_s": round(time.time() - self._started, 1)}
@@ -334,9 +333,3 @@ def manager_settings(config: ServerConfig) -> ManagerSettings:
                            default_max_queue=batching.max_queue, autotune=batching.autotune,
                            trust_code=models.trust_code, cache_dir=models.cache_dir)
 
-
-def _package_version() -> str:
-    try:
-        return importlib.metadata.version("classifyd")
-    except importlib.metadata.PackageNotFoundError:  # run from a checkout that was not pip-installed
-        return "unknown"

@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import ctypes
 import functools
+import importlib.metadata
 import logging
 import os
 from collections.abc import Callable
@@ -154,3 +155,13 @@ def apply_torch_threads(threads: int | None, workers: int = 1) -> int:
     log.info("torch intra-op threads: %d (%s)", count, "--torch-threads" if threads is not None else
              f"rule: {available_cores()} cores // {workers} worker(s)")
     return count
+
+
+@functools.cache
+def package_version() -> str:
+    """classifyd's installed version ("unknown" when run from a checkout that was not pip-installed). Reading the
+    package metadata touches the disk, so it is read once per process."""
+    try:
+        return importlib.metadata.version("classifyd")
+    except importlib.metadata.PackageNotFoundError:
+        return "unknown"

@@ -260,14 +260,18 @@ def parse_classification(outputs: Sequence[RequestedOutput], labels: int) -> int
     return k
 
 
+INT64_MAX = 2**63 - 1
+
+
 def parse_timeout(parameters: Mapping[str, Any]) -> float | None:
     """The request's ``timeout`` parameter (whole microseconds, Triton's unit) in seconds; None when absent.
     Raises InvalidInput unless it is a positive integer."""
     value = parameters.get(TIMEOUT)
     if value is None:
         return None
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise InvalidInput(f"parameter {TIMEOUT!r} must be a positive integer (microseconds), got {shown(value)}")
+    if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= INT64_MAX:
+        raise InvalidInput(f"parameter {TIMEOUT!r} must be a positive 64-bit integer (microseconds), "
+                           f"got {shown(value)}")
     return value * 1e-6
 
 

@@ -12,7 +12,6 @@ import logging
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from functools import partial
-from pathlib import Path
 from typing import Any
 
 import grpc
@@ -38,6 +37,7 @@ from server.edges.grpc.common import (
 from server.edges.grpc.drain import answers_of
 from server.models.manager import ModelManager, ModelRecord
 from server.models.reloads import Reloads
+from server.models.source.repository import model_present
 from server.service import ClassifierService
 
 log = logging.getLogger("classifyd.grpc")
@@ -279,7 +279,12 @@ class ClassifierServicer(pb_grpc.ClassifierServicer):
         at most once per ``--reload-min-interval-seconds`` (RESOURCE_EXHAUSTED: :class:`Reloads`)."""
         name = request.model or self._manager.get("").name
         check_model_name(name)
-        if not await asyncio.to_thread(_is_model_directory, self._manager.settings.models_dir / name):
+        try:
+            present = await asyncio.to_thread(model_present, self._manager.settings.models_dir, name)
+        except OSError as exc:  # the repository is unreachable (renamed away, NFS): retryable, not the caller's fault
+            raise errors.ModelUnavailable(f"cannot reload model {name}: the model repository cannot be read "
+                                          f"({exc.strerror or exc})") from exc
+        if not present:
             self._manager.get(name)  # raises NOT_FOUND for an unknown model
         await self._reloads.reload(name)
         return model_info(self._manager.get(name), str(self._manager.settings.device))
@@ -297,13 +302,6 @@ def check_model_name(name: str) -> None:
         raise errors.InvalidInput(f"invalid model name: {len(name.encode())} bytes long; a model is a directory "
                                   f"and its name has at most {NAME_MAX_BYTES} bytes")
 
-
-def _is_model_directory(path: Path) -> bool:
-    """Whether ``path`` is a directory; False when it cannot be looked at. Blocks (network filesystems)."""
-    try:
-        return path.is_dir()
-    except OSError:
-        return False
 
 
 class HealthReporter:

@@ -41,7 +41,7 @@ class DrainGate(grpc.aio.ServerInterceptor):
 
     @property
     def open_calls(self) -> int:
-        """Calls being handled now (those waiting to be refused included)."""
+        """Calls being handled now (calls held by :meth:`hold`, waiting to be refused, are not counted)."""
         return len(self._open)
 
     def hold(self) -> None:

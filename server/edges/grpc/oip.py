@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import logging
 from collections.abc import AsyncIterator, Callable, Mapping
-from importlib import metadata
 from typing import Any
 
 import grpc
@@ -44,6 +43,7 @@ from server.edges.grpc.common import (
     stream_outcome,
 )
 from server.models.manager import ModelManager
+from server.ops.host import package_version
 from server.service import ClassifierService
 
 log = logging.getLogger("classifyd.oip")
@@ -52,12 +52,6 @@ EXTENSIONS = ("classification",)
 _CONTENTS = {"BYTES": "bytes_contents", "UINT8": "uint_contents", "FP32": "fp32_contents"}
 """The typed-contents field each accepted datatype is read from."""
 
-
-def server_version() -> str:
-    try:
-        return metadata.version("classifyd")
-    except metadata.PackageNotFoundError:
-        return "unknown"
 
 
 class OipServicer(oip_grpc.GRPCInferenceServiceServicer):
@@ -83,7 +77,7 @@ class OipServicer(oip_grpc.GRPCInferenceServiceServicer):
 
     async def ModelReady(self, request: oip.ModelReadyRequest, context: grpc.aio.ServicerContext) \
             -> oip.ModelReadyResponse:
-        """Ready when the version (or, with none named, the newest) can compute; unknown models are not ready."""
+        """Ready when the version (or, with none named, the serving one) can compute; unknown models are not ready."""
         try:
             ready = self._models.ready(request.name, request.version)
         except errors.ModelNotFound:
@@ -92,7 +86,7 @@ class OipServicer(oip_grpc.GRPCInferenceServiceServicer):
 
     async def ServerMetadata(self, request: oip.ServerMetadataRequest, context: grpc.aio.ServicerContext) \
             -> oip.ServerMetadataResponse:
-        return oip.ServerMetadataResponse(name="classifyd", version=server_version(), extensions=EXTENSIONS)
+        return oip.ServerMetadataResponse(name="classifyd", version=package_version(), extensions=EXTENSIONS)
 
     async def ModelMetadata(self, request: oip.ModelMetadataRequest, context: grpc.aio.ServicerContext) \
             -> oip.ModelMetadataResponse:

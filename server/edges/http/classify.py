@@ -28,10 +28,10 @@ from server.core.errors import Status
 from server.core.types import ClassifyCall, ClassifyResult, Prediction, RequestObserver
 from server.edges.common.oip_codec import shown
 from server.edges.common.oip_infer import OipModels
-from server.edges.common.requests import RequestBook, Ticket, classify_within, deadline_after, outcome_of
+from server.edges.common.requests import RequestBook, Ticket, classify_within, deadline_after, off_loop_if, outcome_of
 from server.edges.common.results import prediction_fields, result_fields, tile_fields
 from server.edges.common.status import RETRYABLE, http_status, status_for_http
-from server.edges.http.bodies import BodyTooLarge, read_body, read_form, read_json
+from server.edges.http.bodies import JSON_INLINE_BYTES, BodyTooLarge, read_body, read_form, read_json
 from server.models.manager import ModelManager
 from server.ops.stats import EventLog, StatsCollector
 from server.service import ClassifierService
@@ -203,7 +203,10 @@ async def _read_json_image(request: web.Request, limit: int) -> tuple[bytes | No
         raise errors.InvalidInput("JSON body must be an object like {\"image_b64\": \"...\", \"top_k\": 3}")
     fields = dict(body)
     encoded = fields.pop("image_b64", None)
-    return (None if encoded is None else decode_b64(encoded, "image_b64")), fields
+    if encoded is None:
+        return None, fields
+    large = isinstance(encoded, str) and len(encoded) > JSON_INLINE_BYTES  # megabytes of base64: off the loop
+    return await off_loop_if(large, decode_b64, encoded, "image_b64"), fields
 
 
 async def read_classify_input(request: web.Request, context: HttpContext) -> tuple[bytes, dict[str, Any]]:
@@ -252,7 +255,7 @@ def timeout_field(fields: dict[str, Any], name: str, scale: float) -> float | No
         return None
     try:
         seconds = float(value) * scale
-    except (TypeError, ValueError):
+    except (TypeError, ValueError, OverflowError):  # OverflowError: an integer of hundreds of digits
         raise errors.InvalidInput(f"{name} must be a number, got {shown(value)}") from None
     if not seconds > 0:
         raise errors.InvalidInput(f"{name} must be > 0, got {shown(value)}")

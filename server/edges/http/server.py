@@ -10,7 +10,6 @@ from __future__ import annotations
 import asyncio
 import socket
 import ssl
-import time
 from collections.abc import Sequence
 
 from aiohttp import web
@@ -101,14 +100,6 @@ class HttpServer:
             return
         runner, self._runner = self._runner, None
         await runner.cleanup()
-
-    async def stop(self, grace: float) -> None:
-        """:meth:`stop_accepting`, up to ``grace`` seconds for the requests in flight, :meth:`close`."""
-        await self.stop_accepting()
-        deadline = time.monotonic() + grace
-        while self.in_flight and time.monotonic() < deadline:
-            await asyncio.sleep(0.05)
-        await self.close()
 
 
 def listening_sockets(host: str, port: int, reuse_port: bool = False, backlog: int = 128) -> list[socket.socket]:
