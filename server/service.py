@@ -15,8 +15,9 @@ import asyncio
 import time
 from collections.abc import Callable
 
-from server.batching import batcher as batching
+from server.batching import interface as batching
 from server.batching.admission import Admission, Ticket
+from server.batching.batcher import Batcher
 from server.core.config import MAX_PIXELS
 from server.core.errors import DeadlineExpired, InvalidInput, ModelUnavailable, Overloaded
 from server.core.outputs import reduce_tiles, select
@@ -143,7 +144,7 @@ class ClassifierService:
             tiles=shown,
         )
 
-    async def _submit_all(self, batcher: batching.Batcher[BatchItem, Computed], items: list[BatchItem],
+    async def _submit_all(self, batcher: Batcher[BatchItem, Computed], items: list[BatchItem],
                           deadline: float | None) -> list[batching.Batched[Computed]]:
         """Submit every item at once; if one fails, withdraw the others and raise its error."""
         tasks = [asyncio.ensure_future(self._submit(batcher, item, deadline)) for item in items]
@@ -154,7 +155,7 @@ class ClassifierService:
                 task.cancel()
             raise
 
-    async def _submit(self, batcher: batching.Batcher[BatchItem, Computed], item: BatchItem,
+    async def _submit(self, batcher: Batcher[BatchItem, Computed], item: BatchItem,
                       deadline: float | None) -> batching.Batched[Computed]:
         """Queue ``item`` and wait for its result, the batcher's errors translated to domain errors."""
         try:

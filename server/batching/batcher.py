@@ -18,7 +18,7 @@ or dispatch now, and how many items to take) and after it (its compute time).
 
 Stdlib only on purpose: the gRPC layer and the torch model live elsewhere. The
 errors, the clock, the policy protocol and the result type live in
-:mod:`server.batching.interface` and are re-exported here.
+:mod:`server.batching.interface`.
 """
 
 from __future__ import annotations
@@ -34,7 +34,6 @@ from typing import Any, Generic, TypeVar
 from server.batching.interface import (
     Batched,
     BatcherClosed,
-    BatcherError,
     BatchPolicy,
     Clock,
     DeadlineExpired,
@@ -42,27 +41,9 @@ from server.batching.interface import (
     Handler,
     QueueFull,
     QueueState,
-    Rejection,
     SystemClock,
     TargetUnreachable,
 )
-
-__all__ = [
-    "BatchPolicy",
-    "Batched",
-    "Batcher",
-    "BatcherClosed",
-    "BatcherError",
-    "Clock",
-    "DeadlineExpired",
-    "DeadlineUnreachable",
-    "Handler",
-    "QueueFull",
-    "QueueState",
-    "Rejection",
-    "SystemClock",
-    "TargetUnreachable",
-]
 
 T = TypeVar("T")
 R = TypeVar("R")

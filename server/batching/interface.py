@@ -2,8 +2,7 @@
 
 The errors ``submit`` raises, the injectable :class:`Clock`, the :class:`BatchPolicy` protocol with the
 :class:`QueueState` it sees and the :class:`Rejection` it returns, the :class:`Batched` result and the
-:data:`Handler` type. Standard library only, like the batcher; :mod:`server.batching.batcher` re-exports
-every name, so callers import them from there.
+:data:`Handler` type. Standard library only, like the batcher; callers import these names from here.
 """
 
 from __future__ import annotations

@@ -7,7 +7,8 @@ from typing import Any
 
 import pytest
 
-from server.batching.batcher import Batched, Batcher, BatcherClosed, DeadlineExpired, QueueFull, SystemClock
+from server.batching.batcher import Batcher
+from server.batching.interface import Batched, BatcherClosed, DeadlineExpired, QueueFull, SystemClock
 from tests.support.batcher_harness import T0, FakeClock, Handler, run, settle, spawn
 
 pytestmark = pytest.mark.timeout(10)

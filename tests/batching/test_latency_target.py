@@ -18,14 +18,8 @@ from classifier.v1 import classifier_pb2 as pb
 from classifier.v1 import classifier_pb2_grpc as pb_grpc
 
 from client import tensor_request
-from server.batching.batcher import (
-    Batcher,
-    DeadlineExpired,
-    DeadlineUnreachable,
-    QueueFull,
-    QueueState,
-    TargetUnreachable,
-)
+from server.batching.batcher import Batcher
+from server.batching.interface import DeadlineExpired, DeadlineUnreachable, QueueFull, QueueState, TargetUnreachable
 from server.batching.policy import LatencyTargetPolicy
 from tests.support.batcher_harness import T0, FakeClock, Handler, run, settle, spawn
 from tests.support.kit import DaemonThread, running_daemon, write_model

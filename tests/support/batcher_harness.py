@@ -8,7 +8,8 @@ import gc
 from collections.abc import Callable, Coroutine
 from typing import Any
 
-from server.batching.batcher import Batched, Batcher
+from server.batching.batcher import Batcher
+from server.batching.interface import Batched
 
 T0 = 100.0
 """Where a :class:`FakeClock` starts."""
