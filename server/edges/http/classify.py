@@ -1,4 +1,4 @@
-"""The HTTP edge: curl-friendly classification (``/v1``), and what every HTTP route shares (errors, reading bodies).
+"""The HTTP edge: curl-friendly classification (``/v1``) and what every HTTP route shares (errors, the context).
 
 Served by aiohttp on the daemon's event loop and feeding the same :class:`ClassifierService` (so the same batchers)
 as the gRPC edge. Handlers only translate HTTP to :class:`ClassifyCall` and back; :func:`error_middleware` maps
