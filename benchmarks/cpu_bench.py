@@ -5,12 +5,18 @@ For each model (random-init torchvision weights saved to a temporary model direc
 1. **In-process limit**, no server: decode + preprocess (``server.inference.preprocess``) + forward
    (``LoadedVersion.predict``,
    the daemon's own code) at each batch size; the best batch size gives the limit. Also the forward pass alone,
-   and the single-image pipeline's latency.
+   and the single-image pipeline's latency. It runs on the runtime the daemon serves (the manifest's ``runtime``,
+   else ``--runtime``, the daemon's ``--default-runtime``; ``auto`` runs the daemon's own runtime job in process
+   and follows its choice), and, when that is not eager PyTorch, on eager PyTorch too (issue 16's reference).
 2. **Daemon with batching** (``python -m server`` in a subprocess, ``--max-batch-size`` = the best batch size
    unless given), loaded by ``client.bench`` at each concurrency level.
 3. **Daemon with max_batch_size = 1**, the same load.
 
-Default: resnet18 and mobilenet_v3_small, 640x480 JPEGs (q90), concurrency 1 and 32; about 3-4 minutes on 2 cores.
+Default: resnet18 and mobilenet_v3_small, 640x480 JPEGs (q90), concurrency 1 and 32, runtime auto (the daemon is
+measured after its runtime choice); about 5-7 minutes on 2 cores. A smoke run:
+
+    python -m benchmarks.cpu_bench --models mobilenet_v3_small --batch-sizes 1,4 --inproc-seconds 0.5 \
+        --inproc-warmup 0.5 --setups default --warmup 0.5 --duration 1
 
     python -m benchmarks.cpu_bench
     python -m benchmarks.cpu_bench --models resnet18 --markdown docs/benchmarks.md
@@ -33,8 +39,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import grpc
 import numpy as np
 import torch
+from classifier.v1 import classifier_pb2 as pb
+from classifier.v1 import classifier_pb2_grpc as pb_grpc
 
 from benchmarks.support import DaemonProcess, facts_block, fmt, markdown_table, run_facts, write_torchvision_model
 from client.api import image_request, tensor_request
@@ -44,6 +53,8 @@ from server.core.types import RawTensor
 from server.inference.preprocess import preprocess
 from server.inference.runtime import LoadedVersion
 from server.models.loader.build import build_for_serving
+from server.models.loader.onnx import cached_export, open_export
+from server.models.loader.runtime_job import JobRequest, run_job
 
 Input = bytes | RawTensor
 
@@ -90,6 +101,7 @@ class InProcess:
     pipeline: dict[int, float]  # batch size → img/s, decode + preprocess + forward
     forward: dict[int, float]  # batch size → img/s, forward pass alone
     single_ms: list[float]  # per-image latency of the batch-1 pipeline
+    runtime: str = "torch"  # what ran the forward pass
 
     @property
     def best_batch(self) -> int:
@@ -100,12 +112,29 @@ class InProcess:
         return self.pipeline[self.best_batch]
 
 
-def load_version(version_dir: Path, device: str, max_batch_size: int) -> LoadedVersion:
-    """The daemon's own loading path: manifest, strict weights, module on the device in the manifest's layout."""
+def load_version(version_dir: Path, device: str, max_batch_size: int, export: Path | None = None) -> LoadedVersion:
+    """The daemon's own loading path: manifest, strict weights, module on the device in the manifest's layout;
+    served through ONNX Runtime from ``export`` when given (as the daemon serves a verified export)."""
     manifest = load_manifest(version_dir)
     module, manifest = build_for_serving(version_dir, manifest, torch.device(device))
     return LoadedVersion(name=version_dir.parent.name, version=1, manifest=manifest, module=module,
-                         device=torch.device(device), max_batch_size=max_batch_size, max_delay_ms=0.0)
+                         device=torch.device(device), max_batch_size=max_batch_size, max_delay_ms=0.0,
+                         runtime=open_export(export) if export else None)
+
+
+def served_runtime(version_dir: Path, args: argparse.Namespace, cache_dir: Path) -> tuple[str, Path | None]:
+    """The runtime the daemon will serve the version on and its ONNX export (None for torch): the manifest's
+    runtime, else ``--runtime``; ``auto`` runs the daemon's runtime job here and follows its choice."""
+    manifest = load_manifest(version_dir)
+    runtime = manifest.runtime or args.runtime
+    if runtime == "auto" and torch.device(args.device).type == "cpu":
+        result = run_job(JobRequest(version_dir, cache_dir, threads=torch.get_num_threads()))
+        _progress(f"  runtime auto, in process: {result.runtime} ({result.reason})")
+        return result.runtime, Path(result.onnx_path) if result.onnx_path else None
+    if runtime == "onnxruntime":
+        module, manifest = build_for_serving(version_dir, manifest, torch.device("cpu"))
+        return runtime, cached_export(module, version_dir, manifest, cache_dir)[0]
+    return "torch", None
 
 
 def _batches(inputs: Sequence[Input], batch: int) -> Iterator[list[Input]]:
@@ -180,10 +209,12 @@ def forward_only(version: LoadedVersion, inputs: Sequence[Input], batch: int, se
     return done / (time.perf_counter() - started)
 
 
-def measure_in_process(version_dir: Path, workload: Workload, args: argparse.Namespace) -> InProcess:
-    """Every batch size of ``--batch-sizes``: pipeline and forward-only throughput; batch 1 latencies."""
-    result = InProcess({}, {}, [])
-    version = load_version(version_dir, args.device, max(args.batch_sizes))
+def measure_in_process(version_dir: Path, workload: Workload, args: argparse.Namespace,
+                       export: Path | None = None) -> InProcess:
+    """Every batch size of ``--batch-sizes``: pipeline and forward-only throughput; batch 1 latencies. On ONNX
+    Runtime from ``export`` when given, else eager PyTorch."""
+    result = InProcess({}, {}, [], "onnxruntime" if export else "torch")
+    version = load_version(version_dir, args.device, max(args.batch_sizes), export)
     blank = [preprocess(workload.inputs[0], version.manifest.input)]
     _warm(lambda: version.predict(blank), args.inproc_warmup)  # first calls are slow (allocator, kernel choice)
     for batch in args.batch_sizes:
@@ -214,35 +245,57 @@ def measure_daemon(models_dir: Path, model: str, max_batch_size: int | None, wor
                    args: argparse.Namespace, log_path: Path) -> list[dict[str, Any]]:
     """Start the daemon with ``--max-batch-size`` (None: default settings, the cap autotuned at load), run every
     concurrency level, stop it. Returns bench levels."""
-    flags = ["--device", args.device, "--no-watch", *shlex.split(args.daemon_flags)]
+    flags = ["--device", args.device, "--no-watch", "--default-runtime", args.runtime, "--cache-dir",
+             str(models_dir.parent / "onnx-cache"), *shlex.split(args.daemon_flags)]
     if max_batch_size is not None:
         flags += ["--max-batch-size", str(max_batch_size)]
     with DaemonProcess(models_dir, log_path, *flags) as daemon:
+        runtime = wait_for_runtime(daemon.target, model)
+        _progress(f"  the daemon serves on {runtime}")
         options = BenchOptions(target=daemon.target, model=model, top_k=1, concurrency=tuple(args.concurrency),
                                warmup_s=args.warmup, duration_s=args.duration, processes=args.client_processes,
                                progress=sys.stderr.isatty())
         report = run_benchmark(options, workload.payloads(model))
     for level in report["levels"]:
+        level["runtime"] = runtime
         if level["errors"]:
             _progress(f"  WARNING: errors at concurrency {level['concurrency']}: {level['error_examples']}")
     return report["levels"]
 
 
+def wait_for_runtime(target: str, model: str, timeout_s: float = 900.0) -> str:
+    """The runtime the daemon serves ``model`` on once its runtime choice (``auto``) is made: measured after the
+    switch, as issue 16's targets ask. Polls GetModel."""
+    deadline = time.monotonic() + timeout_s
+    with grpc.insecure_channel(target) as channel:
+        stub = pb_grpc.ClassifierStub(channel)
+        while True:
+            info = stub.GetModel(pb.GetModelRequest(model=model), timeout=30)
+            if not info.runtime_reason.startswith("auto: serving on PyTorch while") or time.monotonic() > deadline:
+                return info.runtime
+            time.sleep(1.0)
+
+
 # ----- report
 
 def model_section(model: str, inproc: InProcess, daemon: dict[str, list[dict[str, Any]]],
-                  batch_used: int) -> tuple[str, dict[str, Any]]:
-    """The Markdown section of one model and its JSON record."""
+                  batch_used: int, eager: InProcess | None = None) -> tuple[str, dict[str, Any]]:
+    """The Markdown section of one model and its JSON record (``eager``: the eager PyTorch reference when the
+    daemon serves another runtime)."""
     limit = inproc.limit
     single = np.asarray(inproc.single_ms)
-    rows = [[f"in-process pipeline, best batch {inproc.best_batch}", inproc.best_batch, "–", fmt(limit), "–", "–",
-             "–", "–", "100%"],
+    rows = [[f"in-process pipeline ({inproc.runtime}), best batch {inproc.best_batch}", inproc.best_batch, "–",
+             fmt(limit), "–", "–", "–", "–", "100%"],
             ["in-process pipeline, one image at a time", 1, 1, fmt(1000 / single.mean()),
              fmt(float(np.median(single)), 2), fmt(float(np.percentile(single, 99)), 2), 1, "–",
              f"{1000 / single.mean() / limit:.0%}"]]
+    if eager is not None:
+        rows.append([f"in-process pipeline (eager torch), best batch {eager.best_batch}", eager.best_batch, "–",
+                     fmt(eager.limit), "–", "–", "–", "–", f"{eager.limit / limit:.0%}"])
     for setup, levels in daemon.items():
         size = SETUP_BATCH.get(setup, batch_used)
         label = "daemon, default settings (cap autotuned)" if size is None else f"daemon, max_batch_size {size}"
+        label += f", on {levels[0]['runtime']}" if levels else ""
         for level in levels:
             lat = level["latency_ms"]
             rows.append([label, "auto" if size is None else size, level["concurrency"], fmt(level["throughput"]),
@@ -253,12 +306,13 @@ def model_section(model: str, inproc: InProcess, daemon: dict[str, list[dict[str
     sizes = markdown_table(["batch size", *map(str, inproc.pipeline)],
                            [["pipeline img/s", *(fmt(v) for v in inproc.pipeline.values())],
                             ["forward only img/s", *(fmt(v) for v in inproc.forward.values())]])
-    checks = target_lines(inproc, daemon)
+    checks = target_lines(inproc, daemon, eager)
     text = "\n\n".join([f"### {model}", table, "In-process by batch size:", sizes, "\n".join(checks)])
     record = {"model": model, "in_process": {"pipeline": inproc.pipeline, "forward": inproc.forward,
                                              "best_batch": inproc.best_batch, "limit": limit,
                                              "single_image_ms": {"p50": float(np.median(single)),
                                                                  "p99": float(np.percentile(single, 99))}},
+              "runtime": inproc.runtime, "eager_limit": eager.limit if eager else None,
               "daemon_max_batch_size": batch_used, "daemon": daemon, "checks": checks}
     return text, record
 
@@ -270,9 +324,11 @@ def _server_ms(means_us: dict[str, int]) -> str:
     return " / ".join(f"{means_us[k] / 1000:.1f}" for k in ("preprocess", "queue", "compute"))
 
 
-def target_lines(inproc: InProcess, daemon: dict[str, list[dict[str, Any]]]) -> list[str]:
-    """Issue 5's CPU targets, measured: share of the limit, single-request overhead, batching against none."""
-    lines = []
+def target_lines(inproc: InProcess, daemon: dict[str, list[dict[str, Any]]],
+                 eager: InProcess | None = None) -> list[str]:
+    """Issue 5's CPU targets, measured: share of the limit (the limit of the runtime the daemon serves),
+    single-request overhead, batching against none; issue 16's: the default daemon against eager PyTorch."""
+    lines = runtime_lines(inproc, daemon.get("default", []), eager)
     batching = {level["concurrency"]: level for level in daemon.get("batching", [])}
     unbatched = {level["concurrency"]: level for level in daemon.get("mbs1", [])}
     if batching:
@@ -293,6 +349,18 @@ def target_lines(inproc: InProcess, daemon: dict[str, list[dict[str, Any]]]) -> 
         lines.append(f"- concurrency {top}, default settings (cap autotuned at load): the daemon reaches "
                      f"{default[top]['throughput'] / inproc.limit:.0%} of the in-process limit (issue 8 target ≥ 95%)")
     return lines
+
+
+def runtime_lines(inproc: InProcess, default: list[dict[str, Any]], eager: InProcess | None) -> list[str]:
+    """Issue 16: served with default settings (after the runtime choice), at the highest concurrency, against the
+    eager PyTorch pipeline limit and the limit of the runtime it runs on."""
+    if not default or eager is None:
+        return []
+    top = max(default, key=lambda level: level["concurrency"])
+    return [f"- concurrency {top['concurrency']}, default settings on {top['runtime']}: "
+            f"{top['throughput'] / eager.limit:.2f}× the in-process eager PyTorch limit (issue 16 target ≥ 1.4× "
+            f"resnet18, ≥ 1.5× mobilenet_v3_small) and {top['throughput'] / inproc.limit:.0%} of the in-process "
+            f"{inproc.runtime} limit (target ≥ 90%)"]
 
 
 def _progress(message: str) -> None:
@@ -347,6 +415,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--manifest", action="append", default=[], metavar="KEY=VALUE",
                         help="a manifest setting for the benchmarked model, TOML value, e.g. precision=\"bf16\", "
                              "channels_last=true, input.decode=\"device\" (repeatable)")
+    parser.add_argument("--runtime", choices=("auto", "torch", "onnxruntime"), default="auto",
+                        help="the daemon's --default-runtime, and what the in-process limit runs on unless the "
+                             "manifest (--manifest runtime=...) says (default: auto, as the daemon)")
+    parser.add_argument("--skip-eager", action="store_true",
+                        help="do not measure the eager PyTorch in-process reference when another runtime serves")
     parser.add_argument("--daemon-flags", default="", help="extra flags for python -m server, e.g. '--workers 4'")
     parser.add_argument("--markdown", type=Path, help="append the results section to this Markdown file")
     parser.add_argument("--json", type=Path, help="write every figure as JSON to this file")
@@ -365,8 +438,13 @@ def main(argv: list[str] | None = None) -> int:
         for model in [m.strip() for m in args.models.split(",") if m.strip()]:
             models_dir = Path(tmp) / model / "models"
             version_dir = write_torchvision_model(models_dir, model, seed=0, **manifest_tables(args.manifest))
-            _progress(f"{model}: in-process, {workload.description}")
-            inproc = measure_in_process(version_dir, workload, args)
+            runtime, export = served_runtime(version_dir, args, models_dir.parent / "onnx-cache")
+            _progress(f"{model}: in-process on {runtime}, {workload.description}")
+            inproc = measure_in_process(version_dir, workload, args, export)
+            eager = None
+            if export is not None and not args.skip_eager:
+                _progress(f"{model}: in-process on eager PyTorch (the reference)")
+                eager = measure_in_process(version_dir, workload, args)
             batch = inproc.best_batch if args.max_batch_size == "auto" else int(args.max_batch_size)
             daemon = {}
             for setup in [s.strip() for s in args.setups.split(",") if s.strip()]:
@@ -374,7 +452,7 @@ def main(argv: list[str] | None = None) -> int:
                 _progress(f"{model}: daemon, max_batch_size {size or 'autotuned'}")
                 daemon[setup] = measure_daemon(models_dir, model, size, workload, args,
                                                Path(tmp) / f"{model}-{setup}.log")
-            text, record = model_section(model, inproc, daemon, batch)
+            text, record = model_section(model, inproc, daemon, batch, eager)
             sections.append(text)
             records.append(record)
     title = args.title or f"Daemon against the in-process limit ({args.device}, {workload.description})"

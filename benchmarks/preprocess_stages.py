@@ -1,17 +1,19 @@
-"""Pre-processing stage by stage, the full-decode path against the reduced-scale (``draft``) path, in one run.
+"""Pre-processing stage by stage, the path before issue 16 against the served one, in one run.
 
 For 640x480 and 4000x3000 JPEGs (seeded synthetic photos: smooth gradients plus noise, Pillow quality 90), the
-default input (shorter side to 256, centre crop 224, bilinear), stage by stage: decode, resize, crop, to-array,
-and the whole ``server.inference.preprocess.preprocess`` call. "full" decodes every pixel
-(``load_source`` + ``fit``, the path before issue 16); "draft" is ``preprocess`` as served, which lets libjpeg
-decode a large JPEG at 1/2, 1/4 or 1/8 scale (``draft_jpeg``). Rounds are interleaved (each round times every
-stage of both paths once) and the medians are printed side by side with their ratio: compare figures within one
-run only, the CPU under these machines changes between sessions.
+default input (shorter side to 256, centre crop 224, bilinear), stage by stage: decode, resize + crop + to-array,
+and the whole call. "before" decodes every pixel, scales the whole image and crops it (the path before issue 16,
+rebuilt here); "served" is ``server.inference.preprocess.preprocess`` as it runs now: a large JPEG decoded at
+1/2, 1/4 or 1/8 scale by libjpeg (``draft_jpeg``) and only the centre crop's pixels resampled (``CROP_BOX_FILTERS``).
+With simplejpeg importable, its decode (and the copy into a Pillow image the resize needs) is timed beside Pillow's.
+Rounds are interleaved (each round times every stage of both paths once) and the medians are printed side by side
+with their ratio: compare figures within one run only, the CPU under these machines changes between sessions. The
+Pillow build is printed with them: run it with pillow-simd first on ``PYTHONPATH`` to measure that one.
 
 Then the pixel difference of the draft path against the full decode, per size, interpolation and ``DRAFT_MARGIN``
 (1, 2 and the served value), over several photos: mean absolute difference and 99th percentile, in 0..255 levels.
 
-    python -m benchmarks.preprocess_stages
+    python -m benchmarks.preprocess_stages --rounds 3 --photos 2 --no-parity    # smoke run, seconds
     python -m benchmarks.preprocess_stages --rounds 40 --photos 6 --markdown docs/benchmarks.md
 """
 
@@ -26,13 +28,18 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import PIL
 from PIL import Image
 
 from benchmarks.support import facts_block, fmt, markdown_table, run_facts
 from server.core.manifest import InputSpec
 from server.inference import preprocess as pre
 
-SIZES = ((640, 480), (4000, 3000))
+try:  # optional: measured beside Pillow's decoder when installed, never a dependency (docs/benchmarks.md)
+    import simplejpeg
+except ImportError:
+    simplejpeg = None
+
 SPEC = InputSpec()
 PARITY_SIZES = ((2048, 1536), (2736, 2048), (4000, 3000), (8000, 6000))
 """Photos whose 1/2 (or 1/4) decode is exactly or just over DRAFT_MARGIN times the resize target: the worst case."""
@@ -67,22 +74,29 @@ def cropped(image: Image.Image) -> Image.Image:
     return image.crop((left, top, left + SPEC.width, top + SPEC.height))
 
 
-def stages(data: bytes, draft: bool) -> dict[str, Callable[[], Any]]:
+def before(image: Image.Image) -> np.ndarray:
+    """Resize, crop and to-array as before issue 16: the whole image scaled, then cropped."""
+    return np.asarray(cropped(resized(image)))
+
+
+def stages(data: bytes, served: bool) -> dict[str, Callable[[], Any]]:
     """Each stage as a call on inputs prepared beforehand (so one stage's time excludes the others')."""
-    image = decoded(data, draft)
-    small = resized(image)
-    crop = cropped(small)
-    whole = (lambda: pre.preprocess(data, SPEC)) if draft else (lambda: pre.fit(pre.load_source(data, SPEC), SPEC))
-    return {"decode": lambda: decoded(data, draft), "resize": lambda: resized(image),
-            "crop 224": lambda: cropped(small), "to-array": lambda: np.asarray(crop), "preprocess()": whole}
+    image = decoded(data, served)
+    fit = (lambda: pre.fit(image, SPEC)) if served else (lambda: before(image))
+    whole = (lambda: pre.preprocess(data, SPEC)) if served else (lambda: before(decoded(data, False)))
+    calls = {"decode": lambda: decoded(data, served), "resize + crop + to-array": fit, "preprocess()": whole}
+    if simplejpeg is not None:
+        calls["decode (simplejpeg)"] = lambda: simplejpeg.decode_jpeg(data, colorspace="RGB")
+        calls["simplejpeg + fromarray"] = lambda: Image.fromarray(simplejpeg.decode_jpeg(data, colorspace="RGB"))
+    return calls
 
 
 def time_stages(datas: list[bytes], rounds: int) -> dict[tuple[str, str], float]:
     """Median ms per image of each (stage, path), rounds interleaved."""
-    calls = {path: [stages(data, path == "draft") for data in datas] for path in ("full", "draft")}
+    calls = {path: [stages(data, path == "served") for data in datas] for path in ("before", "served")}
     samples: dict[tuple[str, str], list[float]] = {}
     for _ in range(rounds):
-        for stage in calls["full"][0]:
+        for stage in calls["before"][0]:
             for path, per_image in calls.items():
                 start = time.perf_counter()
                 for table in per_image:
@@ -108,21 +122,23 @@ def parity(datas: list[bytes], margin: int, spec: InputSpec = SPEC) -> tuple[flo
     return float(values.mean()), float(np.percentile(values, 99)), float(values.max()), size
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--rounds", type=int, default=15)
     parser.add_argument("--photos", type=int, default=4, help="synthetic photos per size")
     parser.add_argument("--markdown", help="append the tables to this file")
-    args = parser.parse_args()
+    parser.add_argument("--no-parity", action="store_true", help="skip the draft path's pixel differences")
+    parser.add_argument("--sizes", default="640x480,4000x3000", help="JPEG sizes to time, WxH,WxH")
+    args = parser.parse_args(argv)
     facts = run_facts("benchmarks.preprocess_stages")
     rows, parity_rows = [], []
-    for width, height in SIZES:
+    for width, height in (tuple(int(n) for n in size.split("x")) for size in args.sizes.split(",")):
         datas = [photo(width, height, seed) for seed in range(args.photos)]
         medians = time_stages(datas, args.rounds)
-        for stage in ("decode", "resize", "crop 224", "to-array", "preprocess()"):
-            full, draft = medians[(stage, "full")], medians[(stage, "draft")]
-            rows.append([f"{width}x{height}", stage, fmt(full, 3), fmt(draft, 3), fmt(full / draft, 2)])
-    for width, height in PARITY_SIZES:
+        for stage in dict.fromkeys(stage for stage, _ in medians):
+            old, new = medians[(stage, "before")], medians[(stage, "served")]
+            rows.append([f"{width}x{height}", stage, fmt(old, 3), fmt(new, 3), fmt(old / new, 2)])
+    for width, height in () if args.no_parity else PARITY_SIZES:
         datas = [photo(width, height, seed) for seed in range(args.photos)]
         for interpolation in pre.DRAFT_FILTERS:
             spec = InputSpec(interpolation=interpolation)
@@ -130,11 +146,12 @@ def main() -> None:
                 mean, p99, peak, size = parity(datas, margin, spec)
                 parity_rows.append([f"{width}x{height}", interpolation, margin, size, fmt(mean, 3), fmt(p99, 1),
                                     fmt(peak, 0)])
+    decoders = f"Pillow {PIL.__version__}" + (f", simplejpeg {simplejpeg.__version__}" if simplejpeg else "")
     text = "\n\n".join([
-        facts_block(facts),
-        markdown_table(["JPEG", "stage", "full decode ms", "draft path ms", "full / draft"], rows),
-        markdown_table(["JPEG", "interpolation", "DRAFT_MARGIN", "decoded at", "mean abs diff", "p99 diff", "max diff"],
-                       parity_rows)])
+        facts_block(facts) + f"\n- Decoders: {decoders}",
+        markdown_table(["JPEG", "stage", "before ms", "served ms", "before / served"], rows),
+        *([markdown_table(["JPEG", "interpolation", "DRAFT_MARGIN", "decoded at", "mean abs diff", "p99 diff",
+                           "max diff"], parity_rows)] if parity_rows else [])])
     print(text)
     if args.markdown:
         with Path(args.markdown).open("a", encoding="utf-8") as out:

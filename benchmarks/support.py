@@ -170,3 +170,11 @@ def markdown_table(header: list[str], rows: list[list[Any]]) -> str:
 
 def fmt(value: float | None, digits: int = 1) -> str:
     return "–" if value is None else f"{value:,.{digits}f}"
+
+
+def emit(section: str, markdown: Path | None) -> None:
+    """Print a results section and, with ``markdown``, append it to that file (the scripts' ``--markdown``)."""
+    print(section)
+    if markdown:
+        with markdown.open("a", encoding="utf-8") as handle:
+            handle.write("\n" + section)

@@ -7,6 +7,7 @@ import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import grpc
 from classifier.v1 import classifier_pb2 as pb
@@ -47,9 +48,15 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     reload = commands.add_parser("reload", help="re-read a model from disk now")
     reload.add_argument("model", nargs="?", default="", help="model name (default: the default model)")
     reload.add_argument("--target", default=argparse.SUPPRESS, help="host:port")
+    load = commands.add_parser("load", help="load a model of the catalogue (--model-control explicit)")
+    unload = commands.add_parser("unload", help="unload a model once its requests in flight are answered")
+    for control in (load, unload):
+        control.add_argument("model", help="model name")
+        control.add_argument("--target", default=argparse.SUPPRESS, help="host:port")
+    rollout = _rollout_commands(commands)
     bench = commands.add_parser("bench", help="measure throughput and latency under load (see docs/benchmarks.md)")
     benchmark.add_arguments(bench)
-    for command in (classify, models, watch, reload):
+    for command in (classify, models, watch, reload, load, unload, *rollout):
         _connection_flags(command, argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if (args.tls_cert is None) != (args.tls_key is None):
@@ -61,8 +68,9 @@ def classify(client: ClassifierClient, args: argparse.Namespace) -> None:
     for path in args.images:
         response = client.classify(path, model=args.model, top_k=args.top_k, version=args.version,
                                    timeout=args.timeout, lang=args.lang)
+        hit = ", cache hit" if response.cache_hit else ""
         print(f"{path}: {response.model} v{response.version} (batch {response.batch_size}, "
-              f"{labels_used(response.lang, args.lang)})")
+              f"{labels_used(response.lang, args.lang)}{hit})")
         for p in response.predictions:
             print(f"  {p.score:7.4f}  {p.index:>5}  {p.label}")
 
@@ -84,6 +92,8 @@ def list_models(client: ClassifierClient, args: argparse.Namespace) -> None:
             if info.precision else []
         if info.languages:
             extras.append(f"labels in {', '.join(info.languages)} (--lang)")
+        if info.loaded_bytes:
+            extras.append(f"loaded_bytes {info.loaded_bytes}")
         if extras:
             print(f"  {'; '.join(extras)}")
         for v in info.versions:
@@ -110,12 +120,56 @@ def event_line(event: pb.ModelEvent) -> str:
     return f"{stamp} {event.model} v{event.version} {pb.ModelEvent.Kind.Name(event.kind)}{serving}{reason}"
 
 
+def _rollout_commands(commands: Any) -> list[argparse.ArgumentParser]:
+    """promote, reject and rollback: an operator's rollout decisions (docs/rollout.md)."""
+    promote = commands.add_parser("promote", help="promote a model's rollout candidate now")
+    reject = commands.add_parser("reject", help="reject a model's rollout candidate (or roll back its serving version)")
+    for decide in (promote, reject):
+        decide.add_argument("model", help="model name")
+        decide.add_argument("version", type=int, help="the version")
+    rollback = commands.add_parser("rollback", help="reject the serving version: the previous version serves")
+    rollback.add_argument("model", nargs="?", default="", help="model name (default: the default model)")
+    for command in (reject, rollback):
+        command.add_argument("--reason", default="", help="why, recorded with the decision")
+    for command in (promote, reject, rollback):
+        command.add_argument("--target", default=argparse.SUPPRESS, help="host:port")
+    return [promote, reject, rollback]
+
+
+def promote(client: ClassifierClient, args: argparse.Namespace) -> None:
+    print_state(client.promote_version(args.model, args.version, timeout=args.timeout))
+
+
+def reject(client: ClassifierClient, args: argparse.Namespace) -> None:
+    print_state(client.reject_version(args.model, args.version, args.reason, timeout=args.timeout))
+
+
+def rollback(client: ClassifierClient, args: argparse.Namespace) -> None:
+    print_state(client.rollback_model(args.model, args.reason, timeout=args.timeout))
+
+
 def reload(client: ClassifierClient, args: argparse.Namespace) -> None:
-    info = client.reload_model(args.model, timeout=args.timeout)
+    print_state(client.reload_model(args.model, timeout=args.timeout))
+
+
+def load(client: ClassifierClient, args: argparse.Namespace) -> None:
+    print_state(client.load_model(args.model, timeout=args.timeout))
+
+
+def unload(client: ClassifierClient, args: argparse.Namespace) -> None:
+    print_state(client.unload_model(args.model, timeout=args.timeout))
+
+
+def print_state(info: pb.ModelInfo) -> None:
+    """The model's serving version and each version's state, as reload, load and unload print them."""
     print(f"{info.name}: serving version {info.serving_version or 'none'}")
     for v in info.versions:
         error = f": {v.error}" if v.error else ""
         print(f"  version {v.version}: {state_name(v.state)} (generation {v.generation}){error}")
+    if info.HasField("rollout"):
+        r = info.rollout
+        print(f"  rollout: version {r.candidate_version} {r.mode} candidate ({r.decision}): {r.compared}/"
+              f"{r.min_requests} compared, agreement {r.agreement:.3f} (min {r.min_agreement:g}), errors {r.errors}")
 
 
 COMMANDS: dict[str, Callable[[ClassifierClient, argparse.Namespace], None]] = {
@@ -123,6 +177,11 @@ COMMANDS: dict[str, Callable[[ClassifierClient, argparse.Namespace], None]] = {
     "models": list_models,
     "watch": watch,
     "reload": reload,
+    "load": load,
+    "unload": unload,
+    "promote": promote,
+    "reject": reject,
+    "rollback": rollback,
 }
 
 

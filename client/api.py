@@ -196,6 +196,28 @@ class ClassifierClient:
         """Re-read a model from disk now and return its state afterwards."""
         return self.stub.ReloadModel(pb.ReloadModelRequest(model=model), timeout=timeout)
 
+    def promote_version(self, model: str, version: int, timeout: float | None = None) -> pb.ModelInfo:
+        """Promote the model's rollout candidate ``version`` now (an operator's call); its state afterwards."""
+        return self.stub.PromoteVersion(pb.PromoteVersionRequest(model=model, version=version), timeout=timeout)
+
+    def reject_version(self, model: str, version: int, reason: str = "",
+                       timeout: float | None = None) -> pb.ModelInfo:
+        """Reject the model's candidate (or roll back its serving version) ``version`` (an operator's call)."""
+        return self.stub.RejectVersion(pb.RejectVersionRequest(model=model, version=version, reason=reason),
+                                       timeout=timeout)
+
+    def rollback_model(self, model: str = "", reason: str = "", timeout: float | None = None) -> pb.ModelInfo:
+        """Reject the serving version so that the previous one serves (an operator's call)."""
+        return self.stub.RollbackModel(pb.RollbackModelRequest(model=model, reason=reason), timeout=timeout)
+
+    def load_model(self, model: str, timeout: float | None = None) -> pb.ModelInfo:
+        """Load a model of the catalogue (--model-control explicit); its state once loaded."""
+        return self.stub.LoadModel(pb.LoadModelRequest(model=model), timeout=timeout)
+
+    def unload_model(self, model: str, timeout: float | None = None) -> pb.ModelInfo:
+        """Unload a model once its requests in flight are answered; its state afterwards."""
+        return self.stub.UnloadModel(pb.UnloadModelRequest(model=model), timeout=timeout)
+
     def close(self) -> None:
         self._channel.close()
 
@@ -245,6 +267,14 @@ class AsyncClassifierClient:
     async def reload_model(self, model: str = "", timeout: float | None = None) -> pb.ModelInfo:
         """Re-read a model from disk now and return its state afterwards."""
         return await self.stub.ReloadModel(pb.ReloadModelRequest(model=model), timeout=timeout)
+
+    async def load_model(self, model: str, timeout: float | None = None) -> pb.ModelInfo:
+        """Load a model of the catalogue (--model-control explicit); its state once loaded."""
+        return await self.stub.LoadModel(pb.LoadModelRequest(model=model), timeout=timeout)
+
+    async def unload_model(self, model: str, timeout: float | None = None) -> pb.ModelInfo:
+        """Unload a model once its requests in flight are answered; its state afterwards."""
+        return await self.stub.UnloadModel(pb.UnloadModelRequest(model=model), timeout=timeout)
 
     async def close(self) -> None:
         await self._channel.close()

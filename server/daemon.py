@@ -22,7 +22,8 @@ from grpc_reflection.v1alpha import reflection
 from server.core.config import ServerConfig
 from server.core.errors import ModelNotFound
 from server.core.types import RequestReport
-from server.edges.common.auth import TokenChecker, check_tls_files, read_tokens
+from server.edges.common.auth import AdminRule, TokenChecker, check_tls_files, read_tokens
+from server.edges.common.oip_repository import OipRepository
 from server.edges.grpc import oip as oip_api
 from server.edges.grpc.classifier import ClassifierServicer, ErrorInterceptor, HealthReporter
 from server.edges.grpc.drain import WATCH_METHODS, DrainGate
@@ -30,13 +31,23 @@ from server.edges.grpc.security import AdminInterceptor, AuthInterceptor, server
 from server.edges.http.classify import HttpContext
 from server.edges.http.security import http_ssl_context, token_middleware
 from server.edges.http.server import HttpServer, build_app
-from server.inference.runtime import InferenceThread, pick_device
+from server.edges.http.status_page import status_document
+from server.edges.http.worker_status import StatusShare
+from server.inference.cap_tuning import figures
+from server.inference.devices import InferenceThreads
+from server.inference.placement import pick_device
+from server.models.control import ModelControl
 from server.models.manager import ManagerSettings, ModelManager
+from server.models.memory_budget import MemoryBudget
 from server.models.source.watcher import RepositoryWatcher
+from server.ops.cache_metrics import CacheCollector
 from server.ops.host import apply_torch_threads, package_version
+from server.ops.inference_stats import InferenceStats
 from server.ops.logs import log_request
+from server.ops.memory_metrics import MemoryCollector
 from server.ops.metrics import Metrics
 from server.ops.stats import EventLog, StatsCollector
+from server.ops.tuning_metrics import TuningCollector, TuningFigures
 from server.service import ClassifierService
 
 log = logging.getLogger("classifyd")
@@ -64,7 +75,7 @@ class Daemon:
         check_tls_files(security.tls_cert, security.tls_key, security.tls_client_ca)
         self.config = config
         apply_torch_threads(config.models.torch_threads)
-        self.inference = InferenceThread()
+        self.inference = InferenceThreads()  # one thread per device, made on first use
         self.manager = ModelManager(manager_settings(config), self.inference)
         self.stats = StatsCollector()
         self.events = EventLog()
@@ -72,13 +83,22 @@ class Daemon:
         self.service = ClassifierService(self.manager, self.inference, max_pixels=config.limits.max_pixels,
                                          preprocess_workers=config.process.preprocess_threads,
                                          max_decode_bytes=config.limits.max_decode_bytes,
-                                         observer=self.stats.observe)
+                                         observer=self.stats.observe, cache_bytes=config.limits.cache_bytes)
         self.health = health.aio.HealthServicer()
         self.health_reporter = HealthReporter(self.health, self.manager)
         self.manager.add_listener(self.health_reporter.model_changed)
         self.metrics = Metrics(self._model_lookup, self.service.queue_depths)
+        self.metrics.registry.register(CacheCollector(self.service.cache.stats))
+        self.metrics.registry.register(TuningCollector(self._batch_tuning))
         self.manager.add_listener(self.metrics.model_event)
         self.service.add_batch_listener(self.metrics.batch_done)
+        self.control = ModelControl(self.manager, config.models.model_control)
+        self.service.budget = self.budget = MemoryBudget(self.manager, self.control, config.models.max_loaded_bytes,
+                                                         lazy=config.models.lazy_load)
+        self.metrics.registry.register(MemoryCollector(self.budget.figures))
+        self.inference_stats = InferenceStats()  # Triton's ModelStatistics
+        self.service.add_batch_listener(self.inference_stats.batch_done)
+        self.repository = OipRepository(self.manager, self.control, self.inference_stats)
         self._tokens = read_tokens(security.auth_token_file) if security.auth_token_file else []
         self._admin_tokens = read_tokens(security.admin_token_file) if security.admin_token_file else []
         self.gate = DrainGate()
@@ -97,11 +117,25 @@ class Daemon:
         context = HttpContext(self.service, self.manager, limits.max_message_bytes, self.stats,
                               self.events, self.server_info, on_request=self._request_done,
                               max_json_bytes=limits.max_json_bytes, max_images=limits.max_images_per_request)
+        if self.config.process.status_file is not None:  # a --workers worker: one page for all workers
+            context.status_share = StatusShare(self.config.process.status_file, lambda: status_document(context))
         auth = [token_middleware(TokenChecker(self._tokens + self._admin_tokens))] if self._tokens else []
         security = self.config.security
         tls = (http_ssl_context(security.tls_cert, security.tls_key, security.tls_client_ca)
                if security.tls_cert and security.tls_key else None)
-        return HttpServer(build_app(context, auth), reuse_port=self.config.listen.reuse_port, ssl_context=tls)
+        admin = AdminRule(self._admin_tokens, self._tokens, allow_remote=security.allow_remote_admin)
+        app = build_app(context, auth, repository=self.repository, admin=admin)
+        return HttpServer(app, reuse_port=self.config.listen.reuse_port, ssl_context=tls)
+
+    def _batch_tuning(self) -> dict[str, TuningFigures]:
+        """Per model whose serving version tunes its batch cap online: the tuner's figures (exporter thread)."""
+        tuned = {}
+        for record in self.manager.models():
+            serving = record.serving()
+            found = figures(serving.loaded) if serving is not None and serving.loaded is not None else None
+            if found is not None:
+                tuned[record.name] = found
+        return tuned
 
     def _model_lookup(self, name: str) -> tuple[str, frozenset[int]] | None:
         try:
@@ -112,6 +146,7 @@ class Daemon:
 
     def _request_done(self, report: RequestReport) -> None:
         log_request(report)
+        self.inference_stats.request_done(report)
         self.metrics.request_done(report)
 
     def _build_server(self) -> grpc.aio.Server:
@@ -127,12 +162,13 @@ class Daemon:
         limits = self.config.limits
         servicer = ClassifierServicer(self.service, self.manager, self._request_done,
                                       stream_in_flight=limits.max_stream_in_flight,
-                                      reload_min_interval_s=self.config.models.reload_min_interval_s)
+                                      reload_min_interval_s=self.config.models.reload_min_interval_s,
+                                      control=self.control)
         pb_grpc.add_ClassifierServicer_to_server(servicer, server)
         health_pb2_grpc.add_HealthServicer_to_server(self.health, server)
         oip_servicer = oip_api.OipServicer(self.service, self.manager, lambda: self.ready, self._request_done,
                                            max_images=limits.max_images_per_request,
-                                           stream_in_flight=limits.max_stream_in_flight)
+                                           stream_in_flight=limits.max_stream_in_flight, repository=self.repository)
         oip_name = oip_api.add_to_server(oip_servicer, server)
         names = (pb.DESCRIPTOR.services_by_name["Classifier"].full_name, oip_name, health.SERVICE_NAME,
                  reflection.SERVICE_NAME)
@@ -180,7 +216,7 @@ class Daemon:
         """Load the repository (each model's health turns SERVING as it becomes ready), then report the server
         SERVING and start watching the repository. Blocks the calling task until every model has been tried."""
         await self.manager.load_repository()
-        if self.config.models.watch:
+        if self.config.models.watch and self.control.watches:
             await self._start_watcher()
         await self.health_reporter.set_overall(True)
         if self.http:
@@ -276,7 +312,7 @@ class Daemon:
             await self._queues_closed
         await self.service.aclose(drain=False)
         await self.manager.aclose()
-        await asyncio.to_thread(self.inference.shutdown)  # waits for the batch being computed, if any
+        await asyncio.to_thread(self.inference.shutdown)  # waits for the batches being computed, if any
         await asyncio.to_thread(self.metrics.close)
 
     async def _report_not_serving(self) -> None:
@@ -331,5 +367,6 @@ def manager_settings(config: ServerConfig) -> ManagerSettings:
     return ManagerSettings(models_dir=models.models_dir, device=pick_device(models.device),
                            default_max_batch_size=batching.max_batch_size, default_max_delay_ms=batching.max_delay_ms,
                            default_max_queue=batching.max_queue, autotune=batching.autotune,
-                           trust_code=models.trust_code, cache_dir=models.cache_dir)
+                           trust_code=models.trust_code, cache_dir=models.cache_dir,
+                           default_runtime=models.default_runtime)
 

@@ -12,21 +12,28 @@ gRPC: callers get :mod:`server.core.errors` exceptions, which the edge maps to s
 from __future__ import annotations
 
 import asyncio
+import dataclasses
+import functools
 import time
 from collections.abc import Callable
 
 from server.batching import interface as batching
 from server.batching.admission import Admission, Ticket
 from server.batching.batcher import Batcher
-from server.core.config import MAX_PIXELS
+from server.core.config import DEFAULT_CACHE_BYTES, MAX_PIXELS
 from server.core.errors import DeadlineExpired, InvalidInput, ModelUnavailable, Overloaded
 from server.core.outputs import reduce_tiles, select
-from server.core.types import BatchReport, ClassifyCall, ClassifyResult, TileResult
+from server.core.types import BatchReport, ClassifyCall, ClassifyResult, RawTensor, TileResult
 from server.inference.decode_budget import DecodeBudget
+from server.inference.devices import InferenceThreads
 from server.inference.pipeline import BatchItem, BatchPipeline, Computed, ModelBatchers
 from server.inference.prepare import InputPreparer
-from server.inference.runtime import InferenceThread, LoadedVersion
+from server.inference.runtime import LoadedVersion
 from server.models.manager import ModelManager
+from server.models.memory_budget import MemoryBudget
+from server.ops import tracing
+from server.ops.response_cache import HASH_OFF_LOOP_BYTES, ResponseCache
+from server.rollouts import Rollouts
 
 # Called on the event loop for every answered request: (model, version, batch_size, latency_s). Must not block.
 Observer = Callable[[str, int, int, float], None]
@@ -35,11 +42,13 @@ Observer = Callable[[str, int, int, float], None]
 class ClassifierService:
     """Classifies requests with dynamic batching per model."""
 
-    def __init__(self, manager: ModelManager, inference: InferenceThread, *, preprocess_workers: int | None = None,
+    def __init__(self, manager: ModelManager, inference: InferenceThreads, *, preprocess_workers: int | None = None,
                  max_pixels: int = MAX_PIXELS, max_decode_bytes: int | None = None,
-                 observer: Observer | None = None) -> None:
-        """``preprocess_workers`` and ``max_decode_bytes`` None: the host rules (server/ops/host.py)."""
+                 observer: Observer | None = None, cache_bytes: int = DEFAULT_CACHE_BYTES) -> None:
+        """``preprocess_workers`` and ``max_decode_bytes`` None: the host rules (server/ops/host.py);
+        ``cache_bytes``: the response cache's budget for models with ``[cache] enabled`` (0: off)."""
         self._manager = manager
+        self.cache = ResponseCache(cache_bytes)
         self._observer = observer
         self.admission = Admission()
         budget = DecodeBudget(max_decode_bytes) if max_decode_bytes else None
@@ -47,7 +56,10 @@ class ClassifierService:
         self.decode_budget = self._inputs.budget
         self._pipeline = BatchPipeline(manager.resolve, inference, self._inputs, self.admission)
         self._batchers = ModelBatchers(self._pipeline.run_batch)
+        self.rollouts = Rollouts(manager, inference, self._inputs)  # canary answers and shadow comparisons
         self._accepting = True
+        self.budget: MemoryBudget | None = None
+        """Set by the daemon: resolves requests, loading models on demand (--lazy-load) and noting their use."""
 
     def add_batch_listener(self, listener: Callable[[BatchReport], None]) -> None:
         """Call ``listener(report)`` on the event loop after every forward pass (metrics)."""
@@ -72,33 +84,62 @@ class ClassifierService:
         if not self._accepting:
             raise ModelUnavailable("the server is shutting down and accepts no new requests")
         started = time.perf_counter()
-        version = self._manager.resolve(call.model, call.version)
-        version.lease()  # the admitting version stays loaded until this request is answered
-        try:
-            result = await self._classify(call, version)
-        finally:
-            version.unlease()
+        resolved, cold = await self.resolve(call.model, call.version, call.deadline)
+        version = self.rollouts.route(call, resolved)
+        key = await self._cache_key(call, version)
+        result = self.cache.get(version.name, key) if key is not None else None
+        if result is None:  # a hit skips admission, the queue and the forward pass
+            version.lease()  # the admitting version stays loaded until this request is answered
+            try:
+                result = await self._classify(call, version)
+            finally:
+                version.unlease()
+            # only what the keyed version computed: a request admitted just before a swap may be computed by
+            # the version that replaced it, and a canary may answer for the serving version
+            if key is not None and result.version == version.version:
+                self.cache.put(key, version, result)
         if self._observer is not None:
             self._observer(result.model, result.version, result.batch_size, time.perf_counter() - started)
-        return result
+        return dataclasses.replace(result, cold_start=True) if cold else result
+
+    async def resolve(self, model: str, version: int, deadline: float | None) -> tuple[LoadedVersion, bool]:
+        """The loaded version a request for ``model`` / ``version`` runs on, and whether it was loaded for it (a
+        cold start: ``--lazy-load``, within ``deadline``). Raises ModelNotFound, ModelUnavailable, DeadlineExpired."""
+        if self.budget is None:
+            return self._manager.resolve(model, version), False
+        return await self.budget.resolve(model, version, deadline)
+
+    async def _cache_key(self, call: ClassifyCall, version: LoadedVersion) -> bytes | None:
+        """The request's response-cache key (server/ops/response_cache.py), hashed in a worker thread for a large
+        payload; None when its model is not cached. Raises InvalidInput for a bad ``top_k``."""
+        if not self.cache.active_for(version.name, version.manifest.cache.enabled):
+            return None
+        lang, _ = version.manifest.labels_for(call.lang)
+        key = functools.partial(self.cache.key, version, call.payload, top_k=_check_top_k(call.top_k, version),
+                                lang=lang, return_tiles=call.return_tiles)
+        payload = call.payload.data if isinstance(call.payload, RawTensor) else call.payload
+        return await asyncio.to_thread(key) if len(payload) >= HASH_OFF_LOOP_BYTES else key()
 
     async def _classify(self, call: ClassifyCall, admitted: LoadedVersion) -> ClassifyResult:
         top_k = _check_top_k(call.top_k, admitted)
-        batcher = self._batchers.for_version(admitted)
+        batcher = self._batchers.for_version(self.rollouts.batching_version(admitted))
         ticket = self.admission.admit(admitted.name, queued=batcher.queue_depth, max_queue=admitted.max_queue,
                                       max_batch_size=admitted.max_batch_size, deadline=call.deadline)
         if admitted.manifest.tiling is not None:
             return await self._classify_tiled(call, admitted, top_k, ticket)
         started = time.perf_counter()
         try:
-            array = await self._inputs.prepare(call.payload, admitted, deadline=call.deadline)
+            with tracing.stage("classifyd.preprocess"):
+                array = await self._inputs.prepare(call.payload, admitted, deadline=call.deadline)
         finally:
             ticket.release()  # no await between this and submit: the request moves straight into the queue
         preprocess_s = time.perf_counter() - started
         item = BatchItem(array, admitted.manifest.input, call.payload, call.version, admitted,
-                         request_id=call.request_id)
+                         exact=self.rollouts.is_candidate(admitted), request_id=call.request_id,
+                         trace=tracing.item_trace())
         batched = await self._submit(batcher, item, call.deadline)
         computed = batched.value
+        self.rollouts.compare_later(call, [array], admitted, computed.version, computed.probabilities)
         manifest = computed.version.manifest
         lang, labels = manifest.labels_for(call.lang)
         return ClassifyResult(
@@ -119,20 +160,25 @@ class ClassifierService:
         assert manifest.tiling is not None
         started = time.perf_counter()
         try:
-            tiles = await self._inputs.tiles(call.payload, manifest, deadline=call.deadline)
+            with tracing.stage("classifyd.preprocess"):
+                tiles = await self._inputs.tiles(call.payload, manifest, deadline=call.deadline)
         finally:
             ticket.release()  # the admission counted the request; its tiles now wait in the batcher's queue
         preprocess_s = time.perf_counter() - started
+        trace = tracing.item_trace()
         items = [BatchItem(array, manifest.input, call.payload, admitted.version, admitted, box, exact=True,
-                           request_id=call.request_id) for box, array in tiles]
-        results = await self._submit_all(self._batchers.for_version(admitted), items, call.deadline)
+                           request_id=call.request_id, trace=trace) for box, array in tiles]
+        batcher = self._batchers.for_version(self.rollouts.batching_version(admitted))
+        results = await self._submit_all(batcher, items, call.deadline)
         lang, labels = manifest.labels_for(call.lang)
         k = min(top_k, len(labels))
         rows = [r.value.probabilities for r in results]
+        reduced = reduce_tiles(rows, manifest.tiling.reduce)
+        self.rollouts.compare_later(call, [array for _, array in tiles], admitted, admitted, reduced)
         shown = [TileResult(box, select(row, manifest, labels, k), r.batch_size)
                  for (box, _), row, r in zip(tiles, rows, results, strict=True)] if call.return_tiles else []
         return ClassifyResult(
-            predictions=select(reduce_tiles(rows, manifest.tiling.reduce), manifest, labels, k),
+            predictions=select(reduced, manifest, labels, k),
             model=admitted.name,
             version=admitted.version,
             batch_size=max(r.batch_size for r in results),
@@ -175,17 +221,22 @@ class ClassifierService:
         batcher = self._batchers.get(name)
         return batcher.queue_depth if batcher else 0
 
+    def queue_depth(self, name: str) -> int:
+        """Requests counted against the model's queue limit: being prepared or waiting for a batch (what the
+        status page and the ``classifyd_queue_depth`` metric show). Safe to call from another thread."""
+        return self.batcher_depth(name) + self.admission.preparing(name)
+
     def queue_depths(self) -> dict[str, tuple[int, int]]:
-        """Per model: requests counted against its queue limit (preprocessing + waiting), and the limit.
+        """Per model: :meth:`queue_depth` and the queue limit.
 
         Safe to call from another thread (the metrics exporter): it only copies and reads sizes.
         """
-        return {name: (b.queue_depth + self.admission.preparing(name), b.max_queue or 0)
-                for name, b in self._batchers.snapshot().items()}
+        return {name: (self.queue_depth(name), b.max_queue or 0) for name, b in self._batchers.snapshot().items()}
 
     async def aclose(self, *, drain: bool = True) -> None:
         """Finish (drain=True) or fail queued requests, then stop the batchers and the preprocessing pool."""
         await self._batchers.aclose(drain=drain)
+        await self.rollouts.aclose()
         await asyncio.to_thread(self._inputs.shutdown)  # waits for the images being decoded
 
 

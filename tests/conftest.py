@@ -28,6 +28,13 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
             item.add_marker(skip)
 
 
+@pytest.fixture(autouse=True)
+def check_defaults_to_torch(monkeypatch: pytest.MonkeyPatch) -> None:
+    """``python -m server check`` in process serves manifests that set no runtime on torch, as the test kit's daemons
+    do (tests/support/kit.py): its default, auto, would export and measure every test model. Tests of auto say so."""
+    monkeypatch.setattr("server.cli.check.DEFAULT_RUNTIME", "torch")
+
+
 @pytest.fixture(scope="module")
 def daemon(tmp_path_factory: pytest.TempPathFactory) -> Iterator[DaemonThread]:
     root = build_test_repository(tmp_path_factory.mktemp("models"))

@@ -35,6 +35,7 @@ from server.batching.interface import (
     Batched,
     BatcherClosed,
     BatchPolicy,
+    CapTuner,
     Clock,
     DeadlineExpired,
     DeadlineUnreachable,
@@ -122,11 +123,14 @@ class Batcher(Generic[T, R]):
         name: str = "batcher",
         policy: BatchPolicy | None = None,
         max_concurrent_batches: int = 1,
+        tuner: CapTuner | None = None,
     ) -> None:
         """Configure the batcher; nothing runs until :meth:`start`.
 
         ``max_concurrent_batches > 1`` lets the next batch be formed and handed to the handler while earlier ones
-        are still being computed (a GPU handler prepares and copies it meanwhile). Raises ValueError for
+        are still being computed (a GPU handler prepares and copies it meanwhile). A ``tuner`` (used only
+        without a policy) sets each batch's limit instead of ``max_batch_size`` and sees every batch's compute
+        time (:mod:`server.batching.online`). Raises ValueError for
         ``max_batch_size < 1``, ``max_delay_s < 0``, ``max_queue < 1`` or ``max_concurrent_batches < 1``.
         """
         self._handler = handler
@@ -136,6 +140,7 @@ class Batcher(Generic[T, R]):
         self._clock: Clock = clock if clock is not None else SystemClock()
         self._name = name
         self._policy = policy
+        self._tuner = tuner
         if isinstance(max_concurrent_batches, bool) or not isinstance(max_concurrent_batches, int) \
                 or max_concurrent_batches < 1:
             raise ValueError(f"max_concurrent_batches must be an int >= 1, got {max_concurrent_batches!r}")
@@ -175,6 +180,11 @@ class Batcher(Generic[T, R]):
         """The policy consulted for admission, waiting and batch size; None for the plain rules."""
         return self._policy
 
+    @property
+    def tuner(self) -> CapTuner | None:
+        """The online cap tuner setting each batch's limit (without a policy); None for ``max_batch_size``."""
+        return self._tuner
+
     def start(self) -> None:
         """Start the worker task on the running loop; returns at once.
 
@@ -192,10 +202,11 @@ class Batcher(Generic[T, R]):
         return self._max_queue
 
     def configure(self, *, max_batch_size: int | None = None, max_delay_s: float | None = None,
-                  max_queue: int | None = None, policy: BatchPolicy | object | None = _UNSET) -> None:
+                  max_queue: int | None = None, policy: BatchPolicy | object | None = _UNSET,
+                  tuner: CapTuner | object | None = _UNSET) -> None:
         """Change the batching limits; they apply from the next batch formed.
 
-        ``policy=None`` removes the policy; leaving it out keeps the current one.
+        ``policy=None`` removes the policy and ``tuner=None`` the tuner; leaving them out keeps the current ones.
         Never blocks; raises ValueError for invalid values (then nothing changes).
         """
         size = self._max_batch_size if max_batch_size is None else _check_batch_size(max_batch_size)
@@ -204,6 +215,8 @@ class Batcher(Generic[T, R]):
         self._max_batch_size, self._max_delay_s, self._max_queue = size, delay, queue
         if policy is not _UNSET:
             self._policy = policy  # type: ignore[assignment]
+        if tuner is not _UNSET:
+            self._tuner = tuner  # type: ignore[assignment]
         # A batch that is still collecting may now be full.
         self._wakeup.set()
 
@@ -268,12 +281,15 @@ class Batcher(Generic[T, R]):
         return QueueState(now, len(self._queue), oldest, size, now - since, self._max_batch_size)
 
     def _consult(self, method: str, fallback: object, *args: object,
-                 convert: Callable[[Any], Any] = lambda value: value) -> Any:
-        """``convert(policy.method(*args))``; a faulty policy must not strand callers: an error means ``fallback``."""
+                 convert: Callable[[Any], Any] = lambda value: value, on: object = None) -> Any:
+        """``convert(target.method(*args))`` with ``on`` (the tuner) or the policy as the target; a faulty policy
+        or tuner must not strand callers: an error means ``fallback``."""
+        target = self._policy if on is None else on
         try:
-            return convert(getattr(self._policy, method)(*args))
+            return convert(getattr(target, method)(*args))
         except Exception:
-            logger.exception("%s: batch policy %s failed; using the plain rules", self._name, method)
+            logger.exception("%s: batch %s %s failed; using the plain rules", self._name,
+                             "policy" if on is None else "tuner", method)
             return fallback
 
     def _discard(self, entry: _Entry[T, R]) -> None:
@@ -291,11 +307,12 @@ class Batcher(Generic[T, R]):
         try:
             while await self._wait_for_batch():
                 now = self._clock.now()
-                batch = self._take(now, self._take_limit())
+                limit = self._take_limit()
+                batch = self._take(now, limit)
                 if self._max_concurrent == 1:  # awaited here: no task per batch on the common (CPU) path
-                    await self._dispatch_tracked(batch, now)
+                    await self._dispatch_tracked(batch, now, limit)
                     continue
-                task = asyncio.ensure_future(self._dispatch_tracked(batch, now))
+                task = asyncio.ensure_future(self._dispatch_tracked(batch, now, limit))
                 self._in_flight.add(task)
                 task.add_done_callback(self._in_flight.discard)
                 if len(self._in_flight) >= self._max_concurrent:
@@ -304,11 +321,11 @@ class Batcher(Generic[T, R]):
             if self._in_flight:  # closing: the batches already handed over still complete
                 await asyncio.gather(*self._in_flight, return_exceptions=True)
 
-    async def _dispatch_tracked(self, batch: list[_Entry[T, R]], now: float) -> None:
+    async def _dispatch_tracked(self, batch: list[_Entry[T, R]], now: float, limit: int) -> None:
         busy = (len(batch), now)
         self._busy.append(busy)
         try:
-            await self._dispatch(batch, now)
+            await self._dispatch(batch, now, limit)
         except Exception as exc:
             # Only a batcher bug gets here; its callers must not hang on it.
             logger.exception("%s: delivering a batch failed", self._name)
@@ -317,8 +334,12 @@ class Batcher(Generic[T, R]):
             self._busy.remove(busy)
 
     def _take_limit(self) -> int:
-        if self._policy is None or self._closing:
+        if self._closing:
             return self._max_batch_size
+        if self._policy is None:
+            if self._tuner is None:
+                return self._max_batch_size
+            return max(1, self._consult("limit", self._max_batch_size, convert=int, on=self._tuner))
         size = self._consult("batch_size", self._max_batch_size, self._state(), convert=int)
         return max(1, min(self._max_batch_size, size))
 
@@ -382,7 +403,7 @@ class Batcher(Generic[T, R]):
             batch.append(entry)
         return batch
 
-    async def _dispatch(self, batch: list[_Entry[T, R]], dispatched: float) -> None:
+    async def _dispatch(self, batch: list[_Entry[T, R]], dispatched: float, limit: int) -> None:
         """Compute one batch and resolve its futures; raises only if the worker is cancelled."""
         if not batch:
             return
@@ -406,6 +427,8 @@ class Batcher(Generic[T, R]):
         compute_s = self._clock.now() - dispatched
         if self._policy is not None:
             self._consult("observe", None, len(batch), compute_s)
+        elif self._tuner is not None:
+            self._consult("observe", None, len(batch), limit, compute_s, on=self._tuner)
         self._deliver(batch, results, dispatched, compute_s)
 
     def _deliver(

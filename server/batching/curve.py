@@ -36,6 +36,8 @@ class BatchCurve:
     """True when ``chosen`` is the knee; False when the cap was pinned and the curve only feeds a latency target."""
     stopped: str = ""
     """Why the ladder ended before its ceiling ('' when it reached it)."""
+    ceiling: int = 0
+    """The largest size the ladder could try (0: unknown, the largest measured); bounds online tuning."""
 
     def estimate(self, batch_size: int) -> float:
         """Seconds one forward pass of ``batch_size`` items is expected to take. Never blocks.

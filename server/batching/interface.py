@@ -1,8 +1,9 @@
 """What a :class:`server.batching.batcher.Batcher` shares with its callers, its handler and its policy.
 
 The errors ``submit`` raises, the injectable :class:`Clock`, the :class:`BatchPolicy` protocol with the
-:class:`QueueState` it sees and the :class:`Rejection` it returns, the :class:`Batched` result and the
-:data:`Handler` type. Standard library only, like the batcher; callers import these names from here.
+:class:`QueueState` it sees and the :class:`Rejection` it returns, the :class:`CapTuner` protocol, the
+:class:`Batched` result and the :data:`Handler` type. Standard library only, like the batcher; callers import these
+names from here.
 """
 
 from __future__ import annotations
@@ -111,6 +112,20 @@ class BatchPolicy(Protocol):
 
     def observe(self, batch_size: int, compute_s: float) -> None:
         """The handler took ``compute_s`` for a batch of ``batch_size``."""
+        ...
+
+
+class CapTuner(Protocol):
+    """Moves the batch cap while serving (:class:`server.batching.online.OnlineTuner`). Called on the event loop;
+    must not block. Consulted only when no :class:`BatchPolicy` is set; an exception is logged and the batcher
+    falls back to its ``max_batch_size``."""
+
+    def limit(self) -> int:
+        """How many items the next batch may take (replaces ``max_batch_size``)."""
+        ...
+
+    def observe(self, batch_size: int, limit: int, compute_s: float) -> None:
+        """A batch of ``batch_size``, taken under ``limit``, took ``compute_s``."""
         ...
 
 

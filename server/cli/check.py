@@ -15,12 +15,14 @@ from pathlib import Path
 
 import torch
 
-from server.core.config import DEFAULT_MAX_BATCH_SIZE, BatchingDefaults
+from server.core.config import DEFAULT_CACHE_DIR, DEFAULT_MAX_BATCH_SIZE, DEFAULT_RUNTIME, BatchingDefaults
 from server.core.input_changes import PreprocessingChanged, check_preprocessing
-from server.core.manifest import Manifest, load_manifest
-from server.inference.runtime import InferenceThread, pick_device
+from server.core.manifest import RUNTIMES, Manifest, load_manifest
+from server.inference.devices import InferenceThreads
+from server.inference.placement import pick_device
 from server.models.loader.build import build_for_serving
 from server.models.loader.pipeline import Loaded, LoadFailed, LoadSettings, VersionLoader
+from server.models.loader.runtime_job import JobRequest, run_job
 from server.models.loader.weights import WeightsError, find_weights
 from server.models.source.repository import version_numbers
 
@@ -32,14 +34,31 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
                                      description="Load a model directory offline and report every problem.")
     parser.add_argument("model_dir", type=Path, help="the model's directory, e.g. models/digits")
     parser.add_argument("--version", type=int, default=0, help="the version to check (default: the newest)")
+    add_load_flags(parser)
+    parser.add_argument("--log-level", default="CRITICAL", help="log level of the loading code (default: CRITICAL)")
+    return parser.parse_args(argv)
+
+
+def add_load_flags(parser: argparse.ArgumentParser) -> None:
+    """How a version is loaded, as the daemon's flags say (``check`` and ``publish`` share them):
+    :func:`load_settings` reads them."""
     parser.add_argument("--trust-code", action="store_true",
                         help="allow a python:<file>:<name> architecture to run its file")
     parser.add_argument("--device", default="cpu", help="cpu, cuda, cuda:N or auto (default: cpu)")
     parser.add_argument("--max-batch-size", type=int, default=DEFAULT_MAX_BATCH_SIZE,
                         help=f"warm-up batch for a manifest that sets no max_batch_size (default: "
                              f"{DEFAULT_MAX_BATCH_SIZE}, as the daemon)")
-    parser.add_argument("--log-level", default="CRITICAL", help="log level of the loading code (default: CRITICAL)")
-    return parser.parse_args(argv)
+    parser.add_argument("--cache-dir", type=Path, default=DEFAULT_CACHE_DIR,
+                        help=f"where ONNX exports are kept, as the daemon's flag (default: {DEFAULT_CACHE_DIR})")
+    parser.add_argument("--default-runtime", choices=RUNTIMES, default=DEFAULT_RUNTIME,
+                        help=f"the runtime of a manifest that sets none, as the daemon's flag (default: "
+                             f"{DEFAULT_RUNTIME})")
+
+
+def load_settings(args: argparse.Namespace) -> LoadSettings:
+    """The settings :func:`add_load_flags` gave. Raises RuntimeError or ValueError for a device that is not there."""
+    return LoadSettings(pick_device(args.device), BatchingDefaults(max_batch_size=args.max_batch_size),
+                        trust_code=args.trust_code, cache_dir=args.cache_dir, default_runtime=args.default_runtime)
 
 
 def main(argv: list[str]) -> int:
@@ -57,21 +76,12 @@ def main(argv: list[str]) -> int:
               file=sys.stderr)
         return 2
     try:
-        settings = LoadSettings(pick_device(args.device), BatchingDefaults(max_batch_size=args.max_batch_size),
-                                trust_code=args.trust_code)
+        settings = load_settings(args)
     except (RuntimeError, ValueError) as exc:
         print(f"FAILED: {exc}", file=sys.stderr)
         return 2
-    outcome = asyncio.run(_load(settings, model_dir, number))
     print(f"model         {model_dir.name}, version {number} ({args.model_dir / str(number)})")
-    manifest = outcome.version.manifest if isinstance(outcome, Loaded) else outcome.manifest
-    if manifest is not None:
-        _describe(manifest, model_dir / str(number))
-    if isinstance(outcome, LoadFailed):
-        print(f"FAILED: {_reason(outcome, args)}", file=sys.stderr)
-        return 1
-    _describe_loaded(outcome)
-    refused = _compare_preprocessing(settings, model_dir, number, outcome.version.manifest)
+    refused = verify(settings, model_dir, number, model_dir / str(number), shown=args.model_dir)
     if refused:
         print(f"FAILED: {refused}", file=sys.stderr)
         return 1
@@ -79,20 +89,36 @@ def main(argv: list[str]) -> int:
     return 0
 
 
-def _reason(failed: LoadFailed, args: argparse.Namespace) -> str:
+def verify(settings: LoadSettings, model_dir: Path, number: int, version_dir: Path, *, shown: Path) -> str | None:
+    """Load ``version_dir`` as version ``number`` of ``model_dir`` exactly as the daemon would, print what it
+    resolved, and return why it could not serve (None: it can). ``version_dir`` may lie outside the numbered
+    directories, as ``python -m server publish`` stages one. ``shown``: the model directory as the user named it.
+    Blocks: builds, warms up and validates on ``settings.device``."""
+    outcome = asyncio.run(_load(settings, model_dir.name, number, version_dir))
+    manifest = outcome.version.manifest if isinstance(outcome, Loaded) else outcome.manifest
+    if manifest is not None:
+        _describe(manifest, version_dir)
+    if isinstance(outcome, LoadFailed):
+        return _reason(outcome, shown)
+    _describe_loaded(outcome)
+    _describe_runtime(settings, version_dir, outcome.version.manifest)
+    return _compare_preprocessing(settings, model_dir, number, outcome.version.manifest)
+
+
+def _reason(failed: LoadFailed, shown: Path) -> str:
     """Why the version cannot serve; code refused for want of --trust-code is worded for this command."""
     cause = failed.__cause__
     if isinstance(cause, WeightsError) and cause.untrusted is not None:
-        return cause.untrusted.advise(f"run `python -m server check --trust-code {args.model_dir}` to allow it")
+        return cause.untrusted.advise(f"run `python -m server check --trust-code {shown}` to allow it")
     return str(failed)
 
 
-async def _load(settings: LoadSettings, model_dir: Path, number: int) -> Loaded | LoadFailed:
+async def _load(settings: LoadSettings, name: str, number: int, version_dir: Path) -> Loaded | LoadFailed:
     """The loaded version (released by now: only its facts are left to report), or why it cannot serve."""
-    inference = InferenceThread()
+    inference = InferenceThreads()
     loader = VersionLoader(settings, inference)
     try:
-        loaded = await loader.load(model_dir.name, number, model_dir / str(number))
+        loaded = await loader.load(name, number, version_dir)
     except LoadFailed as exc:
         return exc
     finally:
@@ -194,3 +220,21 @@ def _describe_loaded(outcome: Loaded) -> None:
     else:
         print(f"validation    accuracy {outcome.validation_accuracy:.3f} (min_accuracy "
               f"{loaded.manifest.min_accuracy:.3f})")
+
+
+def _describe_runtime(settings: LoadSettings, version_dir: Path, manifest: Manifest) -> None:
+    """The runtime the daemon would serve the version on; for ``auto`` the daemon's background job run here, in
+    process (export into ``--cache-dir``, gate, measurement: seconds to minutes), with the speeds it measured."""
+    if manifest.runtime != "auto":
+        how = " (exported, cached and verified against PyTorch at load)" if manifest.runtime == "onnxruntime" and \
+            manifest.architecture != "onnx" else ""
+        print(f"runtime       {manifest.runtime}{how}")
+        return
+    print("runtime       auto: measuring eager PyTorch against ONNX Runtime (the daemon does this in the background)")
+    result = run_job(JobRequest(version_dir, settings.cache_dir, settings.trust_code, torch.get_num_threads()))
+    print(f"runtime       {result.runtime} chosen: {result.reason}")
+    for name in ("torch", "onnxruntime"):
+        points = [s for s in result.speeds if s.runtime == name]
+        if points:
+            print(f"  {name:<11} " + ", ".join(f"{s.images_per_second:.0f} images/s at batch {s.batch_size}"
+                                             for s in points))

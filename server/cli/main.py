@@ -1,4 +1,5 @@
-"""``python -m server``: run the classifyd daemon; ``python -m server check <model dir>``: check a model offline.
+"""``python -m server``: run the classifyd daemon; ``python -m server check <model dir>``: check a model offline;
+``python -m server publish <model dir> <weights>``: add its next version atomically (server/cli/publish.py).
 
 The flags come in groups that match the sections of :class:`~server.core.config.ServerConfig`; their
 defaults are the constants of :mod:`server.core.config`, and :func:`config_from_args` turns the parsed
@@ -18,6 +19,7 @@ from server.cli.workers import run_workers
 from server.core.config import (
     CPU_CEILING,
     DEFAULT_BUDGET_S,
+    DEFAULT_CACHE_BYTES,
     DEFAULT_CACHE_DIR,
     DEFAULT_DEVICE,
     DEFAULT_DRAIN_S,
@@ -28,9 +30,11 @@ from server.core.config import (
     DEFAULT_MAX_BATCH_SIZE,
     DEFAULT_MAX_DELAY_MS,
     DEFAULT_MAX_QUEUE,
+    DEFAULT_MODEL_CONTROL,
     DEFAULT_MODELS_DIR,
     DEFAULT_PORT,
     DEFAULT_RELOAD_MIN_INTERVAL_S,
+    DEFAULT_RUNTIME,
     DEFAULT_SETTLE_S,
     GPU_CEILING,
     MAX_IMAGES_PER_REQUEST,
@@ -39,6 +43,7 @@ from server.core.config import (
     MAX_PIXELS,
     MAX_STREAM_IN_FLIGHT,
     MIN_DECODE_BYTES,
+    MODEL_CONTROL_MODES,
     AutotuneDefaults,
     BatchingDefaults,
     LimitsConfig,
@@ -49,6 +54,7 @@ from server.core.config import (
     SecurityConfig,
     ServerConfig,
 )
+from server.core.manifest import RUNTIMES
 from server.ops.host import default_workers
 from server.ops.logs import LOG_FORMATS, configure_logging
 
@@ -78,16 +84,21 @@ def config_from_args(args: argparse.Namespace) -> ServerConfig:
             autotune=AutotuneDefaults(tuned, args.autotune_budget_s, args.autotune_max_batch_size)),
         models=ModelsConfig(models_dir=args.models_dir, device=args.device, watch=args.watch, poll=args.poll,
                             settle_s=args.settle_seconds, trust_code=args.trust_code, torch_threads=args.torch_threads,
-                            reload_min_interval_s=args.reload_min_interval_seconds, cache_dir=args.cache_dir),
+                            reload_min_interval_s=args.reload_min_interval_seconds, cache_dir=args.cache_dir,
+                            default_runtime=args.default_runtime,
+                            model_control=args.model_control, max_loaded_bytes=args.max_loaded_bytes,
+                            lazy_load=args.lazy_load),
         limits=LimitsConfig(max_message_bytes=args.max_message_bytes, max_pixels=args.max_pixels,
                             max_images_per_request=args.max_images_per_request,
                             max_json_bytes=args.max_json_bytes, max_stream_in_flight=args.max_stream_in_flight,
-                            max_decode_bytes=args.max_decode_bytes),
+                            max_decode_bytes=args.max_decode_bytes, cache_bytes=args.cache_bytes),
         security=SecurityConfig(tls_cert=args.tls_cert, tls_key=args.tls_key, tls_client_ca=args.tls_client_ca,
                                 auth_token_file=args.auth_token_file, admin_token_file=args.admin_token_file,
                                 allow_remote_admin=args.allow_remote_admin),
         observability=ObservabilityConfig(metrics_port=args.metrics_port, metrics_host=args.metrics_host,
-                                          log_level=args.log_level, log_format=args.log_format),
+                                          metrics_port_file=args.metrics_port_file,
+                                          log_level=args.log_level, log_format=args.log_format,
+                                          otlp_endpoint=args.otlp_endpoint),
         process=ProcessConfig(workers=args.workers, drain_s=args.drain_seconds, grace_s=args.grace_seconds,
                               port_file=args.port_file),
     )
@@ -127,11 +138,17 @@ def _add_models(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--models-dir", type=Path, default=DEFAULT_MODELS_DIR,
                        help=f"model repository (default: {DEFAULT_MODELS_DIR})")
     group.add_argument("--device", default=DEFAULT_DEVICE,
-                       help=f"auto, cpu, cuda or cuda:N (default: {DEFAULT_DEVICE})")
+                       help=f"auto (the GPU with the most free memory, else the CPU), cpu, cuda or cuda:N; a "
+                            f"model's manifest device overrides it (default: {DEFAULT_DEVICE})")
     group.add_argument("--no-watch", dest="watch", action="store_false",
                        help="load the repository once at startup; do not watch it for changes")
     group.add_argument("--poll", action="store_true",
                        help="watch by polling instead of inotify (for NFS and other network filesystems)")
+    group.add_argument("--model-control", choices=MODEL_CONTROL_MODES, default=DEFAULT_MODEL_CONTROL,
+                       help="poll: the watched directory decides what is loaded; explicit: the directory is the "
+                            "catalogue and models load only when asked (RepositoryModelLoad, LoadModel), loaded "
+                            "ones still hot-swap new versions; none: load at start-up, never reload "
+                            f"(default: {DEFAULT_MODEL_CONTROL})"),
     group.add_argument("--settle-seconds", type=float, default=DEFAULT_SETTLE_S,
                        help=f"a version's files must be unchanged this long before it is loaded "
                             f"(default: {DEFAULT_SETTLE_S:g})")
@@ -147,6 +164,17 @@ def _add_models(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--cache-dir", type=Path, default=DEFAULT_CACHE_DIR,
                        help=f"where ONNX exports of runtime = \"onnxruntime\" versions are kept; keep it outside "
                             f"--models-dir (default: {DEFAULT_CACHE_DIR})")
+    group.add_argument("--default-runtime", choices=RUNTIMES, default=DEFAULT_RUNTIME,
+                       help=f"what runs versions whose manifest sets no runtime: auto (PyTorch first, then ONNX "
+                            f"Runtime once it is verified and measured faster; torch on CUDA), torch or onnxruntime "
+                            f"(default: {DEFAULT_RUNTIME})")
+    group.add_argument("--max-loaded-bytes", type=int, default=None,
+                       help="memory budget of this process's loaded versions (host memory on CPU, device memory on "
+                            "GPU, measured per version after warm-up): a load that would exceed it first unloads "
+                            "the least recently used idle model (default: no budget)")
+    group.add_argument("--lazy-load", action="store_true",
+                       help="a request for a model of the catalogue that is not loaded (never asked for, or "
+                            "evicted by --max-loaded-bytes) loads it within its deadline: a cold start")
 
 
 def _check_models(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
@@ -156,6 +184,8 @@ def _check_models(parser: argparse.ArgumentParser, args: argparse.Namespace) -> 
         parser.error("--reload-min-interval-seconds must be >= 0")
     if args.torch_threads is not None and args.torch_threads < 1:
         parser.error("--torch-threads must be at least 1")
+    if args.max_loaded_bytes is not None and args.max_loaded_bytes < 1:
+        parser.error("--max-loaded-bytes must be at least 1")
 
 
 # ----- batching (BatchingDefaults, AutotuneDefaults)
@@ -219,6 +249,10 @@ def _add_limits(parser: argparse.ArgumentParser) -> None:
                        help="memory this process's images and tensors may take while they are decoded at once, in "
                             "bytes; a request that does not fit waits within its deadline, then RESOURCE_EXHAUSTED "
                             "(default: a quarter of the machine's memory, or of its cgroup limit, // --workers)")
+    group.add_argument("--cache-bytes", type=int, default=DEFAULT_CACHE_BYTES,
+                       help=f"memory of the response cache of this process, for models whose manifest sets [cache] "
+                            f"enabled = true; least recently used answers go first (0 = off; default: "
+                            f"{DEFAULT_CACHE_BYTES // 2**20} MiB)")
 
 
 def _check_limits(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
@@ -233,6 +267,8 @@ def _check_limits(parser: argparse.ArgumentParser, args: argparse.Namespace) -> 
         parser.error("--max-json-bytes must be at least 1024")
     if args.max_decode_bytes is not None and args.max_decode_bytes < MIN_DECODE_BYTES:
         parser.error(f"--max-decode-bytes must be at least {MIN_DECODE_BYTES} (1 MiB)")
+    if args.cache_bytes < 0:
+        parser.error("--cache-bytes must be >= 0 (0 turns the response cache off)")
 
 
 # ----- security (SecurityConfig)
@@ -266,7 +302,7 @@ def _check_security(parser: argparse.ArgumentParser, args: argparse.Namespace) -
 
 
 def _add_observability(parser: argparse.ArgumentParser) -> None:
-    group = parser.add_argument_group("logs and metrics (docs/metrics.md)")
+    group = parser.add_argument_group("logs, metrics and traces (docs/metrics.md, docs/operations.md)")
     group.add_argument("--log-level", default=DEFAULT_LOG_LEVEL,
                        help=f"DEBUG, INFO, WARNING or ERROR (default: {DEFAULT_LOG_LEVEL})")
     group.add_argument("--log-format", choices=LOG_FORMATS, default=DEFAULT_LOG_FORMAT,
@@ -274,6 +310,11 @@ def _add_observability(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--metrics-port", type=int,
                        help="serve Prometheus metrics on http://HOST:PORT/metrics (0 = any free port; default: off)")
     group.add_argument("--metrics-host", help="address of the metrics endpoint (default: the same as --host)")
+    group.add_argument("--otlp-endpoint",
+                       help="send OpenTelemetry traces to this OTLP/gRPC collector, e.g. http://127.0.0.1:4317 "
+                            "(default: as the standard OTEL_* variables say; off without them; docs/operations.md)")
+    group.add_argument("--metrics-port-file", type=Path,
+                       help="once the metrics endpoint serves, write its port to this file (with --metrics-port 0)")
 
 
 def _check_observability(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
@@ -312,6 +353,9 @@ def _check_process(parser: argparse.ArgumentParser, args: argparse.Namespace) ->
             parser.error(f"--{flag.replace('_', '-')} must be >= 0")
     if args.workers > 1 and args.http_port == 0:
         parser.error("--http-port 0 cannot be shared by several --workers: give a port number")
+    if args.workers > 1 and args.model_control == "explicit":
+        parser.error("--model-control explicit needs one worker process (--workers 1): each worker keeps its own "
+                     "set of loaded models, and a load or unload call reaches only one of them")
 
 
 def _workers(text: str) -> int | str:
@@ -343,6 +387,10 @@ def main(argv: list[str] | None = None) -> int:
         from server.cli.check import main as check_main  # here: check loads torch, the --workers parent must not
 
         return check_main(argv[1:])
+    if argv[:1] == ["publish"]:
+        from server.cli.publish import main as publish_main  # loads torch too (it checks what it publishes)
+
+        return publish_main(argv[1:])
     config = config_from_args(parse_args(argv))
     configure_logging(config.observability.log_level, config.observability.log_format)
     try:

@@ -9,6 +9,7 @@ import signal
 from pathlib import Path
 
 from server.core.config import ServerConfig
+from server.ops import tracing
 
 log = logging.getLogger("classifyd")
 
@@ -17,6 +18,8 @@ async def serve(config: ServerConfig) -> None:
     """Run until SIGTERM or SIGINT, then stop gracefully. Raises what :class:`Daemon` raises on start."""
     from server.daemon import Daemon  # here: the parent of --workers never needs torch
 
+    if tracing.configure(config.observability.otlp_endpoint):  # before the daemon: its edges open spans
+        log.info("tracing: OpenTelemetry spans exported as the OTEL_* variables and --otlp-endpoint say")
     daemon = Daemon(config)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
@@ -25,6 +28,8 @@ async def serve(config: ServerConfig) -> None:
     # The ports answer at once (health NOT_SERVING while loading); the port file says the initial load is done.
     # Batch curves are measured afterwards, in the background, while the models already serve.
     port = await daemon.start(wait_for_curves=False)
+    if config.observability.metrics_port_file and daemon.metrics_port is not None:
+        write_port_file(config.observability.metrics_port_file, daemon.metrics_port)
     if config.process.port_file:
         write_port_file(config.process.port_file, port)
     await stop.wait()
@@ -32,6 +37,7 @@ async def serve(config: ServerConfig) -> None:
     log.info("stopping: NOT_SERVING; draining %.1f s, then finishing in-flight requests (grace %.1f s)",
              process.drain_s, process.grace_s)
     await daemon.stop(process.grace_s, process.drain_s)
+    await asyncio.to_thread(tracing.shutdown)  # exports the spans still buffered
 
 
 def write_port_file(path: Path, port: int) -> None:

@@ -13,6 +13,7 @@ graceful stop. Everything here blocks; it runs in the parent's main thread.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import multiprocessing
 import signal
@@ -20,11 +21,13 @@ import socket
 import tempfile
 import threading
 import time
+from collections.abc import Iterator
 from dataclasses import replace
 from multiprocessing.process import BaseProcess
 from pathlib import Path
 
 from server.cli.serve import serve, write_port_file
+from server.cli.worker_metrics import WorkerMetricsServer
 from server.core.config import ServerConfig
 from server.ops.host import default_decode_bytes, default_pool_threads, default_torch_threads
 from server.ops.logs import configure_logging
@@ -51,20 +54,22 @@ def reserve_port(host: str, port: int) -> tuple[socket.socket, int]:
 
 def worker_config(config: ServerConfig, index: int, port: int, ready_file: Path) -> ServerConfig:
     """Worker ``index``'s settings: the shared port with SO_REUSEPORT, its share of the cores and of the decode
-    memory, its own metrics port (each worker has its own metrics registry: ``--metrics-port`` + the worker's
-    index), its ready file."""
+    memory, its ready file, and with ``--metrics-port`` a private loopback metrics port written beside the ready
+    file, which the parent's ``/metrics`` merges (:mod:`server.cli.worker_metrics`)."""
     # N processes with all cores (or a quarter of the memory) each would oversubscribe them.
     workers = config.process.workers
     threads = config.models.torch_threads or default_torch_threads(workers)
     pool = config.process.preprocess_threads or default_pool_threads(workers)
     decode_bytes = config.limits.max_decode_bytes or default_decode_bytes(workers)
-    metrics_port = config.observability.metrics_port
+    observability = config.observability
+    if observability.metrics_port is not None:
+        observability = replace(observability, metrics_port=0, metrics_host="127.0.0.1",
+                                metrics_port_file=ready_file.with_suffix(".metrics"))
     return replace(config, listen=replace(config.listen, port=port, reuse_port=True),
                    models=replace(config.models, torch_threads=threads),
-                   limits=replace(config.limits, max_decode_bytes=decode_bytes),
-                   observability=replace(config.observability,
-                                         metrics_port=metrics_port + index if metrics_port else metrics_port),
-                   process=replace(config.process, workers=1, port_file=ready_file, preprocess_threads=pool))
+                   limits=replace(config.limits, max_decode_bytes=decode_bytes), observability=observability,
+                   process=replace(config.process, workers=1, port_file=ready_file, preprocess_threads=pool,
+                                   status_file=ready_file.with_suffix(".status.json")))
 
 
 def worker_main(config: ServerConfig, index: int) -> None:
@@ -98,6 +103,7 @@ class Supervisor:
 
     def start(self, index: int) -> None:
         self._ready_file(index).unlink(missing_ok=True)
+        self._ready_file(index).with_suffix(".metrics").unlink(missing_ok=True)  # a dead worker's port
         child = worker_config(self._config, index, self._port, self._ready_file(index))
         process = self._context.Process(target=worker_main, args=(child, index), name=f"classifyd-worker-{index}")
         process.start()
@@ -151,7 +157,8 @@ def run_workers(config: ServerConfig) -> int:
     failed to start). Raises OSError if the port cannot be reserved."""
     host, workers, grace_s = config.listen.host, config.process.workers, config.process.grace_s
     holder, port = reserve_port(host, config.listen.port)
-    with holder, tempfile.TemporaryDirectory(prefix="classifyd-workers-") as ready_dir:
+    with holder, tempfile.TemporaryDirectory(prefix="classifyd-workers-") as ready_dir, \
+            _parent_metrics(config, Path(ready_dir)):
         supervisor = Supervisor(config, port, Path(ready_dir))
         for sig in (signal.SIGTERM, signal.SIGINT):
             signal.signal(sig, lambda *_: supervisor.stopping.set())
@@ -167,3 +174,23 @@ def run_workers(config: ServerConfig) -> int:
         failed = not started and not supervisor.stopping.is_set()
         code = supervisor.stop(config.process.drain_s + grace_s)
     return 2 if failed else code
+
+
+@contextlib.contextmanager
+def _parent_metrics(config: ServerConfig, ready_dir: Path) -> Iterator[None]:
+    """With ``--metrics-port``: the daemon's one ``/metrics``, merged from the workers', for as long as they run.
+    Raises OSError when the port cannot be bound."""
+    observability = config.observability
+    if observability.metrics_port is None:
+        yield
+        return
+    exporter = WorkerMetricsServer(ready_dir, config.process.workers)
+    host = observability.metrics_host or config.listen.host
+    bound = exporter.serve(host, observability.metrics_port)
+    log.info("metrics of all %d workers on http://%s:%d/metrics", config.process.workers, host, bound)
+    if observability.metrics_port_file:
+        write_port_file(observability.metrics_port_file, bound)
+    try:
+        yield
+    finally:
+        exporter.close()

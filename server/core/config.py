@@ -27,8 +27,13 @@ DEFAULT_MODELS_DIR = Path("models")
 # ONNX exports (runtime = "onnxruntime"): outside the watched repository, so writing them triggers no reload
 DEFAULT_CACHE_DIR = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "classifyd"
 DEFAULT_DEVICE = "auto"
+# what runs a version whose manifest sets no runtime: "auto" = PyTorch first, ONNX Runtime once verified and measured
+# faster (on CUDA auto is torch); "torch" or "onnxruntime" as in a manifest
+DEFAULT_RUNTIME = "auto"
 DEFAULT_SETTLE_S = 1.0
 DEFAULT_RESCAN_S = 30.0
+MODEL_CONTROL_MODES = ("poll", "explicit", "none")  # Triton's names (docs/operations.md, model control)
+DEFAULT_MODEL_CONTROL = "poll"  # the watched directory decides what is loaded
 DEFAULT_RELOAD_MIN_INTERVAL_S = 5.0  # ReloadModel: one reload per model per this long (each warms up and autotunes)
 # limits
 MAX_MESSAGE_BYTES = 64 * 1024 * 1024
@@ -37,6 +42,7 @@ MAX_IMAGES_PER_REQUEST = 256  # images (tiles included) one request may hold, ea
 MAX_JSON_BYTES = 16 * 1024 * 1024  # JSON bodies: parsing costs far more per byte than images do
 MAX_STREAM_IN_FLIGHT = 256  # requests of one stream being answered or waiting to be read by the client
 MIN_DECODE_BYTES = 1 << 20  # the smallest --max-decode-bytes (its default is the host rule, server/ops/host.py)
+DEFAULT_CACHE_BYTES = 64 * 1024 * 1024  # response cache per process, for models with [cache] enabled; 0 = off
 # observability and the process
 DEFAULT_LOG_LEVEL = "INFO"
 DEFAULT_LOG_FORMAT = "text"
@@ -89,6 +95,10 @@ class ModelsConfig:
     torch_threads: int | None = None  # None: the host rule (server/ops/host.py), usable cores // workers
     reload_min_interval_s: float = DEFAULT_RELOAD_MIN_INTERVAL_S  # ReloadModel per model; sooner: RESOURCE_EXHAUSTED
     cache_dir: Path = DEFAULT_CACHE_DIR  # ONNX exports of runtime = "onnxruntime" versions
+    default_runtime: str = DEFAULT_RUNTIME  # for manifests that set no runtime: auto, torch or onnxruntime
+    model_control: str = DEFAULT_MODEL_CONTROL  # poll, explicit (load on request) or none (load at start, never again)
+    max_loaded_bytes: int | None = None  # memory budget of loaded versions (server/models/memory_budget.py); None: none
+    lazy_load: bool = False  # a request for a catalogued model that is not loaded loads it (a cold start)
 
 
 @dataclass(frozen=True)
@@ -101,6 +111,7 @@ class LimitsConfig:
     max_json_bytes: int = MAX_JSON_BYTES
     max_stream_in_flight: int = MAX_STREAM_IN_FLIGHT
     max_decode_bytes: int | None = None  # None: the host rule (server/ops/host.py), a quarter of memory // workers
+    cache_bytes: int = DEFAULT_CACHE_BYTES  # the response cache's budget (models with [cache] enabled); 0: off
 
 
 @dataclass(frozen=True)
@@ -121,8 +132,10 @@ class ObservabilityConfig:
 
     metrics_port: int | None = None  # None: no metrics endpoint; 0: any free port
     metrics_host: str | None = None  # None: the listen host
+    metrics_port_file: Path | None = None  # once serving, the metrics endpoint's bound port is written here
     log_level: str = DEFAULT_LOG_LEVEL
     log_format: str = DEFAULT_LOG_FORMAT  # text or json
+    otlp_endpoint: str | None = None  # traces to this OTLP collector; None: as the OTEL_* variables say (off)
 
 
 @dataclass(frozen=True)
@@ -133,6 +146,7 @@ class ProcessConfig:
     drain_s: float = DEFAULT_DRAIN_S  # on SIGTERM/SIGINT, NOT_SERVING but still accepting for this long
     grace_s: float = DEFAULT_GRACE_S  # then, time in-flight requests get to finish
     port_file: Path | None = None  # once serving, the bound port is written here
+    status_file: Path | None = None  # --workers: this worker shares its status page document here (set per worker)
     preprocess_threads: int | None = None  # None: the host rule (server/ops/host.py), usable cores // workers, >= 2
 
 

@@ -67,6 +67,13 @@ class DeadlineExpired(ClassifydError):
     status = Status.DEADLINE_EXCEEDED
 
 
+class PreconditionFailed(ClassifydError):
+    """The call does not fit the state the daemon or the model is in (FAILED_PRECONDITION): e.g. a model-control call
+    that the --model-control mode refuses, or a model that was asked to load and failed to."""
+
+    status = Status.FAILED_PRECONDITION
+
+
 class InferenceFailed(ClassifydError):
     """The model raised while computing the request's batch (INTERNAL)."""
 

@@ -12,18 +12,30 @@ constructor is a bad version, not a bad server) takes LOADING → FAILED with th
 only a cancellation (shutdown, or the caller of a reload gone) drops a LOADING record, and the next reconcile
 tries its files again. Exceptions that end the process (``KeyboardInterrupt``, ``SystemExit``) still do.
 
-Planned extensions, kept out of the enums until the proto enums (``classifier.v1`` ``VersionInfo.State`` and
-``ModelEvent.Kind``), the status page and OIP readiness render them; each adds rows to :data:`TRANSITIONS`:
+**Evicted, kept in the catalogue** (``--max-loaded-bytes``, :mod:`server.models.memory_budget`): no new rows. An
+eviction is an unload: READY → UNLOADING → None (event UNLOADED, reason ``evicted ...``) → AVAILABLE, and a request
+loads the model again on demand (``--lazy-load``: AVAILABLE → LOADING).
 
-* **Runtime switch** (the same version reloaded onto another runtime): a new generation, as for changed
-  files: ``None → LOADING → READY`` beside the serving generation, which then takes READY → UNLOADING. No
-  new state; a new trigger, named in the events' reason.
-* **Rollout candidate** (shadow or canary): a state ``CANDIDATE`` (loaded, sent shadow or canary traffic,
-  not the serving version) with LOADING → CANDIDATE, CANDIDATE → READY (promoted) and CANDIDATE → UNLOADING
-  (rejected), reported by new event kinds ``PROMOTED`` and ``REJECTED``.
-* **In the catalogue, not loaded**: a state ``AVAILABLE`` with None → AVAILABLE (found on disk, loaded on
-  demand), AVAILABLE → LOADING (first request or an explicit load), UNLOADING → AVAILABLE (evicted but kept
-  in the catalogue) and AVAILABLE → None (removed from disk).
+**Runtime switch** (``runtime = "auto"``, :mod:`server.models.loader.runtime_choice`): no transition. The version
+keeps its record, generation and state (it served throughout); its runtime object is swapped in place on the
+inference thread, between batches, and the manager emits a READY event whose reason tells the outcome
+(``runtime switched to onnxruntime (2.4× eager)``, or ``runtime stays torch: ...``).
+
+**In the catalogue, not loaded** (``--model-control explicit``, :mod:`server.models.control`): the versions of a
+model that nobody asked to load are records in state ``AVAILABLE``: None → AVAILABLE (found on disk, or its model
+was unloaded and its versions released), AVAILABLE → LOADING (an explicit load) and AVAILABLE → None (removed from
+disk, or its model is loaded and the version is not among those it keeps). An unload retires the loaded versions as
+a swap does (READY → UNLOADING → None, requests in flight finish first); the released versions are then listed
+AVAILABLE again.
+
+**Rollouts** (``[rollout]`` shadow or canary, :mod:`server.models.rollout`): a new version that passes every gate
+while another serves becomes a ``CANDIDATE`` (LOADING → CANDIDATE): loaded and warm, sent shadow (or canary)
+traffic, not the serving version, not counted in ``keep_versions``. Its rollout's decision, or an operator's,
+takes it CANDIDATE → READY (event PROMOTED: it serves) or CANDIDATE → REJECTED (event REJECTED: released, the
+figures in its error). The decision is recorded in the version directory, so after a restart a rejected version
+goes None → REJECTED without loading; new files of it (published again) drop the record (REJECTED → None) and it
+loads afresh. A newer version arriving during a rollout retires the candidate (CANDIDATE → UNLOADING). A rollback
+rejects the serving version (READY → REJECTED) and the previous one serves.
 """
 
 from __future__ import annotations
@@ -45,6 +57,13 @@ class VersionState(enum.Enum):
     """Could not be loaded; the record's ``error`` says why."""
     UNLOADING = 4
     """Retired: takes no new batches, finishes its in-flight requests, then is released."""
+    CANDIDATE = 5
+    """Loaded and warm, scored on live traffic (``[rollout]`` shadow or canary), not the serving version."""
+    REJECTED = 6
+    """Its rollout rejected it (or an operator did): released, kept as a record whose ``error`` holds the figures,
+    and not loaded again until its files change."""
+    AVAILABLE = 7
+    """In the repository's catalogue, not loaded (``--model-control explicit``): loaded only when asked."""
 
 
 class EventKind(enum.Enum):
@@ -54,6 +73,10 @@ class EventKind(enum.Enum):
     READY = 2
     FAILED = 3
     UNLOADED = 4
+    CANDIDATE = 5
+    PROMOTED = 6
+    REJECTED = 7
+    AVAILABLE = 8
 
 
 @dataclass(frozen=True)
@@ -95,7 +118,8 @@ TRANSITIONS: tuple[Transition, ...] = (
                "the load raised: a load error (manifest, weights, build, warm-up, validation) or any other "
                "exception (a model constructor's AssertionError, a bug in model code)"),
     Transition(VersionState.READY, VersionState.UNLOADING, None,
-               "superseded by a newer version, replaced by a new generation, or removed from disk"),
+               "superseded by a newer version, replaced by a new generation, removed from disk, its model unloaded "
+               "(explicit), or evicted by the memory budget (--max-loaded-bytes)"),
     Transition(VersionState.UNLOADING, None, EventKind.UNLOADED,
                "its last in-flight request finished and its module was released"),
     Transition(VersionState.FAILED, None, None,
@@ -103,6 +127,34 @@ TRANSITIONS: tuple[Transition, ...] = (
     Transition(VersionState.LOADING, None, None,
                "a cancellation cut the load short (shutdown, or the caller of a reload went away); the next "
                "reconcile tries the files again"),
+    Transition(VersionState.LOADING, VersionState.CANDIDATE, EventKind.CANDIDATE,
+               "it passed every gate and the model's [rollout] (shadow or canary) scores it on live traffic "
+               "before it serves; another version serves meanwhile"),
+    Transition(VersionState.CANDIDATE, VersionState.READY, EventKind.PROMOTED,
+               "its rollout promoted it (agreement, error rate and compute ratio within the limits), or an "
+               "operator did (PromoteVersion): it serves"),
+    Transition(VersionState.CANDIDATE, VersionState.REJECTED, EventKind.REJECTED,
+               "its rollout rejected it (the figures in its error), or an operator did (RejectVersion); it is "
+               "released once its in-flight shadow and canary requests finish"),
+    Transition(VersionState.READY, VersionState.REJECTED, EventKind.REJECTED,
+               "an operator rolled the model back (RollbackModel) or rejected the serving version: it is released "
+               "after its in-flight requests, and the previous version serves"),
+    Transition(VersionState.CANDIDATE, VersionState.UNLOADING, None,
+               "a newer version replaced it during its rollout, or its directory was removed"),
+    Transition(None, VersionState.REJECTED, EventKind.REJECTED,
+               "found on disk with a rejection recorded for these very files (a restart, another --workers "
+               "process): not loaded"),
+    Transition(VersionState.REJECTED, None, None,
+               "its files changed (published again: the recorded decision no longer applies) or its directory "
+               "was removed"),
+    Transition(None, VersionState.AVAILABLE, EventKind.AVAILABLE,
+               "model control explicit: a version directory of a model not asked to load is found, or its model "
+               "was unloaded and the version released; any mode: its model was evicted by the memory budget"),
+    Transition(VersionState.AVAILABLE, VersionState.LOADING, EventKind.LOADING,
+               "its model is asked to load (RepositoryModelLoad, LoadModel), or a request for it loads it on demand "
+               "(--lazy-load)"),
+    Transition(VersionState.AVAILABLE, None, None,
+               "its directory (or its model's) was removed, or its model loaded and keeps other versions"),
 )
 """Every legal change; anything else is a bug in the manager and raises :class:`IllegalTransition`."""
 

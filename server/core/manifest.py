@@ -14,7 +14,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from server.core.cache_spec import CacheSpec, cache_of
+from server.core.device_names import DEVICE_UNSET, device_of
 from server.core.layering import Origins, merge_layers, origin_of
+from server.core.rollout import RolloutSpec, rollout_of
 
 MANIFEST_NAME = "model.toml"
 LABELS_NAME = "labels.txt"
@@ -27,7 +30,9 @@ IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 ACTIVATIONS = ("softmax", "sigmoid")
 PRECISIONS = ("fp32", "fp16", "bf16")
-RUNTIMES = ("torch", "onnxruntime")
+RUNTIMES = ("torch", "onnxruntime", "auto")
+RUNTIME_UNSET = ""
+"""``Manifest.runtime`` when no model.toml sets it: the loader applies the daemon's ``--default-runtime``."""
 ONNX_ARCHITECTURE = "onnx"
 """A version shipped as ``model.onnx``: served through ONNX Runtime, no PyTorch module."""
 COMPILE_MODES = ("off", "default", "reduce-overhead", "max-autotune")
@@ -37,7 +42,8 @@ _LANG_FILE = re.compile(r"^labels\.([A-Za-z]{2,8}(?:[-_][A-Za-z0-9]{1,8})*)\.txt
 
 _TOP_KEYS = {"architecture", "num_classes", "weights", "top_k", "default", "model_args", "input", "batching",
              "description", "keep_versions", "min_accuracy", "activation", "threshold", "thresholds", "precision",
-             "channels_last", "tiling", "preprocessing_changed", "runtime"}
+             "channels_last", "tiling", "preprocessing_changed", "runtime", "cache", "rollout", "device",
+             "keep_loaded"}
 _INPUT_KEYS = {"color", "size", "resize", "crop", "mean", "std", "interpolation", "fill_alpha", "decode"}
 _BATCHING_KEYS = {"max_batch_size", "max_delay_ms", "max_queue", "autotune", "autotune_budget_s",
                   "autotune_max_batch_size", "latency_target_ms"}
@@ -117,6 +123,7 @@ class Manifest:
     top_k: int
     is_default: bool
     keep_versions: int = 1
+    keep_loaded: bool = False  # never evicted by the memory budget (--max-loaded-bytes): server/models/memory_budget.py
     min_accuracy: float = 0.0
     model_args: dict[str, Any] = field(default_factory=dict)
     input: InputSpec = field(default_factory=InputSpec)
@@ -131,12 +138,17 @@ class Manifest:
     """torch.compile mode, or "off" (eager)."""
     compile_batch_sizes: tuple[int, ...] = ()
     """The batch-size buckets to compile; empty: powers of two up to max_batch_size, and max_batch_size."""
-    runtime: str = "torch"
-    """What runs the forward pass: "torch", or "onnxruntime" (exported, cached and verified at load)."""
+    cache: CacheSpec = field(default_factory=CacheSpec)
+    runtime: str = RUNTIME_UNSET
+    """What runs the forward pass: "torch", "onnxruntime" (exported, cached and verified at load) or "auto" (torch
+    first, ONNX Runtime once verified and measured faster: server/models/loader/runtime_choice.py); unset (""):
+    the daemon's --default-runtime, which the loader resolves as soon as it reads the manifest."""
+    device: str = DEVICE_UNSET  # where it runs instead of --device: server/inference/placement.py
     translations: dict[str, tuple[str, ...]] = field(default_factory=dict)
     """Labels by language tag (lower case, ``-`` separated), from ``labels.<lang>.txt``."""
     preprocessing_changed: bool = False
     """The version's own model.toml acknowledges that its preprocessing differs from the serving version's."""
+    rollout: RolloutSpec = field(default_factory=RolloutSpec)  # how a new version goes live: server/core/rollout.py
     origins: Origins = field(default_factory=dict)
     """Which model.toml set each key (see :mod:`server.core.layering`); empty for a manifest not read from files."""
 
@@ -211,6 +223,8 @@ def load_manifest(version_dir: Path) -> Manifest:
     labels = read_labels(find_file(version_dir, LABELS_NAME))
     try:
         manifest = parse_manifest(raw, path, labels, read_translations(version_dir, labels))
+        if len(layers) > 1:  # the model directory's [rollout] governs: a version may only make it stricter
+            rollout_of(raw, path, ManifestError, governing=layers[0][1])
     except ManifestError as exc:
         origin = origin_of(origins, exc.key) if exc.key else None
         merged = f" ({path} is merged over {layers[0][0]}, key by key)" if len(layers) > 1 else ""
@@ -270,7 +284,7 @@ def parse_manifest(raw: dict[str, Any], path: Path, labels: tuple[str, ...],
         weights=_get(raw, "weights", str, path),
         top_k=top_k,
         is_default=_get(raw, "default", bool, path, default=False),
-        keep_versions=keep_versions,
+        keep_versions=keep_versions, keep_loaded=_get(raw, "keep_loaded", bool, path, default=False),
         min_accuracy=float(min_accuracy),
         model_args=model_args,
         input=_parse_input(_get(raw, "input", dict, path, default={}), path),
@@ -283,14 +297,17 @@ def parse_manifest(raw: dict[str, Any], path: Path, labels: tuple[str, ...],
         translations=dict(translations or {}),
         preprocessing_changed=_get(raw, "preprocessing_changed", bool, path, default=False),
         runtime=_parse_runtime(raw, architecture, path),
+        device=device_of(raw, path, ManifestError),
+        rollout=rollout_of(raw, path, ManifestError),
+        cache=cache_of(raw, path, ManifestError),
         **_parse_compile(raw, path),
     )
 
 
 def _parse_runtime(raw: dict[str, Any], architecture: str, path: Path) -> str:
     """``runtime``; an ``onnx`` architecture always runs on ONNX Runtime, and only there."""
-    default = "onnxruntime" if architecture == ONNX_ARCHITECTURE else "torch"
-    runtime = _choice(raw, "runtime", RUNTIMES, default, path, prefix="")
+    default = "onnxruntime" if architecture == ONNX_ARCHITECTURE else RUNTIME_UNSET
+    runtime = _choice(raw, "runtime", RUNTIMES, default, path, prefix="") if "runtime" in raw else default
     if architecture == ONNX_ARCHITECTURE and runtime != "onnxruntime":
         raise ManifestError(path, 'architecture = "onnx" runs on ONNX Runtime only; remove runtime or set '
                                   '"onnxruntime"', "runtime")

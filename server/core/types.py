@@ -80,6 +80,10 @@ class ClassifyResult:
     lang: str = ""
     tile_count: int = 0
     tiles: list[TileResult] = field(default_factory=list)
+    cache_hit: bool = False
+    """Answered from the response cache (server/ops/response_cache.py): nothing was queued or computed."""
+    cold_start: bool = False
+    """Its model was loaded for it (``--lazy-load``, server/models/memory_budget.py): it waited for the load."""
 
 
 @dataclass(frozen=True)

@@ -9,8 +9,10 @@ serving version's limits and latency-target policy; each calls :meth:`BatchPipel
 2. redoes the preprocessing of an item prepared for another input spec (a swap: a payload invalid for the new
    spec fails alone, with InvalidInput), decodes device JPEGs and, on
    CUDA, stages the batch into pinned memory, in the preprocessing pool while the previous batch computes;
-3. predicts on the inference thread, splitting a batch that runs out of memory (:mod:`server.inference.isolation`);
-4. accounts: the failure log, the batch listeners (metrics) and admission's batch times.
+3. predicts on the inference thread of the version's device (:mod:`server.inference.devices`), splitting a
+   batch that runs out of memory (:mod:`server.inference.isolation`);
+4. accounts: the failure log, the batch listeners (metrics), admission's batch times and, with tracing on, the
+   batch's spans (:mod:`server.ops.tracing`).
 
 It knows nothing of the model manager: versions are looked up through the ``resolve`` callable it is given.
 Everything here runs on the event loop and blocks only the calling task.
@@ -36,11 +38,15 @@ from server.batching.policy import LatencyTargetPolicy
 from server.core.errors import ClassifydError, InferenceFailed, InvalidInput, ModelUnavailable
 from server.core.manifest import InputSpec
 from server.core.types import BatchReport, Box, RawTensor
+from server.inference.cap_tuning import tuner_for
 from server.inference.device_decode import DeviceJpeg, decode_batch
+from server.inference.devices import InferenceThreads
 from server.inference.isolation import FailureLog, describe, is_out_of_memory, predict_splitting_on_oom
 from server.inference.prepare import InputPreparer
-from server.inference.runtime import InferenceThread, LoadedVersion
+from server.inference.runtime import LoadedVersion
 from server.inference.staging import Pixels, StagedBatch
+from server.ops import tracing
+from server.ops.tracing import ItemTrace
 
 log = logging.getLogger("classifyd.service")
 
@@ -63,6 +69,7 @@ class BatchItem:
     box: Box | None = None  # a tile: the region of the payload it was cut from
     exact: bool = False  # computed by ``admitted`` only, so all tiles of an image share one version
     request_id: str = ""
+    trace: ItemTrace | None = None  # its request's span while tracing is on (server/ops/tracing.py)
 
 
 @dataclass(frozen=True)
@@ -84,7 +91,7 @@ Handler = Callable[[str, list[BatchItem]], Awaitable[list[Computed | BaseExcepti
 class BatchPipeline:
     """What every model's batcher calls with a batch (:meth:`run_batch`)."""
 
-    def __init__(self, resolve: Resolve, inference: InferenceThread, inputs: InputPreparer,
+    def __init__(self, resolve: Resolve, inference: InferenceThreads, inputs: InputPreparer,
                  admission: Admission) -> None:
         self._resolve = resolve
         self._inference = inference
@@ -100,6 +107,7 @@ class BatchPipeline:
     async def run_batch(self, name: str, items: list[BatchItem]) -> list[Computed | BaseException]:
         """Compute a batch of model ``name``: one result per item, a ClassifydError for an item that failed."""
         started = time.perf_counter()
+        traced = tracing.open_batch(name, items)  # None while tracing is off
         results: list[Computed | BaseException] = [ModelUnavailable("not computed")] * len(items)
         groups: dict[LoadedVersion, list[int]] = defaultdict(list)
         for position, item in enumerate(items):
@@ -113,10 +121,16 @@ class BatchPipeline:
             version.lease()
         try:
             for version, positions in groups.items():
+                group_started = tracing.now_ns() if traced else 0
                 await self._run_group(version, [items[p] for p in positions], positions, results)
+                if traced is not None:
+                    traced.computed(version.version, [items[p].trace for p in positions],
+                                    [results[p] for p in positions], group_started)
         finally:
             for version in groups:
                 version.unlease()
+            if traced is not None:
+                traced.end()
         self._admission.observe_batch(name, time.perf_counter() - started)
         return results
 
@@ -184,7 +198,8 @@ class BatchPipeline:
         if version.device.type == "cuda":
             decoded = await self._inputs.run(_decode_hwc, jpegs, version.manifest.input, version.device)
         else:
-            decoded = await self._inference.run(_decode_hwc, jpegs, version.manifest.input, version.device)
+            decoded = await self._inference.for_version(version).run(_decode_hwc, jpegs, version.manifest.input,
+                                                                     version.device)
         out = cast(list[Pixels | ClassifydError], list(inputs))
         for position, pixels in zip(positions, decoded, strict=True):
             out[position] = pixels
@@ -197,7 +212,8 @@ class BatchPipeline:
         if not good:
             return list(pixels)
         batch = await self._staged(version, good)
-        computed = iter(await self._inference.run(predict_splitting_on_oom, version.predict, batch, splits))
+        thread = self._inference.for_version(version)  # one per device: two GPUs compute at once
+        computed = iter(await thread.run(predict_splitting_on_oom, version.predict, batch, splits))
         return [p if isinstance(p, ClassifydError) else next(computed) for p in pixels]
 
     async def _staged(self, version: LoadedVersion, pixels: list[Pixels]) -> list[Pixels] | StagedBatch:
@@ -238,7 +254,7 @@ class ModelBatchers:
         """The batcher of ``version``'s model, (re)configured with its limits. Call on the event loop."""
         batcher = self._batchers.get(version.name)
         limits = {"max_batch_size": version.max_batch_size, "max_delay_s": version.max_delay_ms / 1000.0,
-                  "max_queue": version.max_queue, "policy": self._policy_for(version)}
+                  "max_queue": version.max_queue, "policy": self._policy_for(version), "tuner": tuner_for(version)}
         if batcher is None:
             # On CUDA the next batch is staged (stacked, copied to the device) while the current one computes.
             batcher = Batcher(lambda items, name=version.name: self._handler(name, items),
@@ -246,7 +262,7 @@ class ModelBatchers:
                               max_concurrent_batches=2 if version.device.type == "cuda" else 1, **limits)
             batcher.start()
             self._batchers[version.name] = batcher
-        elif (batcher.max_batch_size, batcher.max_delay_s, batcher.max_queue, batcher.policy) != \
+        elif (batcher.max_batch_size, batcher.max_delay_s, batcher.max_queue, batcher.policy, batcher.tuner) != \
                 tuple(limits.values()):
             batcher.configure(**limits)
         return batcher

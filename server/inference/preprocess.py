@@ -2,7 +2,9 @@
 
 PIL and numpy only: the result is an ``HxWxC`` numpy array (uint8, or float32
 in 0..1 for float tensors) of exactly the model's input size; normalisation to
-mean/std happens batched on the inference thread. With a ``[tiling]`` section,
+mean/std happens batched on the inference thread (inside the graph on ONNX
+Runtime: :mod:`server.inference.onnx_normalise`). The resize goes through the
+crop's box (:mod:`server.inference.resize`). With a ``[tiling]`` section,
 :func:`preprocess_tiles` cuts the input into overlapping tiles first and fits
 each one. These functions block (PIL decode and resize release the GIL): run
 them in a thread pool. Every problem with the input raises
@@ -31,6 +33,7 @@ from server.core.config import MAX_PIXELS
 from server.core.errors import InvalidInput
 from server.core.manifest import COLOR_CHANNELS, InputSpec, TilingSpec
 from server.core.types import TENSOR_DTYPES, Box, RawTensor
+from server.inference.resize import CROP_BOX_FILTERS, crop_origin, resize_crop_box
 
 SUPPORTED_FORMATS = ("JPEG", "PNG", "WEBP", "BMP", "GIF", "TIFF", "MPO")
 # An image so elongated that scaling its shorter side to `resize` would make a larger intermediate image than
@@ -371,7 +374,9 @@ def _fit_band(image: Image.Image, spec: InputSpec) -> np.ndarray:
         return np.asarray(image)
     new_size = scaled_size(image.width, image.height, spec)
     if new_size[0] * new_size[1] > MAX_INTERMEDIATE_PIXELS:
-        return np.asarray(_resize_crop_box(image, new_size, spec, resample))
+        return np.asarray(resize_crop_box(image, new_size, spec, resample, None))
+    if new_size != image.size and spec.interpolation in CROP_BOX_FILTERS:
+        return np.asarray(resize_crop_box(image, new_size, spec, resample, RESIZE_GAP))
     if new_size != image.size:
         image = image.resize(new_size, resample, reducing_gap=RESIZE_GAP)
     left, top = crop_origin(image.width, image.height, spec)
@@ -387,20 +392,6 @@ def scaled_size(width: int, height: int, spec: InputSpec) -> tuple[int, int]:
     scaled_long = spec.resize * long // short
     scaled = (spec.resize, scaled_long) if width <= height else (scaled_long, spec.resize)
     return max(spec.width, scaled[0]), max(spec.height, scaled[1])
-
-
-def crop_origin(width: int, height: int, spec: InputSpec) -> tuple[int, int]:
-    """``(left, top)`` of the centred input-size crop of an image of ``width x height``."""
-    return round((width - spec.width) / 2.0), round((height - spec.height) / 2.0)
-
-
-def _resize_crop_box(image: Image.Image, new_size: tuple[int, int], spec: InputSpec,
-                     resample: Image.Resampling) -> Image.Image:
-    """The centre crop of the image scaled to ``new_size``, resampling only the source region it covers."""
-    sx, sy = new_size[0] / image.width, new_size[1] / image.height
-    left, top = crop_origin(*new_size, spec)
-    box = (left / sx, top / sy, (left + spec.width) / sx, (top + spec.height) / sy)
-    return image.resize((spec.width, spec.height), resample, box=box)
 
 
 def _as_hwc(array: np.ndarray) -> np.ndarray:

@@ -19,14 +19,16 @@ import torch
 from torch import nn
 
 from server.batching.curve import BatchCurve
+from server.batching.online import OnlineTuner
 from server.core.config import DEFAULT_MAX_QUEUE
 from server.core.manifest import Manifest
 from server.inference.compiled import warm_up_sizes
 from server.inference.device_decode import uses_device_decode
 from server.inference.isolation import contained, describe
 from server.inference.precision import autocast, effective_precision
-from server.inference.runtimes import Runtime, TorchRuntime
+from server.inference.runtimes import OnnxRuntime, Runtime, TorchRuntime
 from server.inference.staging import Pixels, StagedBatch, Stager
+from server.inference.threads import choose_threads, process_threads, remember_process_threads, use_threads
 
 T = TypeVar("T")
 log = logging.getLogger("classifyd.models")
@@ -40,27 +42,42 @@ class InferenceThread:
     """
 
     def __init__(self) -> None:
+        """Create the thread (it starts on the first call). Records the process's torch thread count, which the
+        versions' own counts (:mod:`server.inference.threads`) fall back to: create it after ``--torch-threads``
+        was applied."""
+        remember_process_threads()
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="classifyd-infer")
+        self._live = 0  # run() calls queued or running; the low-priority lane waits for none
+        self._quiet: list[asyncio.Future[None]] = []
 
     async def run(self, fn: Callable[..., T], *args: object) -> T:
         """Run ``fn(*args)`` on the inference thread and await its result. Raises what ``fn`` raises, except
         that model code's StopIteration or BaseException arrives as ModelCodeError
         (:func:`server.inference.isolation.contained`): the awaiting task never hangs on it."""
+        self._live += 1
+        try:
+            return await asyncio.get_running_loop().run_in_executor(self._executor, contained, fn, *args)
+        finally:
+            self._live -= 1
+            if not self._live:
+                for waiter in self._quiet:
+                    if not waiter.done():
+                        waiter.set_result(None)
+                self._quiet.clear()
+
+    async def run_when_quiet(self, fn: Callable[..., T], *args: object) -> T:
+        """Low priority (rollout shadow work, :mod:`server.inference.shadow`): wait until no :meth:`run` call is
+        queued or running, then run ``fn(*args)`` as :meth:`run` does. A live call that arrives meanwhile waits
+        at most for this one call. Call on the event loop."""
+        while self._live:
+            waiter = asyncio.get_running_loop().create_future()
+            self._quiet.append(waiter)
+            await waiter
         return await asyncio.get_running_loop().run_in_executor(self._executor, contained, fn, *args)
 
     def shutdown(self) -> None:
         """Wait for the running call, then stop the thread."""
         self._executor.shutdown(wait=True)
-
-
-def pick_device(requested: str) -> torch.device:
-    """``auto`` → CUDA when available, else CPU; ``cpu``/``cuda``/``cuda:N`` as given."""
-    if requested == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    device = torch.device(requested)
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError("--device cuda was given but torch sees no CUDA device")
-    return device
 
 
 class OutputShapeError(RuntimeError):
@@ -85,8 +102,14 @@ class LoadedVersion:
     max_queue: int = DEFAULT_MAX_QUEUE
     batch_curve: BatchCurve | None = None
     """Measured at load time by :mod:`server.models.loader.autotune`; None when not measured."""
+    tuner: OnlineTuner | None = None
+    """Moves ``max_batch_size`` while serving (:mod:`server.batching.online`); set by the model's batcher when the
+    cap was autotuned; None when pinned, not measured (yet) or under a latency target."""
     runtime: Runtime | None = None
     """What runs the forward pass (server/inference/runtimes.py); None: the module itself (TorchRuntime)."""
+    torch_threads: int | None = None
+    """torch intra-op threads of this version's forward passes, chosen at warm-up (:mod:`server.inference.threads`);
+    None: the process's count."""
 
     def __post_init__(self) -> None:
         if self.runtime is None:
@@ -123,6 +146,11 @@ class LoadedVersion:
         await self._idle.wait()
 
     @property
+    def leases(self) -> int:
+        """Requests holding this version now: being prepared, queued or computed (0: idle)."""
+        return self._leases
+
+    @property
     def labels(self) -> tuple[str, ...]:
         return self.manifest.labels
 
@@ -139,29 +167,50 @@ class LoadedVersion:
         with self._lock, torch.inference_mode():
             if self.released:
                 raise RuntimeError(f"model {self.name} version {self.version} was already released")
+            if self.device.type == "cpu":
+                use_threads(self.torch_threads or process_threads())
             staged = inputs if isinstance(inputs, StagedBatch) else self._stager.stage(inputs, self.max_batch_size)
-            batch = self._normalize(staged.wait())
-            with autocast(self.precision, self.device):
-                logits = self.runtime(batch)
+            stacked, runtime = staged.wait(), self.runtime
+            # the runtime that runs the batch decides, here under the lock: a switch between preparing and running
+            # a batch cannot feed it the wrong kind (server/inference/onnx_normalise.py)
+            if stacked.dtype == torch.uint8 and isinstance(runtime, OnnxRuntime) and runtime.takes_pixels:
+                logits = runtime.pixels(stacked, self._mean, self._inv_std)
+            else:
+                batch = self._normalize(stacked)
+                with autocast(self.precision, self.device):
+                    logits = runtime(batch)
             self._check_output(logits, len(staged))
             if self.manifest.activation == "sigmoid":
                 return torch.sigmoid(logits.float()).cpu().numpy()
             return torch.softmax(logits.float(), dim=1).cpu().numpy()
 
-    def warm_up(self) -> None:
-        """Run one batch of ``max_batch_size`` blank images: catches shape errors and OOM before serving.
+    def warm_up(self, images: Sequence[Pixels] = ()) -> None:
+        """Run one batch of ``max_batch_size`` inputs: ``images`` (the version's ``warmup/`` images, repeated to fill
+        the batch) when given, else blank images; catches shape errors and OOM before serving.
         A compiled module runs one batch per batch-size bucket instead, which compiles every bucket here, on the
-        inference thread (seconds per bucket; other models wait). Raises WarmUpError saying what failed."""
+        inference thread (seconds per bucket; other models wait). On the CPU with the torch runtime it then chooses
+        the version's torch thread count (:func:`server.inference.threads.choose_threads`: up to about 0.3 s for a
+        small model, one more pass for a large one). Raises WarmUpError saying what failed."""
         spec = self.manifest.input
-        blank = np.zeros((spec.height, spec.width, spec.channels), dtype=np.uint8)
+        pool = list(images) or [np.zeros((spec.height, spec.width, spec.channels), dtype=np.uint8)]
+        kind = "warmup/" if images else "blank"
         for size in warm_up_sizes(self.module, self.max_batch_size):
             try:
-                self.predict([blank] * size)
+                self.predict([pool[i % len(pool)] for i in range(size)])
             except Exception as exc:
                 reason = str(exc) if isinstance(exc, OutputShapeError) else describe(exc)
-                raise WarmUpError(f"warm-up on a batch of {size} blank {spec.height}x{spec.width}"
+                raise WarmUpError(f"warm-up on a batch of {size} {kind} {spec.height}x{spec.width}"
                                   f"x{spec.channels} ({spec.color}) inputs failed: {reason}{self._channel_hint()}") \
                     from exc
+        if self.device.type == "cpu" and self.torch_threads is None and self.runtime is not None \
+                and self.runtime.name == "torch":
+            try:
+                self.torch_threads, why = choose_threads(lambda: self.predict(pool[:1]), process_threads())
+            except Exception as exc:  # noqa: BLE001 - an optimisation only: the warm-up passed, so the version may still serve
+                use_threads(process_threads())
+                self.torch_threads, why = process_threads(), f"not measured: a single image failed: {describe(exc)}"
+            log.info("model %s version %d: %d torch thread(s) per forward pass (%s)", self.name, self.version,
+                     self.torch_threads, why)
 
     def _channel_hint(self) -> str:
         """Name the first convolution when its input channels differ from the manifest's colour mode."""

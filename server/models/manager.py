@@ -24,6 +24,7 @@ from server.core.config import (
     DEFAULT_MAX_BATCH_SIZE,
     DEFAULT_MAX_DELAY_MS,
     DEFAULT_MAX_QUEUE,
+    DEFAULT_RUNTIME,
     AutotuneDefaults,
     BatchingDefaults,
 )
@@ -31,13 +32,18 @@ from server.core.errors import ModelNotFound, ModelUnavailable
 from server.core.input_changes import check_preprocessing
 from server.core.lifecycle import EventKind, ModelEvent, VersionState, move
 from server.core.manifest import Manifest
-from server.inference.runtime import InferenceThread, LoadedVersion
+from server.core.rollout import Scores
+from server.inference.devices import InferenceThreads
+from server.inference.runtime import LoadedVersion
+from server.models.catalogue import CatalogueSteps, retire_task_name
 from server.models.loader.autotune import TuneQueue
 from server.models.loader.pipeline import Loaded, LoadFailed, LoadSettings, VersionLoader
+from server.models.loader.runtime_choice import ChoiceSettings, RuntimeChoice, RuntimeChooser
+from server.models.memory import MeasuredLoader
+from server.models.rollout import RolloutSteps, files_and_decision
 from server.models.source.repository import (
     Fingerprint,
     SettleTracker,
-    fingerprint,
     model_names,
     model_present,
     version_numbers,
@@ -62,6 +68,10 @@ class VersionRecord:
     fingerprint: Fingerprint = ()
     failed_fingerprint: Fingerprint | None = None
     validation_accuracy: float | None = None
+    runtime_choice: RuntimeChoice | None = None
+    """Why the version runs on its runtime, with the speeds measured (``runtime = "auto"``); None otherwise."""
+    scores: Scores | None = None
+    """A CANDIDATE's rollout figures so far (server/rollouts.py)."""
 
     def is_current(self, current: Fingerprint) -> bool:
         """Whether these files were already tried (loaded, or failed to load)."""
@@ -106,30 +116,37 @@ class ManagerSettings:
     autotune: AutotuneDefaults = field(default_factory=AutotuneDefaults)
     trust_code: bool = False  # allow python: architectures, which execute files of the repository
     cache_dir: Path = DEFAULT_CACHE_DIR  # ONNX exports (runtime = "onnxruntime")
+    default_runtime: str = DEFAULT_RUNTIME  # for manifests that set no runtime
 
     def loading(self) -> LoadSettings:
         """What the loader needs of these settings."""
         batching = BatchingDefaults(max_batch_size=self.default_max_batch_size, max_delay_ms=self.default_max_delay_ms,
                                     max_queue=self.default_max_queue, autotune=self.autotune)
-        return LoadSettings(self.device, batching, self.trust_code, self.cache_dir)
+        return LoadSettings(self.device, batching, self.trust_code, self.cache_dir, self.default_runtime)
 
 
 Listener = Callable[[ModelEvent], None]
 
 
-class ModelManager:
+class ModelManager(RolloutSteps, CatalogueSteps):
     """Loads models from the repository, swaps versions, and answers which version serves a request."""
 
-    def __init__(self, settings: ManagerSettings, inference: InferenceThread) -> None:
+    def __init__(self, settings: ManagerSettings, inference: InferenceThreads) -> None:
         self.settings = settings
         self._inference = inference
-        self._loader = VersionLoader(settings.loading(), inference)
+        self._loader = self.memory = MeasuredLoader(VersionLoader(settings.loading(), inference), inference)
         self._models: dict[str, ModelRecord] = {}
         self._listeners: list[Listener] = []
         self._retiring: set[asyncio.Task[None]] = set()
         self._tuning = TuneQueue(inference)
+        loading = settings.loading()
+        self.runtimes = RuntimeChooser(ChoiceSettings(settings.cache_dir, settings.trust_code, loading.batching),
+                                       inference, self._tuning, self._runtime_chosen)
         self._starting = False  # the initial load: readiness first, batch curves measured afterwards
+        self._pre_decided = {}  # (model, version) → a decision recorded for the files being loaded (rollout.py)
+        self._writing = {}  # (model, version) → the candidate's pending record being written (rollout.py)
         self.default_model: str | None = None
+        self.wanted: Callable[[str], bool] = lambda name: True  # to be loaded? (no: listed AVAILABLE; control.py)
 
     # ----- events and state changes
 
@@ -152,7 +169,20 @@ class ModelManager:
         reason = self._tell_serving(record, kind, reason, number)
         # an unloaded generation never serves, even when another generation of its number does
         now_serving = number == entry.version and kind is not EventKind.UNLOADED
-        event = ModelEvent(record.name, entry.version, kind, reason, now_serving, number)
+        self._tell(ModelEvent(record.name, entry.version, kind, reason, now_serving, number))
+
+    def _runtime_chosen(self, loaded: LoadedVersion, choice: RuntimeChoice, headline: str) -> None:
+        """The background runtime choice of ``loaded`` ended (server/models/loader/runtime_choice.py): record it and
+        tell it as a READY event with ``headline`` as reason; no state changes (the version served throughout)."""
+        for record in self._models.values():
+            for entry in record.versions.values():
+                if entry.loaded is loaded:
+                    entry.runtime_choice = choice
+                    serving = record.serving()
+                    self._tell(ModelEvent(record.name, entry.version, EventKind.READY, headline, serving is entry,
+                                          serving.version if serving else None))
+
+    def _tell(self, event: ModelEvent) -> None:
         for listener in list(self._listeners):
             try:
                 listener(event)
@@ -220,6 +250,8 @@ class ModelManager:
             if record.removed:  # removed while this call waited for the lock: a later call starts a new record
                 return 0.0
             on_disk = await asyncio.to_thread(version_numbers, record.directory)
+            if not self.wanted(name):
+                return self._list_available(record, on_disk)
             wait, kept = await self._load_newest(record, on_disk, settle, force)
             if wait == 0.0 or not any(v.state is VersionState.READY for v in record.versions.values()):
                 self._retire_all_but(record, kept, set(on_disk))
@@ -248,10 +280,13 @@ class ModelManager:
     async def _consider(self, record: ModelRecord, number: int, settle: SettleTracker | None,
                         force: bool) -> VersionRecord | float | None:
         """Load one version if its files are new or changed and have settled; else say how long to wait."""
-        current = await asyncio.to_thread(fingerprint, record.directory / str(number))
+        current, decision = await asyncio.to_thread(files_and_decision, record.directory / str(number))
         entry = record.versions.get(number)
         if entry is not None and entry.is_current(current) and not force:
             return entry
+        recorded = self._recorded(record, number, current, decision)  # rollout.py: a recorded rejection
+        if recorded is not None:
+            return recorded
         remaining = settle.remaining((record.name, number), current) if settle else 0.0
         if remaining > 0:
             return remaining
@@ -265,13 +300,14 @@ class ModelManager:
         serving_copy = previous if previous is not None and previous.state is VersionState.READY else None
         entry = VersionRecord(number, fingerprint=files, generation=(previous.generation if previous else 0) + 1)
         if serving_copy is None:
-            if previous is not None and previous.state is not VersionState.UNLOADING:
+            if previous is not None and previous.state is VersionState.AVAILABLE:  # model control: asked to load
+                entry, entry.fingerprint, entry.generation = previous, files, 1
+            elif previous is not None and previous.state is not VersionState.UNLOADING:
                 self._move(record, previous, None)  # a failed or cut-short attempt, replaced by this one
             record.versions[number] = entry
         self._move(record, entry, VersionState.LOADING, f"generation {entry.generation}" if serving_copy else "")
         def seen(manifest: Manifest) -> None:
             entry.manifest = manifest
-
         try:
             loaded = await self._loader.load(record.name, number, record.directory / str(number), on_manifest=seen,
                                              defer_tune=self._starting, accept=self._preprocessing_gate(record, number))
@@ -315,10 +351,11 @@ class ModelManager:
             self._retire(record, serving_copy, f"generation {serving_copy.generation} retired, replaced by "
                                                f"generation {entry.generation}")
         log.info("model %s version %d ready on %s (generation %d, %.2f s)", record.name, entry.version,
-                 self.settings.device, entry.generation, loaded.seconds)
-        self._move(record, entry, VersionState.READY)
+                 loaded.version.device, entry.generation, loaded.seconds)
+        self._move(record, entry, self._loaded_state(record, entry, serving_copy is not None))
         if loaded.pending_tune is not None:
             self._tuning.schedule(loaded.version, loaded.pending_tune)
+        entry.runtime_choice = self.runtimes.schedule(loaded.version, record.directory / str(entry.version))
         return entry
 
     def _load_failed(self, record: ModelRecord, entry: VersionRecord, serving_copy: VersionRecord | None,
@@ -345,14 +382,18 @@ class ModelManager:
                 continue
             if entry.state is VersionState.READY:
                 self._retire(record, entry, "removed from disk" if number not in on_disk else "superseded")
-            elif entry.state is VersionState.FAILED and number not in on_disk:
+            elif entry.state is VersionState.AVAILABLE or (entry.state is VersionState.FAILED
+                                                             and number not in on_disk):
                 del record.versions[number]
                 self._move(record, entry, None)
+        self._settle_candidates(record, on_disk)  # rollout.py: replaced candidates, vanished rejected versions
 
     def _retire(self, record: ModelRecord, entry: VersionRecord, reason: str) -> None:
         """Stop routing new batches to ``entry``; release it once its in-flight requests are done."""
+        self.runtimes.cancel(entry.loaded)  # a version on its way out never switches runtime
         self._move(record, entry, VersionState.UNLOADING)
-        task = asyncio.get_running_loop().create_task(self._finish_retire(record, entry, reason))
+        task = asyncio.get_running_loop().create_task(self._finish_retire(record, entry, reason),
+                                                      name=retire_task_name(record.name))
         self._retiring.add(task)
         task.add_done_callback(self._retiring.discard)
 
@@ -360,7 +401,7 @@ class ModelManager:
         loaded = entry.loaded
         if loaded is not None:
             await loaded.drained()
-            await self._inference.run(loaded.release)
+            await self._inference.for_version(loaded).run(loaded.release)
         entry.loaded = None
         if record.versions.get(entry.version) is entry:
             del record.versions[entry.version]
@@ -374,13 +415,17 @@ class ModelManager:
         async with record.lock:
             record.removed = True
             for entry in list(record.versions.values()):
-                if entry.state is VersionState.READY:
+                if entry.state in (VersionState.READY, VersionState.CANDIDATE):
                     self._retire(record, entry, "model directory removed")
-                elif entry.state is VersionState.FAILED:
+                elif entry.state in (VersionState.FAILED, VersionState.AVAILABLE, VersionState.REJECTED):
                     del record.versions[entry.version]
                     self._move(record, entry, None)
         log.info("model %s removed: unloading after in-flight requests finish", name)
         self.default_model = self._choose_default()
+
+    @staticmethod
+    def _new_record(number: int, files: Fingerprint) -> VersionRecord:
+        return VersionRecord(number, fingerprint=files)
 
     def _choose_default(self) -> str | None:
         live = {n: r for n, r in self._models.items() if not r.removed}
@@ -420,6 +465,9 @@ class ModelManager:
         entry = record.serving() if version == 0 else record.versions.get(version)
         if entry is None and version:
             raise ModelNotFound(f"model {record.name} has no loaded version {version}")
+        if entry is None and not self.wanted(record.name):
+            raise ModelUnavailable(f"model {record.name} is not loaded (--model-control explicit): load it first "
+                                   "(RepositoryModelLoad, LoadModel, python -m client load)")
         if entry is None and any(v.state is VersionState.LOADING for v in record.versions.values()):
             raise ModelUnavailable(f"model {record.name} is loading; retry shortly")
         if entry is None or entry.loaded is None or entry.state is not VersionState.READY:
@@ -432,6 +480,7 @@ class ModelManager:
         for task in list(self._retiring):
             task.cancel()
         self._tuning.cancel()
+        await self.runtimes.aclose()
         for record in self._models.values():
             for entry in record.versions.values():
                 if entry.loaded:
@@ -443,6 +492,6 @@ class ModelManager:
         """Release ``loaded`` on the inference thread (torch and the CUDA cache block), or here once that
         thread has stopped."""
         try:
-            await self._inference.run(loaded.release)
+            await self._inference.for_version(loaded).run(loaded.release)
         except RuntimeError:  # the inference thread was shut down first
             loaded.release()

@@ -79,11 +79,14 @@ def log_request(report: RequestReport) -> None:
                                  "latency_ms": latency_ms}
     if result:
         fields.update(batch_size=result.batch_size, queue_ms=round(result.queue_s * 1000, 3),
-                      compute_ms=round(result.compute_s * 1000, 3))
+                      compute_ms=round(result.compute_s * 1000, 3), cache_hit=result.cache_hit,
+                      cold_start=result.cold_start)
     outcome = report.code.name + (f": {report.message}" if report.message else "")
     # Client-supplied strings go into text logs as capped reprs: a newline must not forge a log line.
-    request_log.log(level, "request %s model %s version %s: %s (%.1f ms)", client_text(report.request_id),
-                    client_text(model) if model else "(default)", version, outcome, latency_ms, extra=fields)
+    request_log.log(level, "request %s model %s version %s: %s (%.1f ms%s)", client_text(report.request_id),
+                    client_text(model) if model else "(default)", version, outcome, latency_ms,
+                    (", cache hit" if result and result.cache_hit else "")
+                    + (", cold start" if result and result.cold_start else ""), extra=fields)
 
 
 def client_text(value: str, limit: int = CLIENT_TEXT_LIMIT) -> str:

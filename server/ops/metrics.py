@@ -84,6 +84,8 @@ class Metrics:
                              "took over serving", ["model"], registry=registry)
         self.serving = Gauge("classifyd_model_serving_version", "The version serving requests that pin none",
                              ["model"], registry=registry)
+        self.rollouts = Counter("classifyd_rollout_transitions", "Rollout steps (docs/rollout.md): a version became a "
+                                "candidate, was promoted or was rejected", ["model", "kind"], registry=registry)
         registry.register(_QueueCollector(queues))
         ProcessCollector(registry=registry)  # process_resident_memory_bytes and friends
         self._loading: dict[tuple[str, int], float] = {}
@@ -99,8 +101,9 @@ class Metrics:
         if result is not None:
             model, version = result.model, str(result.version)
             self.latency.labels(model).observe(report.seconds)
-            self.queue.labels(model).observe(result.queue_s)
-            self.preprocess.labels(model).observe(result.preprocess_s)
+            if not result.cache_hit:  # a cache hit waited in no queue and was not preprocessed
+                self.queue.labels(model).observe(result.queue_s)
+                self.preprocess.labels(model).observe(result.preprocess_s)
         else:
             model, version = self._labels_for(report.model, report.version)
         self.requests.labels(model, version, report.code.name).inc()
@@ -127,13 +130,15 @@ class Metrics:
         if event.kind is EventKind.LOADING:
             self._loading[key] = event.time
             return
-        if event.kind in (EventKind.READY, EventKind.FAILED):
-            result = "ready" if event.kind is EventKind.READY else "failed"
+        if event.kind in (EventKind.READY, EventKind.FAILED, EventKind.CANDIDATE):  # a candidate loaded too
+            result = "failed" if event.kind is EventKind.FAILED else "ready"
             self.loads.labels(event.model, result).inc()
             started = self._loading.pop(key, None)
             if started is not None:
                 self.load_seconds.labels(event.model, result).observe(max(event.time - started, 0.0))
-        if event.kind is EventKind.READY and event.serving and event.model in self._serving:
+        if event.kind in (EventKind.CANDIDATE, EventKind.PROMOTED, EventKind.REJECTED):
+            self.rollouts.labels(event.model, event.kind.name.lower()).inc()
+        if event.kind in (EventKind.READY, EventKind.PROMOTED) and event.serving and event.model in self._serving:
             self.swaps.labels(event.model).inc()
         self._set_serving(event.model, event.serving_version)
 

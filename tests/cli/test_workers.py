@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import signal
 import socket
 import time
+import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -15,6 +17,7 @@ import pytest
 from classifier.v1 import classifier_pb2 as pb
 from classifier.v1 import classifier_pb2_grpc as pb_grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
+from prometheus_client.parser import text_string_to_metric_families
 
 from tests.support.daemon_process import SERVER, DaemonProcess
 from tests.support.digits_data import held_out_digits, png_bytes
@@ -26,7 +29,13 @@ from tests.support.repository import DIGIT_LABELS
 def workers(tmp_path_factory: pytest.TempPathFactory) -> Iterator[DaemonProcess]:
     root = tmp_path_factory.mktemp("workers")
     shutil.copytree(REPO / "models" / "digits", root / "models" / "digits")
-    daemon = DaemonProcess(root / "models", root, "--workers", "2", "--grace-seconds", "2", entry=SERVER).start()
+    with socket.socket() as probe:  # --workers needs a concrete HTTP port; a free one, released for the daemon
+        probe.bind(("127.0.0.1", 0))
+        http_port = probe.getsockname()[1]
+    daemon = DaemonProcess(root / "models", root, "--workers", "2", "--grace-seconds", "2", "--metrics-port", "0",
+                           "--metrics-port-file", str(root / "metrics.port"), "--http-port", str(http_port),
+                           entry=SERVER).start()
+    daemon.http_port = http_port  # type: ignore[attr-defined]
     try:
         yield daemon.wait_serving()
     finally:
@@ -68,6 +77,59 @@ def test_two_workers_serve_one_port_from_two_processes(workers: DaemonProcess) -
     assert all(parent_of(pid) == workers.pid for pid in pids)
     for image, label in zip(images[:6], labels[:6], strict=True):
         assert serving_pid(workers.target, png_bytes(image))[1] == DIGIT_LABELS[label]
+
+
+def daemon_metrics(daemon: DaemonProcess) -> dict[str, float]:
+    """The parent's /metrics: every sample's value by its name and sorted labels."""
+    port = int((daemon.port_file.parent / "metrics.port").read_text())
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=30) as reply:
+        page = reply.read().decode()
+    return {f"{s.name}{sorted(s.labels.items())}": s.value
+            for family in text_string_to_metric_families(page) for s in family.samples}
+
+
+@pytest.mark.process
+def test_metrics_report_both_workers_as_one_daemon(workers: DaemonProcess) -> None:
+    ok = "classifyd_requests_total[('code', 'OK'), ('model', 'digits'), ('version', '1')]"
+    before = daemon_metrics(workers)
+    png = png_bytes(held_out_digits()[0][0])
+    answered = 0
+    pids: set[int] = set()
+    while len(pids) < 2 and answered < 60:
+        pids.add(serving_pid(workers.target, png)[0])
+        answered += 1
+    after = daemon_metrics(workers)
+    assert len(pids) == 2, "the kernel never spread the connections over both workers"
+    assert after["classifyd_workers_up[('worker', '0')]"] == after["classifyd_workers_up[('worker', '1')]"] == 1
+    assert after[ok] - before.get(ok, 0.0) == answered  # requests served by either worker, summed
+    assert after["classifyd_model_serving_version[('model', 'digits')]"] == 1  # a gauge is not doubled
+    assert after["classifyd_request_latency_seconds_count[('model', 'digits')]"] >= answered
+
+
+def status_json(daemon: DaemonProcess) -> dict:
+    """/status.json over a new connection: whichever worker the kernel picks answers."""
+    with urllib.request.urlopen(f"http://127.0.0.1:{daemon.http_port}/status.json", timeout=30) as reply:
+        return json.loads(reply.read())
+
+
+@pytest.mark.process
+def test_the_status_page_shows_both_workers_whichever_answers(workers: DaemonProcess) -> None:
+    png = png_bytes(held_out_digits()[0][0])
+    pids = pids_seen(workers.target, png, want=2)
+    assert len(pids) == 2
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline:  # each worker shares its figures once a second
+        documents = [status_json(workers) for _ in range(6)]
+        if all({w["pid"] for w in d["workers"]} == pids and all(w["requests"] for w in d["workers"])
+               for d in documents):
+            break
+        time.sleep(0.5)
+    assert {d["pid"] for d in documents} <= pids
+    for document in documents:
+        assert {w["pid"] for w in document["workers"]} == pids, document["workers"]
+        assert all(w["requests"] >= 1 for w in document["workers"]), document["workers"]  # both served
+        digits = next(m for m in document["models"] if m["name"] == "digits")
+        assert digits["stats"]["requests"] == sum(w["requests"] for w in document["workers"])
 
 
 @pytest.mark.process

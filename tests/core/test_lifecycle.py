@@ -20,6 +20,18 @@ LEGAL = {
     (UNLOADING, None): EventKind.UNLOADED,
     (FAILED, None): None,
     (LOADING, None): None,
+    # rollouts (server/models/rollout.py)
+    (LOADING, VersionState.CANDIDATE): EventKind.CANDIDATE,
+    (VersionState.CANDIDATE, READY): EventKind.PROMOTED,
+    (VersionState.CANDIDATE, VersionState.REJECTED): EventKind.REJECTED,
+    (READY, VersionState.REJECTED): EventKind.REJECTED,
+    (VersionState.CANDIDATE, UNLOADING): None,
+    (None, VersionState.REJECTED): EventKind.REJECTED,
+    (VersionState.REJECTED, None): None,
+    # model control explicit (server/models/control.py)
+    (None, VersionState.AVAILABLE): EventKind.AVAILABLE,
+    (VersionState.AVAILABLE, LOADING): EventKind.LOADING,
+    (VersionState.AVAILABLE, None): None,
 }
 STAGES: list[VersionState | None] = [None, *VersionState]
 
@@ -92,3 +104,16 @@ def test_a_failed_load_is_reported_and_replaced_by_a_new_attempt() -> None:
 def test_a_cancelled_load_is_dropped_without_an_event_and_any_exception_fails_it() -> None:
     assert transition(LOADING, None).event is None and "cancel" in transition(LOADING, None).trigger
     assert "any other exception" in transition(LOADING, FAILED).trigger  # not only the expected load errors
+
+
+def test_a_rollout_candidate_is_promoted_or_rejected_and_a_rejection_outlives_a_restart() -> None:
+    candidate, rejected = VersionState.CANDIDATE, VersionState.REJECTED
+    promoted = Record()
+    assert [move(promoted, t).event for t in (LOADING, candidate, READY)] == \
+        [EventKind.LOADING, EventKind.CANDIDATE, EventKind.PROMOTED]
+    refused = Record()
+    assert [move(refused, t).event for t in (LOADING, candidate, rejected, None)] == \
+        [EventKind.LOADING, EventKind.CANDIDATE, EventKind.REJECTED, None]
+    assert move(Record(), rejected).event is EventKind.REJECTED  # a restart finds the recorded rejection
+    with pytest.raises(IllegalTransition, match="from REJECTED to READY"):
+        move(record_at(rejected), READY)  # served again only as new files: a new record

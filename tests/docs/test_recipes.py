@@ -129,7 +129,8 @@ def run_block(workspace: Workspace, block: Block) -> None:
         return
     command = ["bash", "-e", "-c"] if block.info == "sh" else [str(REPO / ".venv" / "bin" / "python"), "-c"]
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO), str(REPO / "protos")]),
-           "no_proxy": "127.0.0.1,localhost", "NO_PROXY": "127.0.0.1,localhost"}  # curl and gRPC: never a proxy
+           "no_proxy": "127.0.0.1,localhost", "NO_PROXY": "127.0.0.1,localhost",  # curl and gRPC: never a proxy
+           "XDG_CACHE_HOME": str(root / ".cache")}  # `check` exports runtime = "auto" models: not into ~/.cache
     result = subprocess.run([*command, workspace.address(block.text)], cwd=root, env=env, capture_output=True,
                             text=True, timeout=BLOCK_TIMEOUT_S)
     assert result.returncode == 0, (f"{block.id} exited {result.returncode}\n{block.text}\nstdout:\n{result.stdout}"

@@ -20,8 +20,9 @@ from inference import grpc_service_pb2_grpc as oip_grpc
 
 from client import tensor_request
 from server.core.errors import InvalidInput
-from server.edges.common.oip_codec import join_bytes_elements
+from server.edges.common.oip_codec import BYTES, INLINE_ELEMENTS, InferTensor, is_large, join_bytes_elements
 from server.edges.http.bodies import MAX_JSON_CONTAINERS, load_json
+from server.edges.http.oip import Base64Elements
 from tests.edges.test_http import PNG, Reply, http, url
 from tests.support.digits_data import held_out_digits, png_bytes
 from tests.support.kit import GATE, DaemonThread, encode, running_daemon, write_model
@@ -349,3 +350,12 @@ def test_a_stream_whose_client_does_not_read_stops_being_answered(limited: Daemo
         answers = list(call)
     assert len(answers) == count and not any(a.HasField("error") for a in answers)
     assert _answered_so_far(limited) - answered_before == count
+
+
+def test_one_huge_base64_element_is_decoded_off_the_event_loop() -> None:
+    """REST's BYTES elements weigh their base64 text, not their count: one 16 MiB element is large."""
+    one_huge = InferTensor("images", BYTES, (1,), contents=Base64Elements(["A" * (INLINE_ELEMENTS + 4)]))
+    a_few_small = InferTensor("images", BYTES, (3,), contents=Base64Elements(["AAAA"] * 3))
+    assert is_large(one_huge)
+    assert not is_large(a_few_small)
+    assert is_large(InferTensor("images", BYTES, (INLINE_ELEMENTS + 1,), contents=[b""] * (INLINE_ELEMENTS + 1)))

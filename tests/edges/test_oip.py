@@ -312,7 +312,8 @@ def test_server_metadata_liveness_and_reflection(stub: oip_grpc.GRPCInferenceSer
     assert stub.ServerLive(oip.ServerLiveRequest()).live
     assert stub.ServerReady(oip.ServerReadyRequest()).ready
     metadata = stub.ServerMetadata(oip.ServerMetadataRequest())
-    assert metadata.name == "classifyd" and list(metadata.extensions) == ["classification"]
+    assert metadata.name == "classifyd" and list(metadata.extensions) == [
+        "classification", "model_repository", "model_configuration", "statistics"]
     reflection = reflection_pb2_grpc.ServerReflectionStub(channel)
     answers = reflection.ServerReflectionInfo(iter([reflection_pb2.ServerReflectionRequest(list_services="")]))
     services = {s.name for a in answers for s in a.list_services_response.service}

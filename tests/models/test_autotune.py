@@ -20,6 +20,7 @@ from server.batching.curve import BatchCurve, BatchPoint, best_rates, choose_kne
 from server.core.config import AutotuneDefaults
 from server.core.manifest import BatchingSpec, ManifestError, parse_manifest
 from server.daemon import manager_settings
+from server.inference.devices import InferenceThreads
 from server.inference.runtime import InferenceThread, LoadedVersion
 from server.models.loader import autotune
 from server.models.loader.autotune import TunePlan, curve_from, measure, plan_for
@@ -295,7 +296,7 @@ def test_start_up_serves_with_the_provisional_cap_then_measures_one_model_at_a_t
     monkeypatch.setattr(autotune, "tune", watched_tune)
 
     async def main() -> None:
-        inference = InferenceThread()
+        inference = InferenceThreads()
         manager = ModelManager(manager_settings(local_config(tmp_path, max_batch_size=3)), inference)
         try:
             await manager.load_repository()

@@ -12,8 +12,9 @@ from torch import nn
 
 from server.core.config import BatchingDefaults
 from server.core.manifest import Manifest
+from server.inference.devices import InferenceThreads
 from server.inference.isolation import ModelCodeError
-from server.inference.runtime import InferenceThread, LoadedVersion
+from server.inference.runtime import LoadedVersion
 from server.models.loader import pipeline
 from server.models.loader.pipeline import Loaded, LoadFailed, LoadSettings, VersionLoader
 from server.models.loader.validation import ValidationError
@@ -27,13 +28,13 @@ SMALL = {"model_args": {"width": 8}, "input": {"color": "L", "size": 8, "resize"
 
 
 @pytest.fixture
-def inference() -> Iterator[InferenceThread]:
-    thread = InferenceThread()
+def inference() -> Iterator[InferenceThreads]:
+    thread = InferenceThreads()
     yield thread
     thread.shutdown()
 
 
-def load(inference: InferenceThread, version_dir: Path, *, seen: list[Manifest] | None = None,
+def load(inference: InferenceThreads, version_dir: Path, *, seen: list[Manifest] | None = None,
          batching: BatchingDefaults | None = None) -> Loaded:
     async def go() -> Loaded:
         loader = VersionLoader(LoadSettings(torch.device("cpu"), batching or BatchingDefaults()), inference)
@@ -46,7 +47,7 @@ def load(inference: InferenceThread, version_dir: Path, *, seen: list[Manifest] 
 
 
 def test_a_good_version_loads_warmed_up_with_the_server_defaults_where_its_manifest_is_silent(
-        tmp_path: Path, inference: InferenceThread) -> None:
+        tmp_path: Path, inference: InferenceThreads) -> None:
     version_dir = write_model(tmp_path, "small", manifest=SMALL)
     seen: list[Manifest] = []
     loaded = load(inference, version_dir, seen=seen, batching=BatchingDefaults(max_batch_size=4, max_queue=7))
@@ -58,7 +59,7 @@ def test_a_good_version_loads_warmed_up_with_the_server_defaults_where_its_manif
     assert version.predict([torch.zeros(8, 8, 1, dtype=torch.uint8).numpy()]).shape == (1, 4)
 
 
-def test_a_manifest_that_does_not_parse_fails_without_a_manifest(tmp_path: Path, inference: InferenceThread) -> None:
+def test_a_manifest_that_does_not_parse_fails_without_a_manifest(tmp_path: Path, inference: InferenceThreads) -> None:
     version_dir = write_model(tmp_path, "broken", manifest=SMALL)
     (version_dir.parent / "model.toml").write_text("architecture = [", encoding="utf-8")
     seen: list[Manifest] = []
@@ -67,7 +68,7 @@ def test_a_manifest_that_does_not_parse_fails_without_a_manifest(tmp_path: Path,
     assert failed.value.manifest is None and seen == []
 
 
-def test_bad_weights_fail_with_the_manifest_that_was_read(tmp_path: Path, inference: InferenceThread) -> None:
+def test_bad_weights_fail_with_the_manifest_that_was_read(tmp_path: Path, inference: InferenceThreads) -> None:
     version_dir = write_model(tmp_path, "noweights", manifest=SMALL)
     (version_dir / "model.safetensors").write_bytes(b"not safetensors")
     with pytest.raises(LoadFailed) as failed:
@@ -76,7 +77,7 @@ def test_bad_weights_fail_with_the_manifest_that_was_read(tmp_path: Path, infere
     assert str(failed.value)  # the load error's own message
 
 
-def test_a_version_failing_after_it_was_built_is_released(tmp_path: Path, inference: InferenceThread,
+def test_a_version_failing_after_it_was_built_is_released(tmp_path: Path, inference: InferenceThreads,
                                                          monkeypatch: pytest.MonkeyPatch) -> None:
     built: list[LoadedVersion] = []
 
@@ -92,7 +93,7 @@ def test_a_version_failing_after_it_was_built_is_released(tmp_path: Path, infere
 
 
 def test_any_other_exception_fails_the_version_too_named_by_its_type_and_released(
-        tmp_path: Path, inference: InferenceThread, monkeypatch: pytest.MonkeyPatch) -> None:
+        tmp_path: Path, inference: InferenceThreads, monkeypatch: pytest.MonkeyPatch) -> None:
     built: list[LoadedVersion] = []
 
     async def crash(version: LoadedVersion, *args: object) -> float | None:
@@ -108,7 +109,7 @@ def test_any_other_exception_fails_the_version_too_named_by_its_type_and_release
 
 
 def test_a_constructor_that_asserts_fails_the_version_and_nothing_it_built_stays_alive(
-        tmp_path: Path, inference: InferenceThread) -> None:
+        tmp_path: Path, inference: InferenceThreads) -> None:
     BrokenInit.built.clear()
     version_dir = write_model(tmp_path, "asserts", architecture="classifyd:test_broken_init", module=nn.Linear(1, 4),
                               manifest={**SMALL, "model_args": {"raises": "AssertionError"}})
@@ -121,7 +122,7 @@ def test_a_constructor_that_asserts_fails_the_version_and_nothing_it_built_stays
 
 @pytest.mark.parametrize("raises", ["StopIteration", "CancelledError", "BaseException"])
 def test_a_constructor_raising_what_asyncio_cannot_carry_fails_the_version_instead_of_hanging(
-        tmp_path: Path, inference: InferenceThread, raises: str) -> None:
+        tmp_path: Path, inference: InferenceThreads, raises: str) -> None:
     version_dir = write_model(tmp_path, "odd", architecture="classifyd:test_broken_init", module=nn.Linear(1, 4),
                               manifest={**SMALL, "model_args": {"raises": raises}})
     with pytest.raises(LoadFailed) as failed:

@@ -21,7 +21,7 @@ from torch import nn
 from client import image_request
 from server.core.config import BatchingDefaults
 from server.core.manifest import ManifestError, parse_manifest
-from server.inference.runtime import InferenceThread
+from server.inference.devices import InferenceThreads
 from server.inference.runtimes import OnnxRuntime
 from server.models.loader import onnx
 from server.models.loader.architectures import build_architecture
@@ -57,13 +57,13 @@ def ship_as_onnx(root: Path, name: str, size: int = 32, seed: int = 0) -> tuple[
 
 
 @pytest.fixture
-def inference() -> Iterator[InferenceThread]:
-    thread = InferenceThread()
+def inference() -> Iterator[InferenceThreads]:
+    thread = InferenceThreads()
     yield thread
     thread.shutdown()
 
 
-def load(inference: InferenceThread, version_dir: Path, cache_dir: Path) -> Loaded:
+def load(inference: InferenceThreads, version_dir: Path, cache_dir: Path) -> Loaded:
     async def go() -> Loaded:
         loader = VersionLoader(LoadSettings(torch.device("cpu"), BatchingDefaults(), cache_dir=cache_dir), inference)
         try:
@@ -87,7 +87,7 @@ def test_a_shipped_onnx_model_serves_without_pytorch_code_and_scores_like_the_mo
 
 
 def test_runtime_onnxruntime_exports_once_verifies_and_answers_like_pytorch(
-        tmp_path: Path, inference: InferenceThread) -> None:
+        tmp_path: Path, inference: InferenceThreads) -> None:
     version_dir = write_model(tmp_path / "models", "animals", labels=LABELS,
                               manifest={**SMALL, "runtime": "onnxruntime"})
     cache = tmp_path / "cache"
@@ -109,14 +109,14 @@ def test_runtime_onnxruntime_exports_once_verifies_and_answers_like_pytorch(
 
 
 def test_an_onnx_graph_whose_input_does_not_fit_the_manifest_is_refused_by_name(
-        tmp_path: Path, inference: InferenceThread) -> None:
+        tmp_path: Path, inference: InferenceThreads) -> None:
     version_dir, _ = ship_as_onnx(tmp_path, "animals", size=24)  # exported for 24 x 24, manifest says 32
     with pytest.raises(LoadFailed, match=r"input 'pixels' takes N x 3 x 24 x 24 but \[input\] gives N x 3 x 32 x 32"):
         load(inference, version_dir, tmp_path / "cache")
 
 
 def test_a_file_onnx_runtime_cannot_read_fails_the_version_with_its_reason(
-        tmp_path: Path, inference: InferenceThread) -> None:
+        tmp_path: Path, inference: InferenceThreads) -> None:
     version_dir, _ = ship_as_onnx(tmp_path, "animals")
     (version_dir / "model.onnx").write_bytes(b"not a graph")
     with pytest.raises(LoadFailed, match=r"model.onnx: ONNX Runtime cannot load it: .*INVALID_PROTOBUF") as caught:
@@ -125,7 +125,7 @@ def test_a_file_onnx_runtime_cannot_read_fails_the_version_with_its_reason(
 
 
 def test_an_export_that_disagrees_with_pytorch_fails_the_version_naming_the_difference(
-        tmp_path: Path, inference: InferenceThread) -> None:
+        tmp_path: Path, inference: InferenceThreads) -> None:
     version_dir = write_model(tmp_path / "models", "animals", labels=LABELS,
                               manifest={**SMALL, "runtime": "onnxruntime"})
     cache = tmp_path / "cache"
@@ -140,7 +140,7 @@ def test_an_export_that_disagrees_with_pytorch_fails_the_version_naming_the_diff
 @pytest.mark.parametrize(("keys", "message"), [
     ({"architecture": "onnx", "runtime": "torch"}, 'architecture = "onnx" runs on ONNX Runtime only'),
     ({"runtime": "onnxruntime", "compile": "default"}, 'torch.compile does not apply to runtime = "onnxruntime"'),
-    ({"runtime": "tensorrt"}, "must be one of torch, onnxruntime; got 'tensorrt'"),
+    ({"runtime": "tensorrt"}, "must be one of torch, onnxruntime, auto; got 'tensorrt'"),
 ])
 def test_runtime_keys_that_cannot_work_are_refused_by_the_manifest(tmp_path: Path, keys: dict, message: str) -> None:
     with pytest.raises(ManifestError, match=re.escape(message)) as caught:
@@ -149,7 +149,7 @@ def test_runtime_keys_that_cannot_work_are_refused_by_the_manifest(tmp_path: Pat
 
 
 def test_a_shipped_graph_with_a_batch_of_one_is_served_in_batches_of_one(
-        tmp_path: Path, inference: InferenceThread) -> None:
+        tmp_path: Path, inference: InferenceThreads) -> None:
     version_dir, module = ship_as_onnx(tmp_path, "animals")
     torch.onnx.export(module, (torch.zeros(1, 3, 32, 32),), str(version_dir / "model.onnx"), dynamo=False)
     loaded = load(inference, version_dir, tmp_path / "cache")

@@ -18,9 +18,10 @@ import torch
 
 from server.batching.admission import Admission
 from server.core.errors import InvalidInput
+from server.inference.devices import InferenceThreads
 from server.inference.pipeline import BatchItem, BatchPipeline, Computed
 from server.inference.prepare import InputPreparer
-from server.inference.runtime import InferenceThread, LoadedVersion
+from server.inference.runtime import LoadedVersion
 from server.models.loader.pipeline import LoadSettings, VersionLoader
 from tests.support.kit import GATE, encode, write_model
 
@@ -29,7 +30,7 @@ TINY = {"model_args": {"width": 8}, "batching": {"autotune": False}}
 
 
 async def load(root: Path, name: str, version: int, manifest: dict[str, Any], architecture: str,
-               inference: InferenceThread) -> LoadedVersion:
+               inference: InferenceThreads) -> LoadedVersion:
     version_dir = write_model(root, name, version=version, architecture=architecture, manifest=manifest)
     loader = VersionLoader(LoadSettings(torch.device("cpu")), inference)
     try:
@@ -38,7 +39,7 @@ async def load(root: Path, name: str, version: int, manifest: dict[str, Any], ar
         loader.close()
 
 
-def pipeline_for(serving: Callable[[], LoadedVersion], inference: InferenceThread,
+def pipeline_for(serving: Callable[[], LoadedVersion], inference: InferenceThreads,
                  inputs: InputPreparer) -> BatchPipeline:
     """A pipeline whose unpinned items go to ``serving()``, as the manager's resolve sends them."""
     return BatchPipeline(lambda name, number: serving(), inference, inputs, Admission())
@@ -51,8 +52,8 @@ def item(admitted: LoadedVersion, payload: bytes | None = None, *, exact: bool =
                      exact=exact)
 
 
-def run(test: Callable[[InferenceThread, InputPreparer], Any]) -> None:
-    inference, inputs = InferenceThread(), InputPreparer(2)
+def run(test: Callable[[InferenceThreads, InputPreparer], Any]) -> None:
+    inference, inputs = InferenceThreads(), InputPreparer(2)
     try:
         asyncio.run(test(inference, inputs))
     finally:
@@ -62,7 +63,7 @@ def run(test: Callable[[InferenceThread, InputPreparer], Any]) -> None:
 
 
 def test_a_version_retired_while_an_earlier_group_computes_stays_until_the_batch_is_done(tmp_path: Path) -> None:
-    async def body(inference: InferenceThread, inputs: InputPreparer) -> None:
+    async def body(inference: InferenceThreads, inputs: InputPreparer) -> None:
         small = {**TINY, "input": {"color": "L", "size": 8, "resize": 8}}
         old = await load(tmp_path, "old", 1, {"input": small["input"]}, "classifyd:test_gated", inference)
         new = await load(tmp_path, "new", 2, small, "classifyd:small_cnn", inference)
@@ -74,7 +75,7 @@ def test_a_version_retired_while_an_earlier_group_computes_stays_until_the_batch
 
         async def retire() -> None:  # what the manager does once a newer version took over
             await new.drained()
-            await inference.run(new.release)
+            await inference.for_version(new).run(new.release)
 
         retiring = asyncio.ensure_future(retire())
         await asyncio.sleep(0.05)
@@ -89,7 +90,7 @@ def test_a_version_retired_while_an_earlier_group_computes_stays_until_the_batch
 
 
 def test_after_a_swap_that_changes_the_input_an_invalid_payload_fails_alone(tmp_path: Path) -> None:
-    async def body(inference: InferenceThread, inputs: InputPreparer) -> None:
+    async def body(inference: InferenceThreads, inputs: InputPreparer) -> None:
         rgb = {**TINY, "input": {"color": "RGB", "size": 8, "resize": 8}}
         rgba = {**TINY, "input": {"color": "RGBA", "size": 8, "resize": 8}}  # no fill_alpha: RGB is refused
         old = await load(tmp_path, "old", 1, rgb, "classifyd:small_cnn", inference)

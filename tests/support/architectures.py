@@ -15,6 +15,7 @@ from server.models.loader.architectures import BUILTIN
 from tests.support.faults import BrokenInit, FussyModel, RaisingModel, SlowModel
 from tests.support.kit import GatedModel, PacedModel
 from tests.support.probe_model import Probe
+from tests.support.rollout_models import Shade
 
 TEST_ARCHITECTURES: dict[str, Callable[..., nn.Module]] = {
     "test_gated": GatedModel,
@@ -24,6 +25,7 @@ TEST_ARCHITECTURES: dict[str, Callable[..., nn.Module]] = {
     "test_raising": RaisingModel,
     "test_broken_init": BrokenInit,
     "test_probe": Probe,
+    "test_shade": Shade,
 }
 """``classifyd:<name>`` architectures only the tests use."""
 

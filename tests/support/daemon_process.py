@@ -62,7 +62,7 @@ class DaemonProcess:
         env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO), str(REPO / "protos"),
                                                                           os.environ.get("PYTHONPATH")]))}
         command = [sys.executable, "-m", self.entry, "--models-dir", str(self.models_dir), "--port", str(self.port),
-                   "--port-file", str(self.port_file), "--device", "cpu", *self.flags]
+                   "--port-file", str(self.port_file), "--device", "cpu", "--default-runtime", "torch", *self.flags]
         with self.log_path.open("ab") as log:  # appends: a restarted daemon's log follows the first one's
             self._process = subprocess.Popen(command, cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT)
         return self

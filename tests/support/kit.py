@@ -82,7 +82,8 @@ def local_config(models_dir: Path, **settings: Any) -> ServerConfig:
     """A :class:`ServerConfig` serving ``models_dir`` on the CPU, 127.0.0.1 and a free port, with flat ``settings``
     (``watch=False, http_port=0, tls_cert=...``), each given to the config section with a field of that name.
     Raises TypeError for a name no section has."""
-    flat = {"models_dir": models_dir, "port": 0, "device": "cpu", **settings}
+    # torch unless a test asks for another runtime: "auto" would start a background export job per test model
+    flat = {"models_dir": models_dir, "port": 0, "device": "cpu", "default_runtime": "torch", **settings}
     defaults = ServerConfig()
     sections: dict[str, Any] = {}
     for section in fields(ServerConfig):

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from benchmarks import abuse, cpu_bench, runtime_bench, swap_bench
+from benchmarks import abuse, cache_bench, cpu_bench, runtime_bench, swap_bench
 
 
 @pytest.mark.slow
@@ -51,6 +51,9 @@ def test_cpu_bench_at_its_smallest_runs_the_model_as_the_manifest_settings_say(
     assert set(model["in_process"]["pipeline"]) == {"1", "2"}
     (level,) = model["daemon"]["batching"]
     assert level["requests"] > 0 and level["errors"] == {}
+    # runtime auto: the in-process limit ran on the runtime the job chose, the daemon was measured after its choice
+    assert model["runtime"] in ("torch", "onnxruntime") and level["runtime"] in ("torch", "onnxruntime")
+    assert (model["eager_limit"] is None) == (model["runtime"] == "torch")
     assert "mobilenet_v3_small" in capsys.readouterr().out
 
 
@@ -89,3 +92,11 @@ def test_abuse_bench_refuses_two_attacks_and_the_good_client_keeps_being_answere
     rows = [line for line in out.splitlines() if line.startswith("| REST") or line.startswith("| JSON")]
     assert len(rows) == 2 and all("HTTP 400" in row and "0 failed" in row and row.endswith("| yes |") for row in rows)
     assert "2 attacks; daemon alive at the end: True" in out
+
+
+@pytest.mark.slow
+@pytest.mark.process
+def test_cache_bench_at_its_smallest_answers_the_repeats_from_the_cache(capsys: pytest.CaptureFixture[str]) -> None:
+    assert cache_bench.main(["--model", "digits", "--size", "64x48", "--requests", "3", "--rounds", "1"]) == 0
+    out = capsys.readouterr().out
+    assert "| 1 |" in out and "median ratio" in out  # it raises if a repeat was not a hit

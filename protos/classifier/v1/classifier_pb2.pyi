@@ -80,7 +80,7 @@ class Error(_message.Message):
     def __init__(self, code: _Optional[int] = ..., message: _Optional[str] = ...) -> None: ...
 
 class ClassifyResponse(_message.Message):
-    __slots__ = ("predictions", "model", "version", "request_id", "batch_size", "queue_us", "compute_us", "preprocess_us", "error", "tiles", "tile_count", "lang")
+    __slots__ = ("predictions", "model", "version", "request_id", "batch_size", "queue_us", "compute_us", "preprocess_us", "error", "tiles", "tile_count", "lang", "cache_hit", "cold_start")
     PREDICTIONS_FIELD_NUMBER: _ClassVar[int]
     MODEL_FIELD_NUMBER: _ClassVar[int]
     VERSION_FIELD_NUMBER: _ClassVar[int]
@@ -93,6 +93,8 @@ class ClassifyResponse(_message.Message):
     TILES_FIELD_NUMBER: _ClassVar[int]
     TILE_COUNT_FIELD_NUMBER: _ClassVar[int]
     LANG_FIELD_NUMBER: _ClassVar[int]
+    CACHE_HIT_FIELD_NUMBER: _ClassVar[int]
+    COLD_START_FIELD_NUMBER: _ClassVar[int]
     predictions: _containers.RepeatedCompositeFieldContainer[Prediction]
     model: str
     version: int
@@ -105,7 +107,9 @@ class ClassifyResponse(_message.Message):
     tiles: _containers.RepeatedCompositeFieldContainer[TileResult]
     tile_count: int
     lang: str
-    def __init__(self, predictions: _Optional[_Iterable[_Union[Prediction, _Mapping]]] = ..., model: _Optional[str] = ..., version: _Optional[int] = ..., request_id: _Optional[str] = ..., batch_size: _Optional[int] = ..., queue_us: _Optional[int] = ..., compute_us: _Optional[int] = ..., preprocess_us: _Optional[int] = ..., error: _Optional[_Union[Error, _Mapping]] = ..., tiles: _Optional[_Iterable[_Union[TileResult, _Mapping]]] = ..., tile_count: _Optional[int] = ..., lang: _Optional[str] = ...) -> None: ...
+    cache_hit: bool
+    cold_start: bool
+    def __init__(self, predictions: _Optional[_Iterable[_Union[Prediction, _Mapping]]] = ..., model: _Optional[str] = ..., version: _Optional[int] = ..., request_id: _Optional[str] = ..., batch_size: _Optional[int] = ..., queue_us: _Optional[int] = ..., compute_us: _Optional[int] = ..., preprocess_us: _Optional[int] = ..., error: _Optional[_Union[Error, _Mapping]] = ..., tiles: _Optional[_Iterable[_Union[TileResult, _Mapping]]] = ..., tile_count: _Optional[int] = ..., lang: _Optional[str] = ..., cache_hit: _Optional[bool] = ..., cold_start: _Optional[bool] = ...) -> None: ...
 
 class ListModelsRequest(_message.Message):
     __slots__ = ()
@@ -124,7 +128,7 @@ class GetModelRequest(_message.Message):
     def __init__(self, model: _Optional[str] = ...) -> None: ...
 
 class ModelInfo(_message.Message):
-    __slots__ = ("name", "versions", "num_labels", "input", "device", "max_batch_size", "is_default", "architecture", "default_top_k", "max_delay_ms", "serving_version", "activation", "precision", "precision_note", "channels_last", "languages", "tiling", "runtime", "batch_curve", "autotuned", "latency_target_ms")
+    __slots__ = ("name", "versions", "num_labels", "input", "device", "max_batch_size", "is_default", "architecture", "default_top_k", "max_delay_ms", "serving_version", "activation", "precision", "precision_note", "channels_last", "languages", "tiling", "runtime", "runtime_reason", "runtime_speeds", "rollout", "loaded_bytes", "batch_curve", "autotuned", "latency_target_ms", "batch_cap_online", "serving_batch_curve", "batch_cap_changes", "batch_cap_last_change")
     NAME_FIELD_NUMBER: _ClassVar[int]
     VERSIONS_FIELD_NUMBER: _ClassVar[int]
     NUM_LABELS_FIELD_NUMBER: _ClassVar[int]
@@ -143,9 +147,17 @@ class ModelInfo(_message.Message):
     LANGUAGES_FIELD_NUMBER: _ClassVar[int]
     TILING_FIELD_NUMBER: _ClassVar[int]
     RUNTIME_FIELD_NUMBER: _ClassVar[int]
+    RUNTIME_REASON_FIELD_NUMBER: _ClassVar[int]
+    RUNTIME_SPEEDS_FIELD_NUMBER: _ClassVar[int]
+    ROLLOUT_FIELD_NUMBER: _ClassVar[int]
+    LOADED_BYTES_FIELD_NUMBER: _ClassVar[int]
     BATCH_CURVE_FIELD_NUMBER: _ClassVar[int]
     AUTOTUNED_FIELD_NUMBER: _ClassVar[int]
     LATENCY_TARGET_MS_FIELD_NUMBER: _ClassVar[int]
+    BATCH_CAP_ONLINE_FIELD_NUMBER: _ClassVar[int]
+    SERVING_BATCH_CURVE_FIELD_NUMBER: _ClassVar[int]
+    BATCH_CAP_CHANGES_FIELD_NUMBER: _ClassVar[int]
+    BATCH_CAP_LAST_CHANGE_FIELD_NUMBER: _ClassVar[int]
     name: str
     versions: _containers.RepeatedCompositeFieldContainer[VersionInfo]
     num_labels: int
@@ -164,10 +176,58 @@ class ModelInfo(_message.Message):
     languages: _containers.RepeatedScalarFieldContainer[str]
     tiling: Tiling
     runtime: str
+    runtime_reason: str
+    runtime_speeds: _containers.RepeatedCompositeFieldContainer[RuntimeSpeed]
+    rollout: Rollout
+    loaded_bytes: int
     batch_curve: _containers.RepeatedCompositeFieldContainer[BatchPoint]
     autotuned: bool
     latency_target_ms: float
-    def __init__(self, name: _Optional[str] = ..., versions: _Optional[_Iterable[_Union[VersionInfo, _Mapping]]] = ..., num_labels: _Optional[int] = ..., input: _Optional[_Union[InputSpec, _Mapping]] = ..., device: _Optional[str] = ..., max_batch_size: _Optional[int] = ..., is_default: _Optional[bool] = ..., architecture: _Optional[str] = ..., default_top_k: _Optional[int] = ..., max_delay_ms: _Optional[float] = ..., serving_version: _Optional[int] = ..., activation: _Optional[str] = ..., precision: _Optional[str] = ..., precision_note: _Optional[str] = ..., channels_last: _Optional[bool] = ..., languages: _Optional[_Iterable[str]] = ..., tiling: _Optional[_Union[Tiling, _Mapping]] = ..., runtime: _Optional[str] = ..., batch_curve: _Optional[_Iterable[_Union[BatchPoint, _Mapping]]] = ..., autotuned: _Optional[bool] = ..., latency_target_ms: _Optional[float] = ...) -> None: ...
+    batch_cap_online: bool
+    serving_batch_curve: _containers.RepeatedCompositeFieldContainer[BatchPoint]
+    batch_cap_changes: int
+    batch_cap_last_change: str
+    def __init__(self, name: _Optional[str] = ..., versions: _Optional[_Iterable[_Union[VersionInfo, _Mapping]]] = ..., num_labels: _Optional[int] = ..., input: _Optional[_Union[InputSpec, _Mapping]] = ..., device: _Optional[str] = ..., max_batch_size: _Optional[int] = ..., is_default: _Optional[bool] = ..., architecture: _Optional[str] = ..., default_top_k: _Optional[int] = ..., max_delay_ms: _Optional[float] = ..., serving_version: _Optional[int] = ..., activation: _Optional[str] = ..., precision: _Optional[str] = ..., precision_note: _Optional[str] = ..., channels_last: _Optional[bool] = ..., languages: _Optional[_Iterable[str]] = ..., tiling: _Optional[_Union[Tiling, _Mapping]] = ..., runtime: _Optional[str] = ..., runtime_reason: _Optional[str] = ..., runtime_speeds: _Optional[_Iterable[_Union[RuntimeSpeed, _Mapping]]] = ..., rollout: _Optional[_Union[Rollout, _Mapping]] = ..., loaded_bytes: _Optional[int] = ..., batch_curve: _Optional[_Iterable[_Union[BatchPoint, _Mapping]]] = ..., autotuned: _Optional[bool] = ..., latency_target_ms: _Optional[float] = ..., batch_cap_online: _Optional[bool] = ..., serving_batch_curve: _Optional[_Iterable[_Union[BatchPoint, _Mapping]]] = ..., batch_cap_changes: _Optional[int] = ..., batch_cap_last_change: _Optional[str] = ...) -> None: ...
+
+class Rollout(_message.Message):
+    __slots__ = ("candidate_version", "mode", "decision", "compared", "min_requests", "agreement", "min_agreement", "topk_overlap", "mean_abs_diff", "errors", "error_rate", "compute_ratio", "labels_differ")
+    CANDIDATE_VERSION_FIELD_NUMBER: _ClassVar[int]
+    MODE_FIELD_NUMBER: _ClassVar[int]
+    DECISION_FIELD_NUMBER: _ClassVar[int]
+    COMPARED_FIELD_NUMBER: _ClassVar[int]
+    MIN_REQUESTS_FIELD_NUMBER: _ClassVar[int]
+    AGREEMENT_FIELD_NUMBER: _ClassVar[int]
+    MIN_AGREEMENT_FIELD_NUMBER: _ClassVar[int]
+    TOPK_OVERLAP_FIELD_NUMBER: _ClassVar[int]
+    MEAN_ABS_DIFF_FIELD_NUMBER: _ClassVar[int]
+    ERRORS_FIELD_NUMBER: _ClassVar[int]
+    ERROR_RATE_FIELD_NUMBER: _ClassVar[int]
+    COMPUTE_RATIO_FIELD_NUMBER: _ClassVar[int]
+    LABELS_DIFFER_FIELD_NUMBER: _ClassVar[int]
+    candidate_version: int
+    mode: str
+    decision: str
+    compared: int
+    min_requests: int
+    agreement: float
+    min_agreement: float
+    topk_overlap: float
+    mean_abs_diff: float
+    errors: int
+    error_rate: float
+    compute_ratio: float
+    labels_differ: bool
+    def __init__(self, candidate_version: _Optional[int] = ..., mode: _Optional[str] = ..., decision: _Optional[str] = ..., compared: _Optional[int] = ..., min_requests: _Optional[int] = ..., agreement: _Optional[float] = ..., min_agreement: _Optional[float] = ..., topk_overlap: _Optional[float] = ..., mean_abs_diff: _Optional[float] = ..., errors: _Optional[int] = ..., error_rate: _Optional[float] = ..., compute_ratio: _Optional[float] = ..., labels_differ: _Optional[bool] = ...) -> None: ...
+
+class RuntimeSpeed(_message.Message):
+    __slots__ = ("runtime", "batch_size", "images_per_second")
+    RUNTIME_FIELD_NUMBER: _ClassVar[int]
+    BATCH_SIZE_FIELD_NUMBER: _ClassVar[int]
+    IMAGES_PER_SECOND_FIELD_NUMBER: _ClassVar[int]
+    runtime: str
+    batch_size: int
+    images_per_second: float
+    def __init__(self, runtime: _Optional[str] = ..., batch_size: _Optional[int] = ..., images_per_second: _Optional[float] = ...) -> None: ...
 
 class BatchPoint(_message.Message):
     __slots__ = ("batch_size", "images_per_second", "batch_ms")
@@ -236,11 +296,19 @@ class ModelEvent(_message.Message):
         READY: _ClassVar[ModelEvent.Kind]
         FAILED: _ClassVar[ModelEvent.Kind]
         UNLOADED: _ClassVar[ModelEvent.Kind]
+        AVAILABLE: _ClassVar[ModelEvent.Kind]
+        CANDIDATE: _ClassVar[ModelEvent.Kind]
+        PROMOTED: _ClassVar[ModelEvent.Kind]
+        REJECTED: _ClassVar[ModelEvent.Kind]
     KIND_UNSPECIFIED: ModelEvent.Kind
     LOADING: ModelEvent.Kind
     READY: ModelEvent.Kind
     FAILED: ModelEvent.Kind
     UNLOADED: ModelEvent.Kind
+    AVAILABLE: ModelEvent.Kind
+    CANDIDATE: ModelEvent.Kind
+    PROMOTED: ModelEvent.Kind
+    REJECTED: ModelEvent.Kind
     MODEL_FIELD_NUMBER: _ClassVar[int]
     VERSION_FIELD_NUMBER: _ClassVar[int]
     KIND_FIELD_NUMBER: _ClassVar[int]
@@ -254,6 +322,44 @@ class ModelEvent(_message.Message):
     time_unix_ms: int
     serving: bool
     def __init__(self, model: _Optional[str] = ..., version: _Optional[int] = ..., kind: _Optional[_Union[ModelEvent.Kind, str]] = ..., reason: _Optional[str] = ..., time_unix_ms: _Optional[int] = ..., serving: _Optional[bool] = ...) -> None: ...
+
+class LoadModelRequest(_message.Message):
+    __slots__ = ("model",)
+    MODEL_FIELD_NUMBER: _ClassVar[int]
+    model: str
+    def __init__(self, model: _Optional[str] = ...) -> None: ...
+
+class UnloadModelRequest(_message.Message):
+    __slots__ = ("model",)
+    MODEL_FIELD_NUMBER: _ClassVar[int]
+    model: str
+    def __init__(self, model: _Optional[str] = ...) -> None: ...
+
+class PromoteVersionRequest(_message.Message):
+    __slots__ = ("model", "version")
+    MODEL_FIELD_NUMBER: _ClassVar[int]
+    VERSION_FIELD_NUMBER: _ClassVar[int]
+    model: str
+    version: int
+    def __init__(self, model: _Optional[str] = ..., version: _Optional[int] = ...) -> None: ...
+
+class RejectVersionRequest(_message.Message):
+    __slots__ = ("model", "version", "reason")
+    MODEL_FIELD_NUMBER: _ClassVar[int]
+    VERSION_FIELD_NUMBER: _ClassVar[int]
+    REASON_FIELD_NUMBER: _ClassVar[int]
+    model: str
+    version: int
+    reason: str
+    def __init__(self, model: _Optional[str] = ..., version: _Optional[int] = ..., reason: _Optional[str] = ...) -> None: ...
+
+class RollbackModelRequest(_message.Message):
+    __slots__ = ("model", "reason")
+    MODEL_FIELD_NUMBER: _ClassVar[int]
+    REASON_FIELD_NUMBER: _ClassVar[int]
+    model: str
+    reason: str
+    def __init__(self, model: _Optional[str] = ..., reason: _Optional[str] = ...) -> None: ...
 
 class ReloadModelRequest(_message.Message):
     __slots__ = ("model",)
@@ -270,11 +376,17 @@ class VersionInfo(_message.Message):
         READY: _ClassVar[VersionInfo.State]
         FAILED: _ClassVar[VersionInfo.State]
         UNLOADING: _ClassVar[VersionInfo.State]
+        AVAILABLE: _ClassVar[VersionInfo.State]
+        CANDIDATE: _ClassVar[VersionInfo.State]
+        REJECTED: _ClassVar[VersionInfo.State]
     STATE_UNSPECIFIED: VersionInfo.State
     LOADING: VersionInfo.State
     READY: VersionInfo.State
     FAILED: VersionInfo.State
     UNLOADING: VersionInfo.State
+    AVAILABLE: VersionInfo.State
+    CANDIDATE: VersionInfo.State
+    REJECTED: VersionInfo.State
     VERSION_FIELD_NUMBER: _ClassVar[int]
     STATE_FIELD_NUMBER: _ClassVar[int]
     ERROR_FIELD_NUMBER: _ClassVar[int]

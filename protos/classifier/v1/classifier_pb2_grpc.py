@@ -65,6 +65,31 @@ class ClassifierStub:
                 request_serializer=classifier_dot_v1_dot_classifier__pb2.ReloadModelRequest.SerializeToString,
                 response_deserializer=classifier_dot_v1_dot_classifier__pb2.ModelInfo.FromString,
                 _registered_method=True)
+        self.LoadModel = channel.unary_unary(
+                '/classifier.v1.Classifier/LoadModel',
+                request_serializer=classifier_dot_v1_dot_classifier__pb2.LoadModelRequest.SerializeToString,
+                response_deserializer=classifier_dot_v1_dot_classifier__pb2.ModelInfo.FromString,
+                _registered_method=True)
+        self.UnloadModel = channel.unary_unary(
+                '/classifier.v1.Classifier/UnloadModel',
+                request_serializer=classifier_dot_v1_dot_classifier__pb2.UnloadModelRequest.SerializeToString,
+                response_deserializer=classifier_dot_v1_dot_classifier__pb2.ModelInfo.FromString,
+                _registered_method=True)
+        self.PromoteVersion = channel.unary_unary(
+                '/classifier.v1.Classifier/PromoteVersion',
+                request_serializer=classifier_dot_v1_dot_classifier__pb2.PromoteVersionRequest.SerializeToString,
+                response_deserializer=classifier_dot_v1_dot_classifier__pb2.ModelInfo.FromString,
+                _registered_method=True)
+        self.RejectVersion = channel.unary_unary(
+                '/classifier.v1.Classifier/RejectVersion',
+                request_serializer=classifier_dot_v1_dot_classifier__pb2.RejectVersionRequest.SerializeToString,
+                response_deserializer=classifier_dot_v1_dot_classifier__pb2.ModelInfo.FromString,
+                _registered_method=True)
+        self.RollbackModel = channel.unary_unary(
+                '/classifier.v1.Classifier/RollbackModel',
+                request_serializer=classifier_dot_v1_dot_classifier__pb2.RollbackModelRequest.SerializeToString,
+                response_deserializer=classifier_dot_v1_dot_classifier__pb2.ModelInfo.FromString,
+                _registered_method=True)
 
 
 class ClassifierServicer:
@@ -122,6 +147,58 @@ class ClassifierServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def LoadModel(self, request, context):
+        """Loads a model of the repository's catalogue and puts its newest
+        loadable versions into service (--model-control explicit; in the other
+        modes FAILED_PRECONDITION). An operator's call, as ReloadModel. Returns
+        once the load is done: the model's state (a failed load is reported in
+        its versions' errors and as FAILED_PRECONDITION); NOT_FOUND when the
+        repository has no such model directory.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def UnloadModel(self, request, context):
+        """Unloads a model (--model-control explicit): new requests for it are
+        UNAVAILABLE at once, requests in flight finish first, then its versions
+        are released and listed as AVAILABLE. An operator's call. Returns once
+        it is unloaded.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def PromoteVersion(self, request, context):
+        """Promotes a model's rollout candidate (docs/rollout.md) now: it serves,
+        whatever its figures. An operator's call, as ReloadModel.
+        FAILED_PRECONDITION when the version is not the model's CANDIDATE.
+        Returns the model's state once it is promoted.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def RejectVersion(self, request, context):
+        """Rejects a model's rollout candidate, or its serving version (then the
+        previous version serves, as RollbackModel): the version is released and
+        listed REJECTED, and not loaded again until its files change. An
+        operator's call. FAILED_PRECONDITION when the version is neither.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def RollbackModel(self, request, context):
+        """Rolls a model back: rejects its serving version, so that the newest
+        older version that was not rejected serves (loaded again if it was
+        unloaded). An operator's call. FAILED_PRECONDITION when no version
+        serves or no older one is on disk.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_ClassifierServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -153,6 +230,31 @@ def add_ClassifierServicer_to_server(servicer, server):
             'ReloadModel': grpc.unary_unary_rpc_method_handler(
                     servicer.ReloadModel,
                     request_deserializer=classifier_dot_v1_dot_classifier__pb2.ReloadModelRequest.FromString,
+                    response_serializer=classifier_dot_v1_dot_classifier__pb2.ModelInfo.SerializeToString,
+            ),
+            'LoadModel': grpc.unary_unary_rpc_method_handler(
+                    servicer.LoadModel,
+                    request_deserializer=classifier_dot_v1_dot_classifier__pb2.LoadModelRequest.FromString,
+                    response_serializer=classifier_dot_v1_dot_classifier__pb2.ModelInfo.SerializeToString,
+            ),
+            'UnloadModel': grpc.unary_unary_rpc_method_handler(
+                    servicer.UnloadModel,
+                    request_deserializer=classifier_dot_v1_dot_classifier__pb2.UnloadModelRequest.FromString,
+                    response_serializer=classifier_dot_v1_dot_classifier__pb2.ModelInfo.SerializeToString,
+            ),
+            'PromoteVersion': grpc.unary_unary_rpc_method_handler(
+                    servicer.PromoteVersion,
+                    request_deserializer=classifier_dot_v1_dot_classifier__pb2.PromoteVersionRequest.FromString,
+                    response_serializer=classifier_dot_v1_dot_classifier__pb2.ModelInfo.SerializeToString,
+            ),
+            'RejectVersion': grpc.unary_unary_rpc_method_handler(
+                    servicer.RejectVersion,
+                    request_deserializer=classifier_dot_v1_dot_classifier__pb2.RejectVersionRequest.FromString,
+                    response_serializer=classifier_dot_v1_dot_classifier__pb2.ModelInfo.SerializeToString,
+            ),
+            'RollbackModel': grpc.unary_unary_rpc_method_handler(
+                    servicer.RollbackModel,
+                    request_deserializer=classifier_dot_v1_dot_classifier__pb2.RollbackModelRequest.FromString,
                     response_serializer=classifier_dot_v1_dot_classifier__pb2.ModelInfo.SerializeToString,
             ),
     }
@@ -318,6 +420,141 @@ class Classifier:
             target,
             '/classifier.v1.Classifier/ReloadModel',
             classifier_dot_v1_dot_classifier__pb2.ReloadModelRequest.SerializeToString,
+            classifier_dot_v1_dot_classifier__pb2.ModelInfo.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def LoadModel(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/classifier.v1.Classifier/LoadModel',
+            classifier_dot_v1_dot_classifier__pb2.LoadModelRequest.SerializeToString,
+            classifier_dot_v1_dot_classifier__pb2.ModelInfo.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def UnloadModel(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/classifier.v1.Classifier/UnloadModel',
+            classifier_dot_v1_dot_classifier__pb2.UnloadModelRequest.SerializeToString,
+            classifier_dot_v1_dot_classifier__pb2.ModelInfo.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def PromoteVersion(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/classifier.v1.Classifier/PromoteVersion',
+            classifier_dot_v1_dot_classifier__pb2.PromoteVersionRequest.SerializeToString,
+            classifier_dot_v1_dot_classifier__pb2.ModelInfo.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def RejectVersion(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/classifier.v1.Classifier/RejectVersion',
+            classifier_dot_v1_dot_classifier__pb2.RejectVersionRequest.SerializeToString,
+            classifier_dot_v1_dot_classifier__pb2.ModelInfo.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def RollbackModel(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/classifier.v1.Classifier/RollbackModel',
+            classifier_dot_v1_dot_classifier__pb2.RollbackModelRequest.SerializeToString,
             classifier_dot_v1_dot_classifier__pb2.ModelInfo.FromString,
             options,
             channel_credentials,

@@ -6,8 +6,13 @@ See docs/security.md for the threat model. Reading the files blocks (start-up on
 from __future__ import annotations
 
 import hmac
-from collections.abc import Sequence
+import ipaddress
+from collections.abc import Callable, Sequence
 from pathlib import Path
+
+from server.core.errors import Status
+
+Refusal = tuple[Status, str]
 
 
 class SecurityConfigError(ValueError):
@@ -67,3 +72,56 @@ class TokenChecker:
         for accepted in self._tokens:
             matched |= hmac.compare_digest(presented, accepted)
         return None if matched else "invalid bearer token"
+
+
+class AdminRule:
+    """Who may make model-control calls (docs/security.md, "Who may call what"), for every edge.
+
+    With ``admin_tokens`` (``--admin-token-file``) a call needs one of them: a client token (``client_tokens``,
+    ``--auth-token-file``) is PERMISSION_DENIED, no token or another one UNAUTHENTICATED. Without admin tokens, only
+    calls from this machine (a loopback address or a Unix socket) are accepted, unless ``allow_remote``
+    (``--allow-remote-admin``); others are PERMISSION_DENIED. Never blocks.
+    """
+
+    def __init__(self, admin_tokens: Sequence[str] = (), client_tokens: Sequence[str] = (), *,
+                 allow_remote: bool = False) -> None:
+        self._admin = TokenChecker(admin_tokens) if admin_tokens else None
+        self._clients = TokenChecker(client_tokens) if client_tokens else None
+        self._allow_remote = allow_remote
+
+    @property
+    def needs_peer(self) -> bool:
+        """Whether :meth:`refusal` looks at the caller's address (no admin tokens, remote callers refused)."""
+        return self._admin is None and not self._allow_remote
+
+    def refusal(self, what: str, authorization: str | bytes | None, is_local: Callable[[], bool],
+                peer: str = "") -> Refusal | None:
+        """Why the model-control call ``what`` is refused (its status and message), or None when it is allowed.
+        ``is_local()`` says whether the caller is on this machine, ``peer`` names it in the message."""
+        if self._admin is not None:
+            return self._token_refusal(what, authorization)
+        if self._allow_remote or is_local():
+            return None
+        return (Status.PERMISSION_DENIED, f"{what} is a model-control call: without --admin-token-file it is "
+                f"accepted only from this machine (loopback), not from {peer}; configure --admin-token-file or "
+                "--allow-remote-admin")
+
+    def _token_refusal(self, what: str, authorization: str | bytes | None) -> Refusal | None:
+        assert self._admin is not None
+        problem = self._admin.problem(authorization)
+        if problem is None:
+            return None
+        if self._clients is not None and self._clients.problem(authorization) is None:
+            return (Status.PERMISSION_DENIED, f"{what} is a model-control call: it needs a token of "
+                    "--admin-token-file; client tokens (--auth-token-file) do not suffice")
+        return Status.UNAUTHENTICATED, f"{what} is a model-control call and needs an admin token: {problem}"
+
+
+def is_loopback(host: str) -> bool:
+    """Whether an IP address (``127.0.0.1``, ``::1``, ``::ffff:127.0.0.1``) is this machine's loopback."""
+    try:
+        ip = ipaddress.ip_address(host.strip("[]"))
+    except ValueError:
+        return False
+    mapped = getattr(ip, "ipv4_mapped", None)  # ::ffff:127.0.0.1, a dual-stack socket's view of IPv4 loopback
+    return ip.is_loopback or (mapped is not None and mapped.is_loopback)

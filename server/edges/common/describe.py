@@ -10,9 +10,13 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from server.batching.curve import BatchCurve
+from server.batching.online import TuningSnapshot
 from server.core.lifecycle import VersionState
 from server.core.manifest import Manifest
+from server.core.rollout import RolloutSpec, Scores
+from server.models.loader.runtime_choice import RuntimeChoice
 from server.models.manager import ModelRecord, VersionRecord
+from server.models.memory import loaded_bytes
 
 
 @dataclass(frozen=True)
@@ -41,6 +45,24 @@ class ServingDescription:
     precision_note: str
     runtime: str
     """What runs the forward pass (server/inference/runtimes.py): "torch" or "onnxruntime"."""
+    batch_tuning: TuningSnapshot | None = None
+    runtime_choice: RuntimeChoice | None = None
+    """Why the version runs on ``runtime``, with the measured speeds (``runtime = "auto"``); None otherwise."""
+    """The online cap tuner's state (server/batching/online.py); None when the cap does not move while serving."""
+    device: str = ""
+    """Where the version runs ("cpu", "cuda:1"): its manifest's ``device`` placed (server/inference/placement.py)."""
+    loaded_bytes: int = 0
+    """Its memory measured after warm-up (server/models/memory.py); 0 when not measured."""
+
+
+@dataclass(frozen=True)
+class RolloutDescription:
+    """A model's rollout candidate (docs/rollout.md): its ``[rollout]`` and its live figures so far."""
+
+    version: int
+    spec: RolloutSpec
+    scores: Scores | None
+    """None before the first comparison."""
 
 
 @dataclass(frozen=True)
@@ -61,6 +83,9 @@ class ModelDescription:
         """The versions in state READY, newest first."""
         return [v.version for v in self.versions if v.state is VersionState.READY]
 
+    rollout: RolloutDescription | None = None
+    """The candidate of a shadow or canary rollout; None when there is none."""
+
     def version(self, number: int) -> VersionDescription | None:
         """The version called ``number``, or None."""
         return next((v for v in self.versions if v.version == number), None)
@@ -71,7 +96,16 @@ def describe_model(record: ModelRecord) -> ModelDescription:
     serving = record.serving()
     versions = tuple(_describe_version(v) for v in sorted(record.versions.values(), key=lambda v: -v.version))
     return ModelDescription(record.name, versions, serving.version if serving else 0, record.latest_manifest(),
-                            _describe_serving(serving))
+                            _describe_serving(serving), _describe_rollout(record))
+
+
+def _describe_rollout(record: ModelRecord) -> RolloutDescription | None:
+    candidates = [v for v in record.versions.values() if v.state is VersionState.CANDIDATE and v.manifest]
+    if not candidates:
+        return None
+    entry = max(candidates, key=lambda v: v.version)
+    assert entry.manifest is not None
+    return RolloutDescription(entry.version, entry.manifest.rollout, entry.scores)
 
 
 def _describe_version(entry: VersionRecord) -> VersionDescription:
@@ -86,4 +120,6 @@ def _describe_serving(entry: VersionRecord | None) -> ServingDescription | None:
     return ServingDescription(entry.version, loaded.max_batch_size, loaded.max_delay_ms,
                               loaded.manifest.batching.latency_target_ms or 0.0, loaded.batch_curve,
                               loaded.precision, loaded.precision_note,
-                              loaded.runtime.name if loaded.runtime else "torch")
+                              loaded.runtime.name if loaded.runtime else "torch",
+                              loaded.tuner.snapshot() if loaded.tuner is not None else None, entry.runtime_choice,
+                              str(loaded.device), loaded_bytes(loaded))

@@ -24,7 +24,7 @@ import math
 import struct
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Protocol, runtime_checkable
 
 import numpy as np
 
@@ -36,6 +36,8 @@ INPUT = "image"
 OUTPUT = "probabilities"
 CLASSIFICATION = "classification"
 TIMEOUT = "timeout"
+CACHE_HIT = "cache_hit"  # response parameter, set (true) when every image was answered from the response cache
+COLD_START = "cold_start"  # response parameter, set (true) when the model was loaded for the request (--lazy-load)
 BYTES = "BYTES"
 PLATFORM = "pytorch"
 PIXEL_DATATYPES = {"UINT8": UINT8, "FP32": FLOAT32}
@@ -128,9 +130,22 @@ def image_count(tensor: InferTensor) -> int:
     return tensor.shape[0] if tensor.datatype == BYTES or len(tensor.shape) == 4 else 1
 
 
+@runtime_checkable
+class EncodedElements(Protocol):
+    """Elements still encoded on the wire (REST's base64 ``BYTES``): what reading them costs is their encoded
+    length, not their count (one element can be 16 MiB of base64)."""
+
+    def encoded_bytes(self) -> int: ...
+
+
 def is_large(tensor: InferTensor) -> bool:
     """Whether converting the tensor's elements takes long enough to belong off the event loop."""
-    size = len(tensor.raw) if tensor.raw is not None else len(tensor.contents or ())
+    if tensor.raw is not None:
+        size = len(tensor.raw)
+    elif isinstance(tensor.contents, EncodedElements):
+        size = tensor.contents.encoded_bytes()
+    else:
+        size = len(tensor.contents or ())
     return size > INLINE_ELEMENTS
 
 

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import Awaitable, Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 from server.core import errors
@@ -61,6 +61,10 @@ class InferAnswer:
     """The request's ``id``, to echo."""
     result: ClassifyResult
     """The first image's result: the one the request's report is timed from."""
+    cache_hit: bool = False
+    """Every image was answered from the response cache: the bindings say so in the response's parameters."""
+    cold_start: bool = False
+    """The model was loaded for the request (``--lazy-load``): the bindings say so in the response's parameters."""
 
 
 class OipModels:
@@ -105,7 +109,8 @@ class OipModels:
         the domain errors of the request, the first failed image's (prefixed with its position) included.
         """
         ticket.version = parse_version(version_text)
-        loaded = self._manager.resolve(ticket.model, ticket.version)  # NOT_FOUND / UNAVAILABLE before any tensor
+        # NOT_FOUND / UNAVAILABLE before any tensor; a model not loaded is loaded first with --lazy-load
+        loaded, cold = await self._service.resolve(ticket.model, ticket.version, deadline)
         labels = len(loaded.labels)
         request = await read()
         tensor = checked_input(request.inputs, self._max_images)  # the cost bound, before anything is copied
@@ -124,7 +129,10 @@ class OipModels:
         results: list[ClassifyResult] = list(outcomes)  # type: ignore[arg-type]
         output = build_output(results, classification, labels, payloads.batched,
                               multi_label=loaded.manifest.activation == "sigmoid")
-        return InferAnswer(results[0].model, str(max(r.version for r in results)), [output], request.id, results[0])
+        first = replace(results[0], cold_start=True) if cold else results[0]  # the request log reports it
+        return InferAnswer(first.model, str(max(r.version for r in results)), [output], request.id, first,
+                           cache_hit=all(r.cache_hit for r in results),
+                           cold_start=cold or any(r.cold_start for r in results))
 
 
 def _check_tiles(tensor: InferTensor, tiling: TilingSpec | None, max_images: int) -> None:

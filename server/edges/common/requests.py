@@ -3,7 +3,8 @@
 gRPC ``Classify``/``ClassifyStream``, HTTP ``/v1`` and both Open Inference Protocol bindings open a
 :class:`Ticket` when a request arrives and close it once with the outcome; the ticket builds the
 :class:`RequestReport` and hands it to the daemon's request observer (the request log and the request metrics),
-so every edge is logged and counted the same way. Nothing here blocks; no wire protocol is imported.
+so every edge is logged and counted the same way. With tracing on, the ticket is also the request's span
+(:mod:`server.ops.tracing`), current while its work runs. Nothing here blocks; no wire protocol is imported.
 """
 
 from __future__ import annotations
@@ -19,6 +20,8 @@ from typing import Any, TypeVar
 from server.core import errors
 from server.core.errors import Status
 from server.core.types import ClassifyCall, ClassifyResult, RequestObserver, RequestReport
+from server.ops import tracing
+from server.ops.tracing import Carrier, Span
 from server.service import ClassifierService
 
 log = logging.getLogger("classifyd.edges")
@@ -86,6 +89,7 @@ class Ticket:
     version: int = 0
     started: float = field(default_factory=time.perf_counter)
     reported: bool = False
+    span: Span | None = None  # the request's span while tracing is on
 
     def done(self, result: ClassifyResult | None) -> None:
         """The request succeeded (``result``: the one its metrics are timed from)."""
@@ -99,11 +103,15 @@ class Ticket:
                     outcome: Outcome = outcome_of) -> T:
         """Await ``work`` and report how it ended (``result_of`` its answer, or ``outcome`` of what it raised).
         Raises what ``work`` raises."""
+        token = tracing.activate(self.span) if self.span is not None else None  # the parent of the stages' spans
         try:
             answer = await work
         except BaseException as exc:
             self.failed(*outcome(exc))
             raise
+        finally:
+            if token is not None:
+                tracing.deactivate(token)
         self.done(result_of(answer))
         return answer
 
@@ -115,6 +123,8 @@ class Ticket:
         if self.reported:
             return
         self.reported = True
+        if self.span is not None:
+            tracing.end_request(self.span, self.request_id, self.model, self.version, status, message, result)
         if self.observer is None:
             return
         report = RequestReport(self.request_id, self.model, self.version, status, message,
@@ -135,6 +145,9 @@ class RequestBook:
 
     observer: RequestObserver | None = None
 
-    def open(self, request_id: str = "", model: str = "", version: int = 0) -> Ticket:
-        """A ticket for a request that arrived now, with the caller's id or a new one."""
-        return Ticket(self.observer, request_id or new_request_id(), model, version)
+    def open(self, request_id: str = "", model: str = "", version: int = 0, *, name: str = "classify",
+             carrier: Carrier | None = None) -> Ticket:
+        """A ticket for a request that arrived now, with the caller's id or a new one. With tracing on it is a span
+        named ``name`` continuing the trace context in ``carrier`` (the request's headers or metadata)."""
+        return Ticket(self.observer, request_id or new_request_id(), model, version,
+                      span=tracing.start_request(name, carrier))

@@ -23,7 +23,8 @@ def tile_fields(tile: TileResult) -> dict[str, Any]:
 
 
 def result_fields(result: ClassifyResult) -> dict[str, Any]:
-    """The scalar fields of an answer: model, version, label language, tiles counted, batch size and timings."""
+    """The scalar fields of an answer: model, version, label language, tiles counted, batch size, timings and
+    whether it came from the response cache or waited for its model to load (a cold start)."""
     return {
         "model": result.model,
         "version": result.version,
@@ -33,6 +34,8 @@ def result_fields(result: ClassifyResult) -> dict[str, Any]:
         "queue_us": micros(result.queue_s),
         "compute_us": micros(result.compute_s),
         "preprocess_us": micros(result.preprocess_s),
+        "cache_hit": result.cache_hit,
+        "cold_start": result.cold_start,
     }
 
 

@@ -19,6 +19,7 @@ from classifier.v1 import classifier_pb2 as pb
 from classifier.v1 import classifier_pb2_grpc as pb_grpc
 from grpc_health.v1 import health, health_pb2
 
+from server.batching.online import TuningSnapshot
 from server.core import errors
 from server.core.config import DEFAULT_RELOAD_MIN_INTERVAL_S, MAX_STREAM_IN_FLIGHT
 from server.core.lifecycle import ModelEvent, VersionState
@@ -35,12 +36,17 @@ from server.edges.grpc.common import (
     stream_outcome,
 )
 from server.edges.grpc.drain import answers_of
+from server.edges.grpc.rollout import promote, reject, rollback, rollout_info
+from server.models.control import ModelControl, check_model_name
 from server.models.manager import ModelManager, ModelRecord
 from server.models.reloads import Reloads
 from server.models.source.repository import model_present
 from server.service import ClassifierService
 
 log = logging.getLogger("classifyd.grpc")
+CLASSIFY_SPAN = "classifier.v1.Classifier/Classify"
+STREAM_SPAN = "classifier.v1.Classifier/ClassifyStream"
+"""The names of a request's span (server/ops/tracing.py): the method, as OpenTelemetry names gRPC server spans."""
 
 _DTYPE_NAMES = {pb.Tensor.UINT8: UINT8, pb.Tensor.FLOAT32: FLOAT32}
 
@@ -126,13 +132,25 @@ def _predictions(predictions: list[Prediction]) -> list[pb.Prediction]:
     return [pb.Prediction(**prediction_fields(p)) for p in predictions]
 
 
+def _tuning_info(info: pb.ModelInfo, tuning: TuningSnapshot) -> None:
+    """The online cap tuner's state (ModelInfo fields 53-56, docs/batching.md)."""
+    info.batch_cap_online = True
+    info.serving_batch_curve.extend(pb.BatchPoint(batch_size=e.batch_size, images_per_second=e.images_per_second,
+                                                  batch_ms=e.batch_s * 1000.0) for e in tuning.estimates)
+    info.batch_cap_changes = tuning.changes
+    info.batch_cap_last_change = tuning.last_change
+
+
 def model_info(record: ModelRecord, device: str) -> pb.ModelInfo:
     """Describe a model from the manager's record (the one description: :mod:`server.edges.common.describe`)."""
     model = describe_model(record)
+    device = model.serving.device if model.serving else device  # the serving version's placement, else --device
     info = pb.ModelInfo(name=model.name, versions=[version_info(v) for v in model.versions], device=device,
                         serving_version=model.serving_version)
     if model.manifest:
         _manifest_info(info, model)
+    if model.rollout is not None:
+        info.rollout.CopyFrom(rollout_info(model.rollout))
     serving = model.serving
     if serving:
         info.max_batch_size = serving.max_batch_size
@@ -142,9 +160,17 @@ def model_info(record: ModelRecord, device: str) -> pb.ModelInfo:
             info.autotuned = serving.batch_curve.autotuned
             info.batch_curve.extend(pb.BatchPoint(batch_size=p.batch_size, images_per_second=p.images_per_second,
                                                   batch_ms=p.batch_s * 1000.0) for p in serving.batch_curve.points)
+        if serving.batch_tuning is not None:
+            _tuning_info(info, serving.batch_tuning)
         info.precision = serving.precision
         info.precision_note = serving.precision_note
         info.runtime = serving.runtime
+        info.loaded_bytes = serving.loaded_bytes
+        if serving.runtime_choice is not None:
+            info.runtime_reason = serving.runtime_choice.reason
+            info.runtime_speeds.extend(pb.RuntimeSpeed(runtime=s.runtime, batch_size=s.batch_size,
+                                                       images_per_second=s.images_per_second)
+                                       for s in serving.runtime_choice.speeds)
     return info
 
 
@@ -189,7 +215,9 @@ def current_events(record: ModelRecord) -> list[pb.ModelEvent]:
     """One event per known version, describing where it stands now."""
     serving = record.serving()
     kinds = {VersionState.LOADING: pb.ModelEvent.LOADING, VersionState.READY: pb.ModelEvent.READY,
-             VersionState.FAILED: pb.ModelEvent.FAILED, VersionState.UNLOADING: pb.ModelEvent.READY}
+             VersionState.FAILED: pb.ModelEvent.FAILED, VersionState.UNLOADING: pb.ModelEvent.READY,
+             VersionState.AVAILABLE: pb.ModelEvent.AVAILABLE, VersionState.CANDIDATE: pb.ModelEvent.CANDIDATE,
+             VersionState.REJECTED: pb.ModelEvent.REJECTED}
     now = round(time.time() * 1000)
     return [pb.ModelEvent(model=record.name, version=v.version, kind=kinds[v.state], reason=v.error,
                           time_unix_ms=now, serving=serving is v)
@@ -202,22 +230,25 @@ class ClassifierServicer(pb_grpc.ClassifierServicer):
 
     def __init__(self, service: ClassifierService, manager: ModelManager,
                  on_request: RequestObserver | None = None, *, stream_in_flight: int = MAX_STREAM_IN_FLIGHT,
-                 reload_min_interval_s: float = DEFAULT_RELOAD_MIN_INTERVAL_S) -> None:
+                 reload_min_interval_s: float = DEFAULT_RELOAD_MIN_INTERVAL_S,
+                 control: ModelControl | None = None) -> None:
         self._service = service
         self._manager = manager
+        self._control = control or ModelControl(manager)
         self._reloads = Reloads(partial(manager.reconcile, force=True), reload_min_interval_s)
         self._requests = RequestBook(on_request)
         self._stream_in_flight = stream_in_flight
 
     async def Classify(self, request: pb.ClassifyRequest, context: grpc.aio.ServicerContext) -> pb.ClassifyResponse:
-        ticket = self._ticket(request)
+        ticket = self._ticket(request, context, CLASSIFY_SPAN)
         result = await ticket.track_result(self._classify(request, deadline_of(context), ticket),
                                            outcome_in(context))
         mark_serving_process(context)
         return response_from_result(result, ticket.request_id)
 
-    def _ticket(self, request: pb.ClassifyRequest) -> Ticket:
-        return self._requests.open(request.request_id, request.model, request.version)
+    def _ticket(self, request: pb.ClassifyRequest, context: grpc.aio.ServicerContext, span_name: str) -> Ticket:
+        return self._requests.open(request.request_id, request.model, request.version, name=span_name,
+                                   carrier=context.invocation_metadata)
 
     async def _classify(self, request: pb.ClassifyRequest, deadline: float | None, ticket: Ticket) -> ClassifyResult:
         return await self._service.classify(call_from_request(request, deadline, ticket.request_id))
@@ -227,12 +258,13 @@ class ClassifierServicer(pb_grpc.ClassifierServicer):
         """Requests are computed concurrently; responses go out as they complete (order not kept). With
         ``stream_in_flight`` requests held, the stream is read no further until the client reads an answer."""
         async for response in answer_concurrently(request_iterator,
-                                                  lambda r: self._stream_answer(r, deadline_of(context)),
+                                                  lambda r: self._stream_answer(r, deadline_of(context), context),
                                                   self._stream_in_flight):
             yield response
 
-    async def _stream_answer(self, request: pb.ClassifyRequest, deadline: float | None) -> pb.ClassifyResponse:
-        ticket = self._ticket(request)
+    async def _stream_answer(self, request: pb.ClassifyRequest, deadline: float | None,
+                             context: grpc.aio.ServicerContext) -> pb.ClassifyResponse:
+        ticket = self._ticket(request, context, STREAM_SPAN)
         try:
             result = await ticket.track_result(self._classify(request, deadline, ticket), stream_outcome)
         except Exception as exc:
@@ -279,6 +311,7 @@ class ClassifierServicer(pb_grpc.ClassifierServicer):
         at most once per ``--reload-min-interval-seconds`` (RESOURCE_EXHAUSTED: :class:`Reloads`)."""
         name = request.model or self._manager.get("").name
         check_model_name(name)
+        self._control.check_reload(name)
         try:
             present = await asyncio.to_thread(model_present, self._manager.settings.models_dir, name)
         except OSError as exc:  # the repository is unreachable (renamed away, NFS): retryable, not the caller's fault
@@ -289,19 +322,26 @@ class ClassifierServicer(pb_grpc.ClassifierServicer):
         await self._reloads.reload(name)
         return model_info(self._manager.get(name), str(self._manager.settings.device))
 
+    async def PromoteVersion(self, request: pb.PromoteVersionRequest,
+                             context: grpc.aio.ServicerContext) -> pb.ModelInfo:
+        """Promote the model's rollout candidate now; operators only (server/edges/grpc/rollout.py)."""
+        return model_info(await promote(self._manager, request), str(self._manager.settings.device))
 
-NAME_MAX_BYTES = 255
-"""The longest file name Linux filesystems take: a model is a directory named after it."""
+    async def RejectVersion(self, request: pb.RejectVersionRequest, context: grpc.aio.ServicerContext) -> pb.ModelInfo:
+        """Reject the model's candidate, or roll back its serving version; operators only."""
+        return model_info(await reject(self._manager, request), str(self._manager.settings.device))
 
+    async def RollbackModel(self, request: pb.RollbackModelRequest, context: grpc.aio.ServicerContext) -> pb.ModelInfo:
+        """Reject the serving version so that the previous one serves; operators only."""
+        return model_info(await rollback(self._manager, request), str(self._manager.settings.device))
 
-def check_model_name(name: str) -> None:
-    """Raise InvalidInput unless ``name`` can name a model directory of the repository."""
-    if not name.isprintable() or "/" in name or name.startswith("."):
-        raise errors.InvalidInput(f"invalid model name {name[:100]!r}: printable, no '/', not starting with '.'")
-    if len(name.encode()) > NAME_MAX_BYTES:
-        raise errors.InvalidInput(f"invalid model name: {len(name.encode())} bytes long; a model is a directory "
-                                  f"and its name has at most {NAME_MAX_BYTES} bytes")
+    async def LoadModel(self, request: pb.LoadModelRequest, context: grpc.aio.ServicerContext) -> pb.ModelInfo:
+        """Load a model of the catalogue (--model-control explicit); operators only. Returns once it is loaded."""
+        return model_info(await self._control.load(request.model), str(self._manager.settings.device))
 
+    async def UnloadModel(self, request: pb.UnloadModelRequest, context: grpc.aio.ServicerContext) -> pb.ModelInfo:
+        """Unload a model once its requests in flight are answered; operators only."""
+        return model_info(await self._control.unload(request.model), str(self._manager.settings.device))
 
 
 class HealthReporter:

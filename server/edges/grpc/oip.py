@@ -24,6 +24,8 @@ from server.core.config import MAX_IMAGES_PER_REQUEST, MAX_STREAM_IN_FLIGHT
 from server.core.types import RequestObserver
 from server.edges.common.oip_codec import (
     BYTES,
+    CACHE_HIT,
+    COLD_START,
     InferRequest,
     InferTensor,
     ModelMetadata,
@@ -33,6 +35,8 @@ from server.edges.common.oip_codec import (
     require_one_input,
 )
 from server.edges.common.oip_infer import InferAnswer, OipModels
+from server.edges.common.oip_repository import EXTENSIONS as REPOSITORY_EXTENSIONS
+from server.edges.common.oip_repository import OipRepository
 from server.edges.common.requests import RequestBook
 from server.edges.grpc.common import (
     answer_concurrently,
@@ -42,13 +46,16 @@ from server.edges.grpc.common import (
     status_for,
     stream_outcome,
 )
+from server.edges.grpc.oip_repository import config_message, index_message, statistics_message
 from server.models.manager import ModelManager
 from server.ops.host import package_version
 from server.service import ClassifierService
 
 log = logging.getLogger("classifyd.oip")
 SERVICE_NAME = oip.DESCRIPTOR.services_by_name["GRPCInferenceService"].full_name
-EXTENSIONS = ("classification",)
+INFER_SPAN, STREAM_SPAN = f"{SERVICE_NAME}/ModelInfer", f"{SERVICE_NAME}/ModelStreamInfer"
+"""The names of a request's span (server/ops/tracing.py): the method, as OpenTelemetry names gRPC server spans."""
+EXTENSIONS = ("classification", *REPOSITORY_EXTENSIONS)
 _CONTENTS = {"BYTES": "bytes_contents", "UINT8": "uint_contents", "FP32": "fp32_contents"}
 """The typed-contents field each accepted datatype is read from."""
 
@@ -57,12 +64,14 @@ _CONTENTS = {"BYTES": "bytes_contents", "UINT8": "uint_contents", "FP32": "fp32_
 class OipServicer(oip_grpc.GRPCInferenceServiceServicer):
     """inference.GRPCInferenceService over :class:`ClassifierService`. ``is_ready`` says whether the server accepts
     requests (false while starting and stopping); ``on_request`` gets one report per inference request. A request
-    holds at most ``max_images`` images; a ModelStreamInfer stream at most ``stream_in_flight`` requests at once."""
+    holds at most ``max_images`` images; a ModelStreamInfer stream at most ``stream_in_flight`` requests at once.
+    ``repository`` answers the model-repository extension, ModelConfig and ModelStatistics."""
 
     def __init__(self, service: ClassifierService, manager: ModelManager, is_ready: Callable[[], bool],
                  on_request: RequestObserver | None = None, *, max_images: int = MAX_IMAGES_PER_REQUEST,
-                 stream_in_flight: int = MAX_STREAM_IN_FLIGHT) -> None:
+                 stream_in_flight: int = MAX_STREAM_IN_FLIGHT, repository: OipRepository) -> None:
         self._models = OipModels(service, manager, max_images)
+        self._repository = repository
         self._is_ready = is_ready
         self._requests = RequestBook(on_request)
         self._stream_in_flight = stream_in_flight
@@ -93,9 +102,34 @@ class OipServicer(oip_grpc.GRPCInferenceServiceServicer):
         """Raises ModelNotFound for an unknown model or version, ModelUnavailable when no manifest parsed."""
         return metadata_message(self._models.metadata(request.name, request.version))
 
+    async def ModelConfig(self, request: oip.ModelConfigRequest, context: grpc.aio.ServicerContext) \
+            -> oip.ModelConfigResponse:
+        return config_message(self._repository.config(request.name, request.version))
+
+    async def ModelStatistics(self, request: oip.ModelStatisticsRequest, context: grpc.aio.ServicerContext) \
+            -> oip.ModelStatisticsResponse:
+        return statistics_message(self._repository.statistics(request.name, request.version))
+
+    async def RepositoryIndex(self, request: oip.RepositoryIndexRequest, context: grpc.aio.ServicerContext) \
+            -> oip.RepositoryIndexResponse:
+        return index_message(self._repository.index(request.repository_name, request.ready))
+
+    async def RepositoryModelLoad(self, request: oip.RepositoryModelLoadRequest,
+                                  context: grpc.aio.ServicerContext) -> oip.RepositoryModelLoadResponse:
+        """An operator's call (security.ADMIN_METHODS); returns once the model is loaded."""
+        await self._repository.load(request.model_name, request.repository_name, parameters(request.parameters))
+        return oip.RepositoryModelLoadResponse()
+
+    async def RepositoryModelUnload(self, request: oip.RepositoryModelUnloadRequest,
+                                    context: grpc.aio.ServicerContext) -> oip.RepositoryModelUnloadResponse:
+        """An operator's call; returns once the model's in-flight requests are answered and it is released."""
+        await self._repository.unload(request.model_name, request.repository_name, parameters(request.parameters))
+        return oip.RepositoryModelUnloadResponse()
+
     async def ModelInfer(self, request: oip.ModelInferRequest, context: grpc.aio.ServicerContext) \
             -> oip.ModelInferResponse:
-        ticket = self._requests.open(request.id, request.model_name)
+        ticket = self._requests.open(request.id, request.model_name, name=INFER_SPAN,
+                                     carrier=context.invocation_metadata)
         answer = await self._models.infer(ticket, request.model_version, lambda: infer_request(request),
                                           deadline_of(context), outcome_in(context))
         mark_serving_process(context)
@@ -106,13 +140,14 @@ class OipServicer(oip_grpc.GRPCInferenceServiceServicer):
         """Requests are computed concurrently; responses go out as they complete (match them by id). With
         ``stream_in_flight`` requests held, the stream is read no further until the client reads an answer."""
         async for response in answer_concurrently(request_iterator,
-                                                  lambda r: self._stream_answer(r, deadline_of(context)),
+                                                  lambda r: self._stream_answer(r, deadline_of(context), context),
                                                   self._stream_in_flight):
             yield response
 
-    async def _stream_answer(self, request: oip.ModelInferRequest, deadline: float | None) \
-            -> oip.ModelStreamInferResponse:
-        ticket = self._requests.open(request.id, request.model_name)
+    async def _stream_answer(self, request: oip.ModelInferRequest, deadline: float | None,
+                             context: grpc.aio.ServicerContext) -> oip.ModelStreamInferResponse:
+        ticket = self._requests.open(request.id, request.model_name, name=STREAM_SPAN,
+                                     carrier=context.invocation_metadata)
         try:
             answer = await self._models.infer(ticket, request.model_version, lambda: infer_request(request),
                                               deadline, stream_outcome)
@@ -148,8 +183,9 @@ def _tensor(tensor: oip.ModelInferRequest.InferInputTensor, raw: bytes | None) -
     return InferTensor(tensor.name, tensor.datatype, tuple(tensor.shape), contents, raw)
 
 
-def parameters(values: Mapping[str, oip.InferParameter]) -> dict[str, Any]:
-    """Protobuf parameters as plain values; a parameter with no value set is left out (as JSON null is)."""
+def parameters(values: Mapping[str, Any]) -> dict[str, Any]:
+    """Protobuf parameters (InferParameter, ModelRepositoryParameter) as plain values; a parameter with no value set
+    is left out (as JSON null is)."""
     plain = {}
     for name, value in values.items():
         which = value.WhichOneof("parameter_choice")
@@ -165,6 +201,10 @@ def response_message(answer: InferAnswer) -> oip.ModelInferResponse:
     for output in answer.outputs:
         response.outputs.add(name=output.name, datatype=output.datatype, shape=output.shape)
         response.raw_output_contents.append(_raw(output))
+    if answer.cache_hit:
+        response.parameters[CACHE_HIT].bool_param = True
+    if answer.cold_start:
+        response.parameters[COLD_START].bool_param = True
     return response
 
 

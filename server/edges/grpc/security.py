@@ -7,7 +7,6 @@ only); the interceptors run on the event loop and never block.
 
 from __future__ import annotations
 
-import ipaddress
 from collections.abc import Awaitable, Callable, Sequence
 from pathlib import Path
 from typing import Any
@@ -15,12 +14,17 @@ from urllib.parse import unquote
 
 import grpc
 
-from server.edges.common.auth import TokenChecker, read_file
+from server.edges.common.auth import AdminRule, TokenChecker, is_loopback, read_file
 from server.edges.grpc.drain import answers_of
 
 HEALTH_PREFIX = "/grpc.health.v1.Health/"
 """Health checks need no token: load balancers and orchestrators probe without one."""
-ADMIN_METHODS = frozenset({"/classifier.v1.Classifier/ReloadModel"})
+ADMIN_METHODS = frozenset({"/classifier.v1.Classifier/ReloadModel", "/classifier.v1.Classifier/LoadModel",
+                           "/classifier.v1.Classifier/UnloadModel",
+                           "/classifier.v1.Classifier/PromoteVersion", "/classifier.v1.Classifier/RejectVersion",
+                           "/classifier.v1.Classifier/RollbackModel",
+                           "/inference.GRPCInferenceService/RepositoryModelLoad",
+                           "/inference.GRPCInferenceService/RepositoryModelUnload"})
 """Model-control calls: they change what the daemon serves and cost seconds of the shared inference thread, so only
 operators may make them (:class:`AdminInterceptor`). Every model-control method is listed here, and only here."""
 Refusal = tuple[grpc.StatusCode, str]
@@ -53,20 +57,12 @@ class AuthInterceptor(grpc.aio.ServerInterceptor):
 
 
 class AdminInterceptor(grpc.aio.ServerInterceptor):
-    """The model-control rule, for the calls of :data:`ADMIN_METHODS`.
-
-    With ``admin_tokens`` (``--admin-token-file``) a call needs one of them: a client token (``client_tokens``,
-    ``--auth-token-file``) is PERMISSION_DENIED, no token or another one UNAUTHENTICATED. Without admin tokens,
-    only calls from this machine (a loopback address or a Unix socket) are accepted, unless ``allow_remote``
-    (``--allow-remote-admin``); others are PERMISSION_DENIED. Client tokens, when configured, are checked by
-    :class:`AuthInterceptor` as for every call.
-    """
+    """The model-control rule (:class:`server.edges.common.auth.AdminRule`) for the calls of :data:`ADMIN_METHODS`.
+    Client tokens, when configured, are checked by :class:`AuthInterceptor` as for every call."""
 
     def __init__(self, admin_tokens: Sequence[str] = (), client_tokens: Sequence[str] = (), *,
                  allow_remote: bool = False, methods: frozenset[str] = ADMIN_METHODS) -> None:
-        self._admin = TokenChecker(admin_tokens) if admin_tokens else None
-        self._clients = TokenChecker(client_tokens) if client_tokens else None
-        self._allow_remote = allow_remote
+        self._rule = AdminRule(admin_tokens, client_tokens, allow_remote=allow_remote)
         self._methods = methods
 
     async def intercept_service(self, continuation: Callable[[Any], Awaitable[Any]],
@@ -75,30 +71,14 @@ class AdminInterceptor(grpc.aio.ServerInterceptor):
         method = handler_call_details.method
         if handler is None or method not in self._methods:
             return handler
-        if self._admin is not None:
-            refusal = self._token_refusal(method, _authorization(handler_call_details))
-            return handler if refusal is None else _checked(handler, lambda _: refusal)
-        if self._allow_remote:
-            return handler
-        return _checked(handler, lambda context: _remote_refusal(method, context.peer()))
+        authorization = _authorization(handler_call_details)
 
-    def _token_refusal(self, method: str, authorization: str | bytes | None) -> Refusal | None:
-        assert self._admin is not None
-        problem = self._admin.problem(authorization)
-        if problem is None:
-            return None
-        if self._clients is not None and self._clients.problem(authorization) is None:
-            return (grpc.StatusCode.PERMISSION_DENIED, f"{method} is a model-control call: it needs a token of "
-                    "--admin-token-file; client tokens (--auth-token-file) do not suffice")
-        return grpc.StatusCode.UNAUTHENTICATED, f"{method} is a model-control call and needs an admin token: {problem}"
+        def refusal(context: grpc.aio.ServicerContext) -> Refusal | None:
+            peer = context.peer() if self._rule.needs_peer else ""
+            refused = self._rule.refusal(method, authorization, lambda: is_local_peer(peer), peer)
+            return None if refused is None else (grpc.StatusCode[refused[0].name], refused[1])
 
-
-def _remote_refusal(method: str, peer: str) -> Refusal | None:
-    if is_local_peer(peer):
-        return None
-    return (grpc.StatusCode.PERMISSION_DENIED, f"{method} is a model-control call: without --admin-token-file it is "
-            f"accepted only from this machine (loopback), not from {peer}; configure --admin-token-file or "
-            "--allow-remote-admin")
+        return _checked(handler, refusal)
 
 
 def is_local_peer(peer: str) -> bool:
@@ -109,13 +89,7 @@ def is_local_peer(peer: str) -> bool:
         return True
     if kind not in ("ipv4", "ipv6"):
         return False
-    host = address.rpartition(":")[0].strip("[]")
-    try:
-        ip = ipaddress.ip_address(host)
-    except ValueError:
-        return False
-    mapped = getattr(ip, "ipv4_mapped", None)  # ::ffff:127.0.0.1, a dual-stack socket's view of IPv4 loopback
-    return ip.is_loopback or (mapped is not None and mapped.is_loopback)
+    return is_loopback(address.rpartition(":")[0])
 
 
 def _authorization(details: grpc.HandlerCallDetails) -> str | bytes | None:

@@ -32,6 +32,7 @@ from server.edges.common.requests import RequestBook, Ticket, classify_within, d
 from server.edges.common.results import prediction_fields, result_fields, tile_fields
 from server.edges.common.status import RETRYABLE, http_status, status_for_http
 from server.edges.http.bodies import JSON_INLINE_BYTES, BodyTooLarge, read_body, read_form, read_json
+from server.edges.http.worker_status import StatusShare
 from server.models.manager import ModelManager
 from server.ops.stats import EventLog, StatsCollector
 from server.service import ClassifierService
@@ -69,6 +70,7 @@ class HttpContext:
     on_request: RequestObserver | None = None
     max_json_bytes: int = MAX_JSON_BYTES
     max_images: int = MAX_IMAGES_PER_REQUEST
+    status_share: StatusShare | None = None  # --workers: the status page merges the other workers' documents
     requests: RequestBook = field(init=False)
     oip: OipModels = field(init=False)
 
@@ -290,7 +292,8 @@ def result_json(result: ClassifyResult, request_id: str) -> dict[str, Any]:
 async def classify_handler(request: web.Request) -> web.Response:
     """POST /v1/classify and /v1/models/{name}/classify. Reported to the request observer with its request id."""
     context = request.app[CONTEXT]
-    ticket = context.requests.open(request.headers.get("X-Request-Id", ""), request.match_info.get("name", ""))
+    ticket = context.requests.open(request.headers.get("X-Request-Id", ""), request.match_info.get("name", ""),
+                                   name="POST /v1/classify", carrier=request.headers)
     result = await ticket.track_result(_classify(request, context, ticket), http_outcome)
     return web.json_response(result_json(result, ticket.request_id), dumps=dumps)
 

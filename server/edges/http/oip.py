@@ -20,6 +20,8 @@ from aiohttp import web
 from server.core import errors
 from server.edges.common.oip_codec import (
     BYTES,
+    CACHE_HIT,
+    COLD_START,
     InferRequest,
     InferTensor,
     OutputTensor,
@@ -27,6 +29,7 @@ from server.edges.common.oip_codec import (
     require_one_input,
 )
 from server.edges.common.oip_infer import InferAnswer
+from server.edges.common.oip_repository import EXTENSIONS as REPOSITORY_EXTENSIONS
 from server.edges.common.requests import Ticket, off_loop_if
 from server.edges.http.bodies import JSON_INLINE_BYTES, BodyTooLarge, parse_json, read_body
 from server.edges.http.classify import CONTEXT, HttpContext, decode_b64, dumps, http_outcome
@@ -147,6 +150,10 @@ class Base64Elements(Sequence[bytes]):
     def __len__(self) -> int:
         return len(self._items)
 
+    def encoded_bytes(self) -> int:
+        """The base64 text's length: what decoding the elements costs (:func:`is_large` weighs this)."""
+        return sum(len(item) for item in self._items if isinstance(item, str))
+
     @overload
     def __getitem__(self, index: int) -> bytes: ...
 
@@ -176,12 +183,16 @@ def _version(request: web.Request) -> str:
 async def infer(request: web.Request) -> web.Response:
     """POST /v2/models/{model}[/versions/{version}]/infer. Reported to the request observer under its ``id``."""
     context = request.app[CONTEXT]
-    ticket = context.requests.open(model=request.match_info["model"])
+    ticket = context.requests.open(model=request.match_info["model"], name="POST /v2/models/{name}/infer",
+                                   carrier=request.headers)
     answer = await ticket.track(_answer(request, ticket), lambda a: a.result, http_outcome)
     body: dict[str, Any] = {"model_name": answer.model_name, "model_version": answer.model_version,
                             "outputs": [output_json(o) for o in answer.outputs]}
     if answer.id is not None:
         body["id"] = answer.id
+    flags = {CACHE_HIT: answer.cache_hit, COLD_START: answer.cold_start}
+    if any(flags.values()):
+        body["parameters"] = {name: True for name, set_ in flags.items() if set_}
     return web.json_response(body, dumps=dumps)
 
 
@@ -224,7 +235,7 @@ async def model_ready(request: web.Request) -> web.Response:
 async def server_metadata(request: web.Request) -> web.Response:
     info = request.app[CONTEXT].server_info()
     return web.json_response({"name": "classifyd", "version": info["version"],
-                              "extensions": ["classification", "binary_tensor_data"]})
+                              "extensions": ["classification", "binary_tensor_data", *REPOSITORY_EXTENSIONS]})
 
 
 async def model_metadata(request: web.Request) -> web.Response:

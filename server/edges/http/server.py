@@ -15,13 +15,18 @@ from collections.abc import Sequence
 from aiohttp import web
 from aiohttp.typedefs import Middleware
 
+from server.edges.common.auth import AdminRule
+from server.edges.common.oip_repository import OipRepository
 from server.edges.http.classify import CONTEXT, HttpContext, add_classify_routes, error_middleware, serving_middleware
 from server.edges.http.oip import add_oip_routes
+from server.edges.http.oip_repository import add_repository_routes
 from server.edges.http.status_page import add_status_routes
 
 
-def build_app(context: HttpContext, middlewares: Sequence[Middleware] = ()) -> web.Application:
-    """The app with every route.
+def build_app(context: HttpContext, middlewares: Sequence[Middleware] = (), *,
+              repository: OipRepository | None = None, admin: AdminRule | None = None) -> web.Application:
+    """The app with every route; with ``repository``, the OIP model-repository extension, model configuration and
+    statistics too, their load and unload calls under the operator rule ``admin`` (default: this machine only).
 
     ``middlewares`` run inside the error mapping and before any handler: the slot for request checks such as an
     auth token (raise ``web.HTTPUnauthorized`` and the client gets a JSON 401 with code UNAUTHENTICATED).
@@ -30,8 +35,12 @@ def build_app(context: HttpContext, middlewares: Sequence[Middleware] = ()) -> w
                           client_max_size=context.max_body_bytes)
     app[CONTEXT] = context
     add_classify_routes(app.router)
+    if repository is not None:
+        add_repository_routes(app, repository, admin or AdminRule())
     add_oip_routes(app.router)
     add_status_routes(app.router)
+    if context.status_share is not None:
+        app.cleanup_ctx.append(context.status_share.background)
     return app
 
 

@@ -24,6 +24,7 @@ import numpy as np
 from server.batching.curve import TOLERANCE, BatchCurve, BatchPoint, best_rates, choose_knee, falling, ladder
 from server.core.config import CPU_CEILING, GPU_CEILING, AutotuneDefaults
 from server.core.manifest import BatchingSpec
+from server.inference.devices import InferenceThreads
 from server.inference.runtime import InferenceThread, LoadedVersion
 
 log = logging.getLogger("classifyd.autotune")
@@ -119,7 +120,7 @@ def curve_from(samples: Mapping[int, Sequence[float]], plan: TunePlan, stopped: 
     """The curve of fastest runs, with the knee as the cap when the plan chooses it."""
     points = tuple(BatchPoint(size, min(times)) for size, times in sorted(samples.items()))
     chosen = choose_knee(best_rates(samples), tolerance) if plan.choose_cap else plan.cap
-    return BatchCurve(points, chosen, plan.choose_cap, stopped)
+    return BatchCurve(points, chosen, plan.choose_cap, stopped, plan.ceiling)
 
 
 async def tune(version: LoadedVersion, inference: InferenceThread, plan: TunePlan) -> BatchCurve | None:
@@ -137,6 +138,7 @@ async def tune(version: LoadedVersion, inference: InferenceThread, plan: TunePla
     curve = curve_from(samples, plan, stopped)
     version.batch_curve = curve
     version.max_batch_size = curve.chosen
+    version.tuner = None  # a new curve (a runtime switch re-measures) seeds a new online tuner with its knee
     how = "knee of the curve" if curve.autotuned else "pinned"
     note = f"; ladder stopped: {stopped}" if stopped else ""
     log.info("model %s version %d: batch curve (size:images/s) %s; max_batch_size %d (%s), measured in %.2f s%s",
@@ -149,8 +151,8 @@ class TuneQueue:
     models' curves never disturb each other. Each runs :func:`tune` on the inference thread; until it ends the
     version serves with its provisional cap (the manifest's, else the server's default)."""
 
-    def __init__(self, inference: InferenceThread) -> None:
-        self._inference = inference
+    def __init__(self, inference: InferenceThreads) -> None:
+        self._inference = inference  # each measurement on its version's device's thread
         self._turn = asyncio.Lock()  # FIFO: waiters acquire in the order they asked
         self._tasks: set[asyncio.Task[None]] = set()
 
@@ -167,7 +169,7 @@ class TuneQueue:
             if version.released:  # retired before its turn: nothing to measure
                 return
             try:
-                await tune(version, self._inference, plan)
+                await tune(version, self._inference.for_version(version), plan)
             except Exception as exc:  # noqa: BLE001 - a failed measurement keeps the provisional cap; it serves on
                 if not version.released:
                     log.warning("model %s version %d: batch curve not measured (%s); keeping max_batch_size %d",

@@ -29,7 +29,9 @@ from torch import nn
 from server.core.manifest import Manifest
 from server.inference.runtime import LoadedVersion
 from server.inference.runtimes import OnnxRuntime, open_session
+from server.inference.threads import process_threads
 from server.models.loader.custom_code import PREFIX
+from server.models.loader.gate import GateInputs
 from server.models.loader.weights import WeightsError, find_weights
 
 log = logging.getLogger("classifyd.models")
@@ -37,14 +39,13 @@ log = logging.getLogger("classifyd.models")
 TOLERANCE = 1e-4
 """Largest absolute difference allowed between a probability from ONNX Runtime and PyTorch's for the same input;
 top-1 must also agree wherever PyTorch's top two differ by more than this."""
-VERIFY_IMAGES = 8
-VERIFY_SEED = 1234
 EXPORT_BATCH = 2  # the dynamo exporter specialises a batch of 1 as a constant: trace with two
 
 
 def onnx_threads() -> int:
-    """ONNX Runtime's intra-op threads: the torch thread count the host rule (or --torch-threads) applied."""
-    return torch.get_num_threads()
+    """ONNX Runtime's intra-op threads: the process's torch thread count, as the host rule (or --torch-threads)
+    applied it (the calling thread's own count may be a version's smaller one: server/inference/threads.py)."""
+    return process_threads()
 
 
 def open_shipped(version_dir: Path, manifest: Manifest) -> tuple[OnnxRuntime, int | None]:
@@ -109,16 +110,28 @@ def cache_key(files: list[Path], manifest: Manifest) -> str:
 def exported_runtime(module: nn.Module, version_dir: Path, manifest: Manifest, cache_dir: Path) -> OnnxRuntime:
     """The module as an ONNX Runtime session: from the cache when its key is there, else exported into it.
     Raises WeightsError when neither exporter manages."""
+    path, _ = cached_export(module, version_dir, manifest, cache_dir)
+    return open_export(path)
+
+
+def open_export(path: Path) -> OnnxRuntime:
+    """A cached export in an ONNX Runtime session with the host rule's threads. Raises WeightsError."""
+    return _opened(path, "the export")
+
+
+def cached_export(module: nn.Module, version_dir: Path, manifest: Manifest, cache_dir: Path) -> tuple[Path, bool]:
+    """The path of the module's ONNX export in ``cache_dir``, exported there unless the cache holds it already;
+    with whether it was exported now (False: a cache hit). Raises WeightsError when neither exporter manages."""
     files = [find_weights(version_dir, manifest)]
     if manifest.architecture.startswith(PREFIX):  # its code shapes the module as much as its weights
         files += sorted(version_dir.glob("*.py")) + sorted(version_dir.parent.glob("*.py"))
     path = cache_dir / f"{cache_key(files, manifest)}.onnx"
     if path.is_file():
         log.info("%s: ONNX export found in the cache (%s)", manifest.path, path)
-    else:
-        exporter = export(module, manifest, path)
-        log.info("%s: exported to ONNX with the %s exporter (%s)", manifest.path, exporter, path)
-    return _opened(path, "the export")
+        return path, False
+    exporter = export(module, manifest, path)
+    log.info("%s: exported to ONNX with the %s exporter (%s)", manifest.path, exporter, path)
+    return path, True
 
 
 def export(module: nn.Module, manifest: Manifest, path: Path) -> str:
@@ -148,27 +161,36 @@ def _export_with(module: nn.Module, example: torch.Tensor, path: Path, dynamo: b
         warnings.simplefilter("ignore")  # the exporters' deprecation and tracing advice is not the user's concern
         if dynamo:
             torch.onnx.export(module, (example,), str(path), input_names=["input"], output_names=["logits"],
-                              dynamic_shapes=({0: torch.export.Dim.DYNAMIC},), dynamo=True, external_data=False)
+                              dynamic_shapes=({0: torch.export.Dim.DYNAMIC},), dynamo=True, external_data=False,
+                              verbose=False)  # no progress lines on stdout
         else:
             torch.onnx.export(module, (example,), str(path), input_names=["input"], output_names=["logits"],
                               dynamic_axes={"input": {0: "batch"}, "logits": {0: "batch"}}, dynamo=False)
 
 
-def verify(version: LoadedVersion) -> float:
-    """Compare ``version``'s ONNX Runtime scores with its PyTorch module's on seeded synthetic images. Returns the
-    largest absolute probability difference; raises WeightsError when it exceeds :data:`TOLERANCE` or top-1
-    differs where PyTorch's top two are further apart than that. Blocks (forward passes)."""
-    spec = version.manifest.input
-    images = list(np.random.default_rng(VERIFY_SEED).integers(
-        0, 256, size=(VERIFY_IMAGES, spec.height, spec.width, spec.channels), dtype=np.uint8))
+def verify(version: LoadedVersion, inputs: GateInputs) -> float:
+    """Compare ``version``'s ONNX Runtime scores with its PyTorch module's on ``inputs`` (:mod:`gate`). Returns the
+    largest absolute probability difference; raises WeightsError naming it (the image, the label, both scores) when
+    it exceeds :data:`TOLERANCE` or top-1 differs where PyTorch's top two are further apart than that. Blocks
+    (forward passes)."""
     reference = dataclasses.replace(version, runtime=None)  # the same module through TorchRuntime
-    want, got = reference.predict(images), version.predict(images)
-    worst = float(np.abs(want - got).max())
+    want, got = _scores(reference, inputs.arrays), _scores(version, inputs.arrays)
+    difference = np.abs(want - got)
+    row, label = np.unravel_index(int(difference.argmax()), difference.shape)
+    worst = float(difference[row, label])
     ordered = np.sort(want, axis=1)
     clear = (ordered[:, -1] - ordered[:, -2]) > TOLERANCE if want.shape[1] > 1 else np.ones(len(want), bool)
     flipped = int(np.sum(clear & (want.argmax(1) != got.argmax(1))))
     if worst > TOLERANCE or flipped:
-        raise WeightsError(f"{version.manifest.path}: ONNX Runtime's scores differ from PyTorch's: largest "
-                           f"probability difference {worst:.3g} (tolerance {TOLERANCE:g}), top-1 differs on "
-                           f"{flipped} of {len(images)} synthetic images; serve it with runtime = \"torch\"")
+        raise WeightsError(
+            f"{version.manifest.path}: ONNX Runtime's scores differ from PyTorch's: largest probability difference "
+            f"{worst:.3g} (tolerance {TOLERANCE:g}) on {inputs.names[row]}, label "
+            f"{version.labels[label]!r} (PyTorch {want[row, label]:.4f}, ONNX Runtime {got[row, label]:.4f}); "
+            f"top-1 differs on {flipped} of {len(want)} {inputs.kind}; serve it with runtime = \"torch\"")
     return worst
+
+
+def _scores(version: LoadedVersion, arrays: list[np.ndarray]) -> np.ndarray:
+    """Scores of ``arrays`` in batches of at most the version's cap."""
+    size = max(1, version.max_batch_size)
+    return np.concatenate([version.predict(arrays[i:i + size]) for i in range(0, len(arrays), size)])

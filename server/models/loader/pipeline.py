@@ -3,9 +3,10 @@
 TF Serving's *loader*: it knows nothing of states, leases or which version serves (the manager, which calls
 it for every version it loads) and nothing of where versions come from (the source). ``python -m server
 check`` calls it directly, so a version is checked exactly as the daemon loads it. Files are read and modules
-built on the loader's own thread; warm-up, validation and autotune run on the inference thread, one forward
-pass at a time, so versions already serving keep answering. At start-up the manager defers autotune past
-readiness (``load(defer_tune=True)``).
+built on the loader's own thread, on the device the manifest's ``device`` places it on
+(:mod:`server.inference.placement`); warm-up, validation and autotune run on that device's inference thread
+(:mod:`server.inference.devices`), one forward pass at a time, so versions already serving keep answering. At
+start-up the manager defers autotune past readiness (``load(defer_tune=True)``).
 """
 
 from __future__ import annotations
@@ -25,14 +26,17 @@ from typing import TypeVar
 import torch
 from torch import nn
 
-from server.core.config import DEFAULT_CACHE_DIR, BatchingDefaults
-from server.core.manifest import ONNX_ARCHITECTURE, Manifest, ManifestError, load_manifest
+from server.core.config import DEFAULT_CACHE_DIR, DEFAULT_RUNTIME, BatchingDefaults
+from server.core.manifest import ONNX_ARCHITECTURE, RUNTIME_UNSET, Manifest, ManifestError, load_manifest
+from server.inference.devices import InferenceThreads
 from server.inference.isolation import contained, describe
-from server.inference.runtime import InferenceThread, LoadedVersion
+from server.inference.placement import place_version, use_device
+from server.inference.runtime import LoadedVersion
 from server.inference.runtimes import OnnxRuntime
 from server.models.loader import onnx
 from server.models.loader.autotune import TunePlan, plan_for, tune
 from server.models.loader.build import build_for_serving
+from server.models.loader.gate import gate_inputs, warmup_images
 from server.models.loader.validation import ValidationError, validate_version
 from server.models.loader.weights import WeightsError
 
@@ -53,6 +57,7 @@ class LoadSettings:
     batching: BatchingDefaults = field(default_factory=BatchingDefaults)
     trust_code: bool = False  # allow python: architectures, which execute files of the repository
     cache_dir: Path = DEFAULT_CACHE_DIR  # ONNX exports of runtime = "onnxruntime" versions
+    default_runtime: str = DEFAULT_RUNTIME  # for manifests that set no runtime
 
 
 @dataclass(frozen=True)
@@ -84,7 +89,7 @@ class LoadFailed(Exception):
 class VersionLoader:
     """Loads versions one at a time on its loader thread. ``await load(...)``; ``close()`` when done."""
 
-    def __init__(self, settings: LoadSettings, inference: InferenceThread) -> None:
+    def __init__(self, settings: LoadSettings, inference: InferenceThreads) -> None:
         self.settings = settings
         self._inference = inference
         self._thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="classifyd-load")
@@ -112,16 +117,22 @@ class VersionLoader:
         try:
             _step(name, number, f"reading the manifest and weights in {version_dir}")
             manifest = await self._on_thread(load_manifest, version_dir)
+            placed = await self._on_thread(place_version, manifest.device, self.settings.device)  # asks CUDA
+            _step(name, number, f"on {placed.device} ({placed.why})")
+            manifest = resolve_runtime(manifest, dataclasses.replace(self.settings, device=placed.device))
             seen(manifest)
-            loaded, plan = await self._build(name, number, version_dir, manifest)
+            loaded, plan = await self._build(name, number, version_dir, manifest, placed.device)
             manifest = loaded.manifest
             seen(manifest)
             if accept is not None:
                 accept(manifest)
-            _step(name, number, f"warm-up at batch size {loaded.max_batch_size}")
-            await self._inference.run(loaded.warm_up)
+            images = await self._on_thread(warmup_images, loaded.manifest, version_dir)
+            _step(name, number, f"warm-up at batch size {loaded.max_batch_size}"
+                                + (f" on {len(images)} warmup/ image(s)" if images else ""))
+            await self._inference.for_version(loaded).run(use_device, loaded.device)  # its thread's CUDA device
+            await self._inference.for_version(loaded).run(loaded.warm_up, images)
             _step(name, number, "validation on its samples/ (if any)")
-            accuracy = await validate_version(loaded, version_dir, self._thread, self._inference)
+            accuracy = await validate_version(loaded, version_dir, self._thread, self._inference.for_version(loaded))
             pending = await self._tune_now_or_later(loaded, plan, defer_tune)
         except Exception as exc:
             await self._release_failed(loaded, exc)
@@ -141,7 +152,7 @@ class VersionLoader:
         if defer and loaded.manifest.batching.latency_target_ms is None:
             return plan
         _step(loaded.name, loaded.version, f"autotune (budget {plan.budget_s:g} s)")
-        await tune(loaded, self._inference, plan)
+        await tune(loaded, self._inference.for_version(loaded), plan)
         return None
 
     async def _release_failed(self, loaded: LoadedVersion | None, exc: BaseException) -> None:
@@ -149,30 +160,30 @@ class VersionLoader:
         still hold (a module whose constructor or warm-up raised), then the device memory they held."""
         traceback.clear_frames(exc.__traceback__)  # the traceback text stays; the frames' locals go
         try:  # on the loader thread: releasing and collecting block (torch, gc, the CUDA cache)
-            await self._on_thread(_free_memory, self.settings.device, loaded)
+            await self._on_thread(_free_memory, loaded.device if loaded else self.settings.device, loaded)
         except RuntimeError:  # the loader thread is already closed: the daemon is stopping
             if loaded is not None:
                 loaded.release()
 
-    async def _build(self, name: str, number: int, version_dir: Path,
-                     manifest: Manifest) -> tuple[LoadedVersion, TunePlan]:
+    async def _build(self, name: str, number: int, version_dir: Path, manifest: Manifest,
+                     device: torch.device) -> tuple[LoadedVersion, TunePlan]:
         """The module built on the loader thread (or the ONNX session opened, exported and verified there), as a
         version with its batching plan. Once this returns, only the version holds the module, so releasing the
         version releases it."""
         plan = plan_for(manifest.batching, self.settings.batching.autotune, self.settings.batching.max_batch_size,
-                        self.settings.device.type)
+                        device.type)
         if manifest.architecture == ONNX_ARCHITECTURE:
             _step(name, number, "opening model.onnx in ONNX Runtime")
             runtime, fixed_batch = await self._on_thread(onnx.open_shipped, version_dir, manifest)
             if fixed_batch == 1:  # a graph exported for one image: batches of one
                 plan = dataclasses.replace(plan, cap=1, measure=False, choose_cap=False, ceiling=1)
-            return self._loaded_version(name, number, manifest, nn.Identity(), plan, runtime), plan
+            return self._loaded_version(name, number, manifest, nn.Identity(), plan, device, runtime), plan
         try:
-            module, manifest = await self._on_thread(build_for_serving, version_dir, manifest, self.settings.device,
+            module, manifest = await self._on_thread(build_for_serving, version_dir, manifest, device,
                                                      self.settings.trust_code)
         except WeightsError as exc:
             raise _with_architecture_origin(exc, number, version_dir, manifest) from None
-        loaded = self._loaded_version(name, number, manifest, module, plan)
+        loaded = self._loaded_version(name, number, manifest, module, plan, device)
         if manifest.runtime == "onnxruntime":
             await self._switch_to_onnx(loaded, version_dir)
         return loaded, plan
@@ -184,13 +195,15 @@ class VersionLoader:
         module = loaded.module
         loaded.runtime = await self._on_thread(onnx.exported_runtime, module, version_dir, loaded.manifest,
                                                self.settings.cache_dir)
-        worst = await self._on_thread(onnx.verify, loaded)
+        inputs = await self._on_thread(gate_inputs, loaded, version_dir)
+        worst = await self._on_thread(onnx.verify, loaded, inputs)
         log.info("model %s version %d serves through ONNX Runtime; largest probability difference from PyTorch "
-                 "%.2g (tolerance %g)", loaded.name, loaded.version, worst, onnx.TOLERANCE)
+                 "%.2g on %d %s (tolerance %g)", loaded.name, loaded.version, worst, len(inputs.arrays), inputs.kind,
+                 onnx.TOLERANCE)
         loaded.module = nn.Identity()
 
     def _loaded_version(self, name: str, number: int, manifest: Manifest, module: nn.Module,
-                        plan: TunePlan, runtime: OnnxRuntime | None = None) -> LoadedVersion:
+                        plan: TunePlan, device: torch.device, runtime: OnnxRuntime | None = None) -> LoadedVersion:
         """The built module as a version, with the manifest's batching or the server's defaults."""
         batching, defaults = manifest.batching, self.settings.batching
         return LoadedVersion(
@@ -198,7 +211,7 @@ class VersionLoader:
             version=number,
             manifest=manifest,
             module=module,
-            device=self.settings.device,
+            device=device,
             max_batch_size=plan.cap,
             max_delay_ms=defaults.max_delay_ms if batching.max_delay_ms is None else batching.max_delay_ms,
             max_queue=batching.max_queue or defaults.max_queue,
@@ -213,6 +226,17 @@ class VersionLoader:
     def close(self) -> None:
         """Wait for the step running on the loader thread, then stop the thread."""
         self._thread.shutdown(wait=True)
+
+
+def resolve_runtime(manifest: Manifest, settings: LoadSettings) -> Manifest:
+    """``manifest`` with its runtime resolved: the daemon's ``--default-runtime`` when it sets none, and "auto"
+    as "torch" off the CPU (ONNX Runtime's GPU providers are not used: PyTorch serves on CUDA)."""
+    runtime = manifest.runtime if manifest.runtime != RUNTIME_UNSET else settings.default_runtime
+    if runtime == "auto" and settings.device.type != "cpu":
+        runtime = "torch"
+    if runtime == "onnxruntime" and manifest.compile != "off":  # a --default-runtime cannot override compile
+        runtime = "torch"
+    return manifest if runtime == manifest.runtime else dataclasses.replace(manifest, runtime=runtime)
 
 
 def _step(name: str, number: int, what: str) -> None:

@@ -17,6 +17,7 @@ from pathlib import Path
 import numpy as np
 
 from server.core.errors import InvalidInput
+from server.core.manifest import Manifest
 from server.core.outputs import reduce_tiles
 from server.inference.preprocess import preprocess, preprocess_tiles
 from server.inference.runtime import InferenceThread, LoadedVersion
@@ -42,15 +43,20 @@ def read_samples(version: LoadedVersion, samples_dir: Path) -> tuple[list[list[n
         if folder.name not in index:
             raise ValidationError(f"{folder}: sample folder names no label of the model")
         for path in sorted(p for p in folder.iterdir() if p.suffix.lower() in SAMPLE_SUFFIXES):
-            try:
-                if manifest.tiling is None:
-                    arrays.append([preprocess(path.read_bytes(), manifest.input)])
-                else:
-                    arrays.append([a for _, a in preprocess_tiles(path.read_bytes(), manifest.input, manifest.tiling)])
-            except InvalidInput as exc:
-                raise ValidationError(f"{path}: {exc}") from None
+            arrays.append(read_image(path, manifest))
             truth.append(index[folder.name])
     return arrays, truth
+
+
+def read_image(path: Path, manifest: Manifest) -> list[np.ndarray]:
+    """One image file preprocessed as requests are: one array, or one per tile of a ``[tiling]`` model. Blocks on
+    the read and decoding; raises ValidationError naming the file when it cannot be decoded."""
+    try:
+        if manifest.tiling is None:
+            return [preprocess(path.read_bytes(), manifest.input)]
+        return [array for _, array in preprocess_tiles(path.read_bytes(), manifest.input, manifest.tiling)]
+    except InvalidInput as exc:
+        raise ValidationError(f"{path}: {exc}") from None
 
 
 async def validate_version(version: LoadedVersion, version_dir: Path, loader: Executor,

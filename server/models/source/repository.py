@@ -12,6 +12,8 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+from server.core.rollout import DECISION_FILE
+
 _VERSION_DIR = re.compile(r"^[0-9]+$")
 # Files of the model directory that every version reads (manifest, labels, custom architecture code).
 _SHARED_SUFFIXES = (".toml", ".txt", ".py")
@@ -70,7 +72,7 @@ def fingerprint(version_dir: Path) -> Fingerprint:
             stat = path.stat()
         except FileNotFoundError:
             continue
-        if path.is_file():
+        if path.is_file() and not path.name.startswith(DECISION_FILE):  # a rollout's record, not the version's
             entries.append((str(path.relative_to(version_dir.parent)), stat.st_size, stat.st_mtime_ns))
     return tuple(sorted(entries))
 

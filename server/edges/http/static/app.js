@@ -34,9 +34,12 @@ function duration(seconds) {
   return `${Math.floor(s / 3600)} h ${Math.floor((s % 3600) / 60)} min`;
 }
 
-function renderServer(server) {
+function renderServer(server, workers) {
   const parts = [`v${server.version}`, `device ${server.device}`, `gRPC ${server.host}:${server.grpc_port}`,
     `HTTP ${server.http_port}`, `up ${duration(server.uptime_s)}`];
+  if (workers) {  // --workers: the figures below add up every worker's
+    parts.push(`${workers.length} workers (${workers.map((w) => `pid ${w.pid}: ${w.requests} req`).join(", ")})`);
+  }
   document.getElementById("server").textContent = parts.join(" · ");
 }
 
@@ -58,6 +61,25 @@ function versionRows(model) {
     el("td", { class: "error" }, v.error || "")));
 }
 
+// The online cap tuner: the cap, the size on trial, each size's estimate while serving, the moves so far.
+function tuningLine(t) {
+  const sizes = t.estimates.map((e) => `${e.batch_size}:${fmt(e.images_per_second, 0)}${e.batch_size === t.cap ? "*" : ""}`);
+  const text = [`batch cap ${t.cap} (tuned while serving)`, t.exploring ? `trying ${t.exploring}` : null,
+    sizes.length ? `images/s ${sizes.join(" ")}` : null, `${t.changes} moves, ${t.trials} trials`]
+    .filter(Boolean).join(" · ");
+  return el("div", { class: "muted", "data-metric": "batch-tuning", title: t.last_change || "" }, text);
+}
+
+// A rollout candidate's live figures against the serving version (docs/rollout.md).
+function rolloutLine(r) {
+  const figures = r.compared === undefined ? ["no comparison yet"] : [
+    `${r.compared}/${r.min_requests} compared`, `agreement ${fmt(100 * r.agreement)}% (min ${fmt(100 * r.min_agreement)}%)`,
+    `top-k overlap ${fmt(100 * r.topk_overlap)}%`, `errors ${r.errors}`,
+    r.compute_ratio === null ? null : `compute ×${fmt(r.compute_ratio, 2)}`, r.labels_differ ? "labels differ" : null];
+  const text = [`v${r.candidate_version} ${r.mode} candidate (${r.decision})`, ...figures].filter(Boolean).join(" · ");
+  return el("div", { class: "muted", "data-metric": "rollout" }, text);
+}
+
 function modelCard(model) {
   const stats = model.stats;
   const loading = model.versions.some((v) => v.state === "LOADING");
@@ -65,9 +87,12 @@ function modelCard(model) {
     ? el("span", { class: "badge serving-version", "data-state": "serving" }, `serving v${model.serving_version}`)
     : loading  // still starting (or a first version loading): not a failure
       ? el("span", { class: "badge serving-version", "data-state": "LOADING" }, "loading")
-      : el("span", { class: "badge serving-version", "data-state": "FAILED" }, "not serving");
+      : model.versions.length && model.versions.every((v) => v.state === "AVAILABLE")  // --model-control explicit
+        ? el("span", { class: "badge serving-version", "data-state": "AVAILABLE" }, "not loaded")
+        : el("span", { class: "badge serving-version", "data-state": "FAILED" }, "not serving");
   const facts = [model.architecture, model.input && `${model.input.width}×${model.input.height} ${model.input.color}`,
-    model.num_labels && `${model.num_labels} labels`, model.max_batch_size && `batch ≤ ${model.max_batch_size}`,
+    model.num_labels && `${model.num_labels} labels`, model.device && `on ${model.device}`,
+    model.max_batch_size && `batch ≤ ${model.max_batch_size}`,
     model.max_delay_ms !== null && model.max_delay_ms !== undefined && `delay ${model.max_delay_ms} ms`]
     .filter(Boolean).join(" · ");
   const metric = (value, label, key) => el("div", { class: "metric", "data-metric": key }, el("b", {}, value),
@@ -82,9 +107,13 @@ function modelCard(model) {
       metric(fmt(stats.latency_ms.p50, 2), "p50 ms", "p50"),
       metric(fmt(stats.latency_ms.p90, 2), "p90 ms", "p90"),
       metric(fmt(stats.latency_ms.p99, 2), "p99 ms", "p99"),
-      metric(model.queue_depth, "queued now", "queued")),
+      metric(model.queue_depth, "queued now", "queued"),
+      model.cache ? metric(model.cache.hit_rate === null ? "–" : `${fmt(100 * model.cache.hit_rate)}%`,
+        `cache hits (${model.cache.hits} of ${model.cache.hits + model.cache.misses})`, "cache") : null),
     el("div", { class: "muted" }, "requests by batch size"),
     histogram(stats.batch_sizes),
+    model.batch_tuning ? tuningLine(model.batch_tuning) : null,
+    model.rollout ? rolloutLine(model.rollout) : null,
     el("table", { class: "versions" },
       el("thead", {}, el("tr", {}, el("th", {}, "version"), el("th", {}, "state"), el("th", { class: "num" }, "gen"),
         el("th", { class: "num" }, "validation"), el("th", {}, "error"))),
@@ -121,7 +150,7 @@ async function poll() {
     const response = await fetch("/status.json", { cache: "no-store" });
     if (!response.ok) throw new Error(`HTTP ${response.status}`);
     const status = await response.json();
-    renderServer(status.server);
+    renderServer(status.server, status.workers);
     renderModels(status.models);
     renderEvents(status.events);
     badge.textContent = "live";

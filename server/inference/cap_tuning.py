@@ -1,0 +1,54 @@
+"""Which versions tune their batch cap while serving, and what a move of the cap changes.
+
+:func:`tuner_for` gives a version its :class:`~server.batching.online.OnlineTuner` (created once, kept on the
+version) when its cap was chosen by the load-time ladder: not when the manifest pins ``max_batch_size``, sets
+``autotune = false`` (or the server runs with ``--no-autotune``), sets a latency target (its policy already sizes
+batches from the corrected curve, and keeps its guarantee) or compiles the module (its batch-size buckets are
+fixed at warm-up). A move updates the version's ``max_batch_size``, which admission, ModelInfo and the status
+page read, and is logged. Runs on the event loop; nothing blocks.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+
+from server.batching.online import CapChange, OnlineTuner
+from server.inference.runtime import LoadedVersion
+from server.ops.tuning_metrics import TuningFigures
+
+log = logging.getLogger("classifyd.autotune")
+
+
+def tunes_online(version: LoadedVersion) -> bool:
+    """Whether ``version``'s cap may move while serving (see the module docstring)."""
+    curve, manifest = version.batch_curve, version.manifest
+    return curve is not None and curve.autotuned and manifest.batching.latency_target_ms is None \
+        and manifest.compile == "off"
+
+
+def tuner_for(version: LoadedVersion) -> OnlineTuner | None:
+    """``version``'s online tuner, created on first use from its current cap; None when it does not tune."""
+    if not tunes_online(version) or version.batch_curve is None:
+        return None
+    if version.tuner is None:
+        curve = version.batch_curve
+        ceiling = curve.ceiling or max(point.batch_size for point in curve.points)
+        version.tuner = OnlineTuner(version.max_batch_size, ceiling,
+                                    on_change=functools.partial(_moved, version))
+    return version.tuner
+
+
+def _moved(version: LoadedVersion, change: CapChange) -> None:
+    version.max_batch_size = change.new
+    log.info("model %s version %d: %s", version.name, version.version, change.describe())
+
+
+def figures(version: LoadedVersion) -> TuningFigures | None:
+    """``version``'s tuner in plain numbers for /metrics; None when it does not tune. Safe from another thread."""
+    tuner = version.tuner
+    if tuner is None:
+        return None
+    snapshot = tuner.snapshot()
+    return TuningFigures(snapshot.cap, snapshot.exploring, snapshot.changes, snapshot.trials,
+                         {e.batch_size: e.batch_s for e in snapshot.estimates})

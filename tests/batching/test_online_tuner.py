@@ -1,0 +1,180 @@
+"""Tests of server.batching.online: the online cap tuner on synthetic batch times with an injected clock, and the
+batcher taking its limits from a tuner."""
+
+from __future__ import annotations
+
+import asyncio
+import random
+from collections.abc import Callable, Mapping
+
+import pytest
+
+from server.batching.batcher import Batcher
+from server.batching.online import CapChange, OnlineTuner, TunerSettings, quantile
+from tests.support.batcher_harness import FakeClock, Handler, run, settle, spawn
+
+pytestmark = pytest.mark.timeout(20)
+
+PEAKED = {1: 60.0, 2: 72.0, 4: 82.0, 8: 71.0, 16: 66.0, 32: 50.0, 64: 40.0}
+"""images/s by batch size, shaped like resnet18 on the 2-core CPU (knee at 4)."""
+
+
+class Sim:
+    """Saturated (or light) load against a tuner: every batch takes size / rate(size) seconds, times noise."""
+
+    def __init__(self, tuner: OnlineTuner, clock: list[float], rates: Mapping[int, float], *,
+                 noise: Callable[[], float] = lambda: 1.0) -> None:
+        self.tuner, self.clock, self.rates, self.noise = tuner, clock, rates, noise
+        self.served = 0
+        self.lost_s = 0.0  # time spent below the best rate, in seconds of the best rate's throughput
+        self.sizes: list[int] = []
+
+    def batch_s(self, size: int) -> float:
+        rate = self.rates[max(k for k in self.rates if k <= size)]  # sizes off the ladder: the size below's rate
+        return size / rate * self.noise()
+
+    def run(self, seconds: float, *, waiting: int | None = None) -> None:
+        """Batches for ``seconds`` of fake time; ``waiting`` items available per batch (None: always full)."""
+        end = self.clock[0] + seconds
+        while self.clock[0] < end:
+            limit = self.tuner.limit()
+            size = limit if waiting is None else min(limit, waiting)
+            took = self.batch_s(size)
+            self.clock[0] += took
+            self.served += size
+            self.sizes.append(size)
+            self.tuner.observe(size, limit, took)
+
+
+def make(cap: int, ceiling: int = 64, **settings: float) -> tuple[OnlineTuner, list[float], list[CapChange]]:
+    clock = [1000.0]
+    changes: list[CapChange] = []
+    tuner = OnlineTuner(cap, ceiling, clock=lambda: clock[0], settings=TunerSettings(**settings),  # type: ignore[arg-type]
+                        on_change=changes.append)
+    return tuner, clock, changes
+
+
+@pytest.mark.parametrize("seed", [1, 2, 16, 64])
+def test_cap_converges_to_the_best_size_from_any_seed(seed: int) -> None:
+    tuner, clock, changes = make(seed)
+    sim = Sim(tuner, clock, PEAKED)
+    sim.run(60.0)
+    assert tuner.cap == 4, [(c.old, c.new) for c in changes]
+    assert all(change.new in PEAKED for change in changes)
+    assert tuner.snapshot().changes == len(changes)
+
+
+def test_a_rising_curve_climbs_to_its_ceiling_and_no_further() -> None:
+    tuner, clock, _ = make(2, ceiling=16)
+    Sim(tuner, clock, {1: 10.0, 2: 19.0, 4: 36.0, 8: 70.0, 16: 130.0}).run(120.0)
+    assert tuner.cap == 16
+    assert max(tuner.sizes) == 16
+
+
+def test_explores_only_when_batches_are_full() -> None:
+    tuner, clock, changes = make(8)
+    sim = Sim(tuner, clock, PEAKED)
+    sim.run(120.0, waiting=5)  # light load: batches of 5 under a cap of 8
+    assert tuner.trials == 0 and changes == []
+    assert set(sim.sizes) == {5}
+
+
+def test_a_trial_is_abandoned_when_the_load_drops() -> None:
+    tuner, clock, changes = make(4)
+    sim = Sim(tuner, clock, PEAKED)
+    while tuner.limit() == 4:  # saturated until the first trial starts
+        sim.run(0.001)
+    trial = tuner.limit()
+    assert trial in (2, 8)
+    sim.run(0.001, waiting=1)  # the load drops to one request
+    assert tuner.limit() == 4 and tuner.snapshot().exploring == 0 and changes == []
+
+
+def test_settled_cap_does_not_oscillate_under_noise() -> None:
+    rng = random.Random(7)
+    # Mostly +-5 % jitter, one batch in ten stalled by up to 3x (another process took the core).
+    noise = lambda: rng.uniform(0.95, 1.05) * (rng.uniform(1.0, 3.0) if rng.random() < 0.1 else 1.0)  # noqa: E731
+    tuner, clock, changes = make(1)
+    sim = Sim(tuner, clock, PEAKED, noise=noise)
+    sim.run(60.0)
+    settled = len(changes)
+    sim.run(600.0)
+    assert tuner.cap == 4
+    assert len(changes) - settled <= 2, [(c.old, c.new) for c in changes]
+
+
+def test_a_flat_curve_settles_without_flapping() -> None:
+    rng = random.Random(3)
+    tuner, clock, changes = make(8)
+    sim = Sim(tuner, clock, dict.fromkeys(PEAKED, 50.0), noise=lambda: rng.uniform(0.97, 1.03))
+    sim.run(600.0)
+    moves = [(c.old, c.new) for c in changes]
+    ups = sum(new > old for old, new in moves)
+    assert ups <= 1, moves  # no size is better: it drifts down to low-latency sizes and stays
+
+
+def test_exploration_costs_at_most_five_percent_of_throughput() -> None:
+    tuner, clock, _ = make(4)
+    sim = Sim(tuner, clock, PEAKED)
+    sim.run(60.0)  # already at the best size: every trial is a loss
+    ideal = PEAKED[4] * 60.0
+    assert tuner.trials >= 2
+    assert sim.served >= 0.95 * ideal, (sim.served, ideal)
+    # ... and the trials happen: both neighbours were measured within the minute
+    assert {e.batch_size for e in tuner.snapshot().estimates} >= {2, 4, 8}
+
+
+def test_sizes_stay_within_the_ladder_and_its_bounds() -> None:
+    tuner, clock, _ = make(1, ceiling=8)
+    sim = Sim(tuner, clock, {1: 10.0, 2: 30.0, 4: 80.0, 8: 200.0})
+    sim.run(120.0)
+    assert set(sim.sizes) <= {1, 2, 4, 8}
+    assert tuner.cap == 8
+    tuner1, clock1, changes1 = make(1, ceiling=1)
+    Sim(tuner1, clock1, {1: 10.0}).run(30.0)
+    assert tuner1.cap == 1 and tuner1.trials == 0 and changes1 == []
+
+
+def test_estimates_expire_and_odd_times_are_ignored() -> None:
+    tuner, clock, _ = make(4, keep_s=10.0)
+    for _ in range(6):
+        clock[0] += 0.05
+        tuner.observe(4, 4, 0.05)
+    tuner.observe(4, 4, float("nan"))
+    tuner.observe(4, 4, -1.0)
+    assert tuner.estimate(4) == pytest.approx(0.05)
+    clock[0] += 11.0
+    assert tuner.estimate(4) is None
+    assert quantile([5.0, 1.0, 3.0, 2.0], 0.25) == 1.0
+
+
+def test_batcher_takes_its_limit_from_the_tuner_and_reports_each_batch() -> None:
+    class Stub:
+        def __init__(self) -> None:
+            self.seen: list[tuple[int, int, float]] = []
+
+        def limit(self) -> int:
+            return 3
+
+        def observe(self, batch_size: int, limit: int, compute_s: float) -> None:
+            self.seen.append((batch_size, limit, compute_s))
+
+    async def body() -> None:
+        clock = FakeClock()
+        handler = Handler(gated=True, clock=clock, compute_dt=0.25)
+        stub = Stub()
+        batcher: Batcher[int, int] = Batcher(handler, clock=clock, max_batch_size=8, tuner=stub)
+        batcher.start()
+        first = spawn(batcher, -1)
+        await settle()
+        rest = spawn(batcher, *range(7))
+        await settle()
+        handler.gate.set()
+        await asyncio.gather(*first, *rest)
+        assert handler.sizes == [1, 3, 3, 1]
+        assert stub.seen == [(1, 3, 0.25), (3, 3, 0.25), (3, 3, 0.25), (1, 3, 0.25)]
+        batcher.configure(tuner=None)
+        assert batcher.tuner is None
+        await batcher.aclose()
+
+    run(body)
