@@ -60,6 +60,7 @@ def load(name: str, device: torch.device) -> LoadedVersion:
 def full_curve(version: LoadedVersion, ceiling: int, budget_s: float) -> BatchCurve:
     """The whole ladder up to ``ceiling`` (within ``budget_s``), the knee chosen as the daemon would."""
     version.warm_up()
+    version.choose_threads_now()  # as the loader does after the warm-up
 
     async def time_batch(size: int) -> float:
         return timed_predict(version, size)  # on this thread: nothing else runs here

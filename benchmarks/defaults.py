@@ -252,7 +252,8 @@ def main(argv: list[str] | None = None) -> int:
             models_dir = Path(tmp) / model
             version_dir = prepare(model, models_dir)
             version = load_version(version_dir, "cpu", 64)
-            version.warm_up()  # as the loader does (it also picks the version's torch threads)
+            version.warm_up()
+            version.choose_threads_now()  # as the loader does after the warm-up
             starts = []
             for index in range(args.starts):
                 starts.append(one_start(model, models_dir, version, workload, args, index, Path(tmp)))

@@ -15,12 +15,13 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
 
-from server.core.errors import ClassifydError, PreconditionFailed
+from server.core.errors import ClassifydError, InvalidInput, PreconditionFailed
 from server.core.outputs import reduce_tiles
 from server.core.rollout import RolloutSpec, verdict
 from server.core.types import ClassifyCall
@@ -38,6 +39,9 @@ Inputs = Sequence[np.ndarray | DeviceJpeg]
 REFERENCE_EVERY = 5
 """Every 5th shadowed request is also computed by the serving version on the shadow lane: the reference of the
 compute ratio, measured as the candidate is (the forward pass alone, not the queue before it)."""
+PREPARE_DEADLINE_S = 1.0
+"""How long a shadow copy prepared again for a candidate with other preprocessing may wait for the decode budget:
+shadow work never waits long for what live requests need."""
 
 
 class Sampler:
@@ -92,18 +96,20 @@ class Rollouts:
             current = self._live[name] = _Rollout(entry.loaded, entry.loaded.manifest.rollout, labels,
                                                   ScoreBoard(labels_differ=labels.differ))
             if labels.differ:
-                self._manager.report_scores(name, entry.version, current.board.scores())
+                self._manager.report_scores(entry.loaded, current.board.scores())
                 log.warning("model %s version %d has other labels than version %d: its rollout waits for an "
                             "operator (PromoteVersion or RejectVersion)", name, entry.version, serving.version)
         return current
 
     def route(self, call: ClassifyCall, serving: LoadedVersion) -> LoadedVersion:
         """The version that answers ``call``: the candidate for a ``canary_percent`` share of the requests that pin
-        no version, else ``serving``."""
+        no version, else ``serving``. Only a candidate with the serving version's labels in the same order answers
+        (the edges render an answer with the serving version's labels: Open Inference Protocol's output width)."""
         if call.version:
             return serving
         rollout = self._rollout(serving.name, serving)
-        if rollout is None or rollout.spec.mode != "canary" or not rollout.canary.take(rollout.spec.canary_percent):
+        if rollout is None or rollout.spec.mode != "canary" or not rollout.labels.identical or \
+                not rollout.canary.take(rollout.spec.canary_percent):
             return serving
         rollout.canary_answered += 1
         return rollout.candidate
@@ -140,27 +146,45 @@ class Rollouts:
         if rollout.offered % REFERENCE_EVERY == 1:
             self.lane.offer(ShadowJob(prepared_for, inputs, rollout.spec.shadow_max_share,
                                       lambda rows, per_item_s, items: self._reference(rollout, rows, per_item_s,
-                                                                                      items)))
+                                                                                      items),
+                                      lambda: self._current(rollout) and self._manager.in_use(prepared_for)))
         if same:
             self._offer(rollout, inputs, row)
-        else:  # other preprocessing: the payload is prepared again for the candidate, off the request's path
+        elif self.lane.reserve():  # other preprocessing: prepared again for the candidate, off the request's path
             task = asyncio.get_running_loop().create_task(self._prepare_and_offer(rollout, call, row))
             self._tasks.add(task)
             task.add_done_callback(self._tasks.discard)
 
+    def _current(self, rollout: _Rollout) -> bool:
+        """Whether ``rollout`` is still its model's (its candidate neither decided nor replaced): a shadow job of
+        one that is not is skipped, and its version's lease given back."""
+        return self._live.get(rollout.candidate.name) is rollout and self._manager.in_use(rollout.candidate)
+
     async def _prepare_and_offer(self, rollout: _Rollout, call: ClassifyCall, row: np.ndarray) -> None:
+        """Prepare ``call``'s payload for the candidate within a place reserved in the lane (given back unless
+        the job is offered), waiting at most :data:`PREPARE_DEADLINE_S` for the decode budget. An input the
+        candidate cannot prepare is one of its errors; a full pool or budget is a sample not taken."""
         candidate = rollout.candidate
+        deadline = time.monotonic() + PREPARE_DEADLINE_S
         try:
             if candidate.manifest.tiling is not None:
-                inputs: Inputs = [array for _, array in await self._inputs.tiles(call.payload, candidate.manifest)]
+                tiles = await self._inputs.tiles(call.payload, candidate.manifest, deadline=deadline)
+                inputs: Inputs = [array for _, array in tiles]
             else:
-                inputs = [await self._inputs.prepare(call.payload, candidate)]
-        except ClassifydError:
+                inputs = [await self._inputs.prepare(call.payload, candidate, deadline=deadline)]
+        except InvalidInput:
+            self.lane.unreserve()
             self._failed(rollout)
             return
-        self._offer(rollout, inputs, row)
+        except ClassifydError:  # Overloaded, DeadlineExpired: the pool or the decode budget is busy with live work
+            self.lane.unreserve(dropped=True)
+            return
+        except BaseException:
+            self.lane.unreserve()
+            raise
+        self._offer(rollout, inputs, row, reserved=True)
 
-    def _offer(self, rollout: _Rollout, inputs: Inputs, row: np.ndarray) -> None:
+    def _offer(self, rollout: _Rollout, inputs: Inputs, row: np.ndarray, *, reserved: bool = False) -> None:
         def done(rows: list[np.ndarray] | BaseException, per_item_s: float, batch_items: int) -> None:
             if isinstance(rows, BaseException) or not rows:
                 self._failed(rollout)
@@ -171,7 +195,8 @@ class Rollouts:
             rollout.board.candidate.add(per_item_s, batch_items)
             self._scored(rollout)
 
-        self.lane.offer(ShadowJob(rollout.candidate, inputs, rollout.spec.shadow_max_share, done))
+        self.lane.offer(ShadowJob(rollout.candidate, inputs, rollout.spec.shadow_max_share, done,
+                                  lambda: self._current(rollout)), reserved=reserved)
 
     @staticmethod
     def _reference(rollout: _Rollout, rows: list[np.ndarray] | BaseException, per_item_s: float, items: int) -> None:
@@ -186,7 +211,7 @@ class Rollouts:
         """Publish the figures and, once the rule decides, have the manager promote or reject the candidate."""
         candidate = rollout.candidate
         scores = rollout.board.scores()
-        self._manager.report_scores(candidate.name, candidate.version, scores)
+        self._manager.report_scores(candidate, scores)
         outcome = None if rollout.deciding else verdict(rollout.spec, scores)
         if outcome is None:
             return
@@ -197,7 +222,7 @@ class Rollouts:
 
     async def _decide(self, candidate: LoadedVersion, promote: bool, reason: str) -> None:
         try:
-            await self._manager.decide(candidate.name, candidate.version, promote, reason)
+            await self._manager.decide(candidate.name, candidate.version, promote, reason, loaded=candidate)
         except PreconditionFailed as exc:  # decided meanwhile: an operator, or a newer version replaced it
             log.info("rollout of model %s version %d: %s", candidate.name, candidate.version, exc)
         except Exception:

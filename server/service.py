@@ -86,18 +86,18 @@ class ClassifierService:
         started = time.perf_counter()
         resolved, cold = await self.resolve(call.model, call.version, call.deadline)
         version = self.rollouts.route(call, resolved)
-        key = await self._cache_key(call, version)
-        result = self.cache.get(version.name, key) if key is not None else None
-        if result is None:  # a hit skips admission, the queue and the forward pass
-            version.lease()  # the admitting version stays loaded until this request is answered
-            try:
+        version.lease()  # before any await: a swap meanwhile must not release the version this request uses
+        try:
+            key = await self._cache_key(call, version)
+            result = self.cache.get(version.name, key) if key is not None else None
+            if result is None:  # a hit skips admission, the queue and the forward pass
                 result = await self._classify(call, version)
-            finally:
-                version.unlease()
-            # only what the keyed version computed: a request admitted just before a swap may be computed by
-            # the version that replaced it, and a canary may answer for the serving version
-            if key is not None and result.version == version.version:
-                self.cache.put(key, version, result)
+                # only what the keyed version computed: a request admitted just before a swap may be computed by
+                # the version that replaced it, and a canary may answer for the serving version
+                if key is not None and result.version == version.version:
+                    self.cache.put(key, version, result)
+        finally:
+            version.unlease()
         if self._observer is not None:
             self._observer(result.model, result.version, result.batch_size, time.perf_counter() - started)
         return dataclasses.replace(result, cold_start=True) if cold else result

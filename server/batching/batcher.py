@@ -309,10 +309,11 @@ class Batcher(Generic[T, R]):
                 now = self._clock.now()
                 limit = self._take_limit()
                 batch = self._take(now, limit)
+                taken = (now, limit, len(self._queue))  # the backlog: items still queued behind this batch
                 if self._max_concurrent == 1:  # awaited here: no task per batch on the common (CPU) path
-                    await self._dispatch_tracked(batch, now, limit)
+                    await self._dispatch_tracked(batch, *taken)
                     continue
-                task = asyncio.ensure_future(self._dispatch_tracked(batch, now, limit))
+                task = asyncio.ensure_future(self._dispatch_tracked(batch, *taken))
                 self._in_flight.add(task)
                 task.add_done_callback(self._in_flight.discard)
                 if len(self._in_flight) >= self._max_concurrent:
@@ -321,11 +322,11 @@ class Batcher(Generic[T, R]):
             if self._in_flight:  # closing: the batches already handed over still complete
                 await asyncio.gather(*self._in_flight, return_exceptions=True)
 
-    async def _dispatch_tracked(self, batch: list[_Entry[T, R]], now: float, limit: int) -> None:
+    async def _dispatch_tracked(self, batch: list[_Entry[T, R]], now: float, limit: int, backlog: int) -> None:
         busy = (len(batch), now)
         self._busy.append(busy)
         try:
-            await self._dispatch(batch, now, limit)
+            await self._dispatch(batch, now, limit, backlog)
         except Exception as exc:
             # Only a batcher bug gets here; its callers must not hang on it.
             logger.exception("%s: delivering a batch failed", self._name)
@@ -403,7 +404,7 @@ class Batcher(Generic[T, R]):
             batch.append(entry)
         return batch
 
-    async def _dispatch(self, batch: list[_Entry[T, R]], dispatched: float, limit: int) -> None:
+    async def _dispatch(self, batch: list[_Entry[T, R]], dispatched: float, limit: int, backlog: int) -> None:
         """Compute one batch and resolve its futures; raises only if the worker is cancelled."""
         if not batch:
             return
@@ -428,7 +429,7 @@ class Batcher(Generic[T, R]):
         if self._policy is not None:
             self._consult("observe", None, len(batch), compute_s)
         elif self._tuner is not None:
-            self._consult("observe", None, len(batch), limit, compute_s, on=self._tuner)
+            self._consult("observe", None, len(batch), limit, compute_s, backlog, on=self._tuner)
         self._deliver(batch, results, dispatched, compute_s)
 
     def _deliver(

@@ -124,8 +124,8 @@ class CapTuner(Protocol):
         """How many items the next batch may take (replaces ``max_batch_size``)."""
         ...
 
-    def observe(self, batch_size: int, limit: int, compute_s: float) -> None:
-        """A batch of ``batch_size``, taken under ``limit``, took ``compute_s``."""
+    def observe(self, batch_size: int, limit: int, compute_s: float, backlog: int = 0) -> None:
+        """A batch of ``batch_size``, taken under ``limit`` with ``backlog`` items left queued, took ``compute_s``."""
         ...
 
 

@@ -138,11 +138,12 @@ class OnlineTuner:
         """How many items the next batch may take: the cap, or the size on trial."""
         return self._trial or self.cap
 
-    def observe(self, batch_size: int, limit: int, compute_s: float) -> None:
-        """A batch of ``batch_size`` taken under ``limit`` computed in ``compute_s``; may start, end or decide
-        a trial. Never blocks, never raises for odd values (they are ignored)."""
+    def observe(self, batch_size: int, limit: int, compute_s: float, backlog: int = 0) -> None:
+        """A batch of ``batch_size`` taken under ``limit`` (``backlog`` items left queued behind it) computed in
+        ``compute_s``; may start, end or decide a trial. Never blocks, never raises for odd values (ignored)."""
         now = self._clock()
-        full = batch_size >= limit
+        # under a cap of 1 every batch fills it, even one request at a time: full only with more waiting
+        full = batch_size >= limit and (limit > 1 or backlog > 0)
         self._recent_full.append(full)
         usable = math.isfinite(compute_s) and compute_s > 0 and not self._skip_next
         self._skip_next = False  # the first batch at a new size pays for its allocations

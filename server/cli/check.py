@@ -24,7 +24,8 @@ from server.models.loader.build import build_for_serving
 from server.models.loader.pipeline import Loaded, LoadFailed, LoadSettings, VersionLoader
 from server.models.loader.runtime_job import JobRequest, run_job
 from server.models.loader.weights import WeightsError, find_weights
-from server.models.source.repository import version_numbers
+from server.models.rollout import read_decision
+from server.models.source.repository import fingerprint, version_numbers
 
 _SHOWN_LABELS = 20
 
@@ -150,9 +151,13 @@ def _compare_preprocessing(settings: LoadSettings, model_dir: Path, number: int,
 
 
 def _previous(settings: LoadSettings, model_dir: Path, number: int) -> tuple[int, Manifest] | None:
-    """The newest version older than ``number`` that builds, with its resolved manifest; None if none does."""
+    """The newest version older than ``number`` that builds and was not rejected by a rollout (it would not be
+    serving), with its resolved manifest; None if none does."""
     for older in sorted((v for v in version_numbers(model_dir) if v < number), reverse=True):
         version_dir = model_dir / str(older)
+        recorded = read_decision(version_dir, fingerprint(version_dir))
+        if recorded is not None and not recorded.promoted and not recorded.pending:
+            continue
         try:
             module, manifest = build_for_serving(version_dir, load_manifest(version_dir), torch.device("cpu"),
                                                  settings.trust_code)

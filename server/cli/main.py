@@ -186,6 +186,9 @@ def _check_models(parser: argparse.ArgumentParser, args: argparse.Namespace) -> 
         parser.error("--torch-threads must be at least 1")
     if args.max_loaded_bytes is not None and args.max_loaded_bytes < 1:
         parser.error("--max-loaded-bytes must be at least 1")
+    if args.max_loaded_bytes is not None and not args.lazy_load and args.model_control != "explicit":
+        parser.error(f"--max-loaded-bytes with --model-control {args.model_control} needs --lazy-load: a model it "
+                     "evicts comes back only when a request loads it (LoadModel is for --model-control explicit)")
 
 
 # ----- batching (BatchingDefaults, AutotuneDefaults)

@@ -21,6 +21,7 @@ import fcntl
 import logging
 import os
 import shutil
+import signal
 import sys
 import tempfile
 import time
@@ -92,9 +93,13 @@ def main(argv: list[str]) -> int:
         print(f"FAILED: {exc}", file=sys.stderr)
         return USAGE
     try:
-        number = publish(args, settings)
+        with interrupted_by_sigterm():
+            number = publish(args, settings)
     except OSError as exc:
         print(f"FAILED: {exc}", file=sys.stderr)
+        return FAILED
+    except KeyboardInterrupt:
+        print("FAILED: interrupted; nothing was published", file=sys.stderr)
         return FAILED
     if number is None:
         return FAILED
@@ -108,6 +113,7 @@ def publish(args: argparse.Namespace, settings: LoadSettings) -> int | None:
     staging directory behind."""
     model_dir = args.model_dir.absolute()
     with _turn(model_dir):
+        remove_stale_staging(model_dir)
         new_model = not model_dir.exists()
         number = max(version_numbers(model_dir), default=0) + 1
         parent = model_dir.parent if new_model else model_dir
@@ -162,6 +168,40 @@ def _sync_dir(path: Path) -> None:
         os.fsync(descriptor)
     finally:
         os.close(descriptor)
+
+
+STALE_STAGING_S = 3600.0
+"""A staging directory untouched this long is left over from a publish that was killed (SIGKILL, a crash)."""
+
+
+def remove_stale_staging(model_dir: Path, *, now: float | None = None) -> list[Path]:
+    """Remove the staging directories of ``model_dir`` (and a new model's beside it) not modified for
+    :data:`STALE_STAGING_S`: leftovers of killed publishes, holding full weights. Call under :func:`_turn`, so that
+    no publish is using one. Blocks; returns what it removed."""
+    now = time.time() if now is None else now
+    candidates = list(model_dir.parent.glob(f"{STAGING_PREFIX}{model_dir.name}-*"))
+    if model_dir.is_dir():
+        candidates += model_dir.glob(f"{STAGING_PREFIX}*")
+    removed = []
+    for path in candidates:
+        with contextlib.suppress(OSError):
+            if path.is_dir() and now - path.stat().st_mtime > STALE_STAGING_S:
+                shutil.rmtree(path)
+                removed.append(path)
+    return removed
+
+
+@contextlib.contextmanager
+def interrupted_by_sigterm() -> Iterator[None]:
+    """SIGTERM raises KeyboardInterrupt meanwhile, as Ctrl-C does, so that the staging directory is removed on
+    the way out (a stopped pipeline job leaves no copy of the weights behind)."""
+    def interrupt(signum: int, frame: object) -> None:
+        raise KeyboardInterrupt
+    previous = signal.signal(signal.SIGTERM, interrupt)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
 
 
 @contextlib.contextmanager

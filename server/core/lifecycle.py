@@ -9,8 +9,9 @@ the new one is READY.
 
 A load that raises anything (a load error, or any other exception: an ``AssertionError`` from a model's
 constructor is a bad version, not a bad server) takes LOADING → FAILED with the exception's type and message;
-only a cancellation (shutdown, or the caller of a reload gone) drops a LOADING record, and the next reconcile
-tries its files again. Exceptions that end the process (``KeyboardInterrupt``, ``SystemExit``) still do.
+only a cancellation (shutdown, or the caller of a reload gone) drops a LOADING record (LOADING → None), its version
+listed AVAILABLE again (None → AVAILABLE), and the next reconcile tries its files again. Exceptions that end the
+process (``KeyboardInterrupt``, ``SystemExit``) still do.
 
 **Evicted, kept in the catalogue** (``--max-loaded-bytes``, :mod:`server.models.memory_budget`): no new rows. An
 eviction is an unload: READY → UNLOADING → None (event UNLOADED, reason ``evicted ...``) → AVAILABLE, and a request

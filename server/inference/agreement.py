@@ -33,6 +33,8 @@ class LabelMap:
     def __init__(self, serving: Manifest, candidate: Manifest) -> None:
         self.differ = sorted(serving.labels) != sorted(candidate.labels) or \
             len(set(serving.labels)) != len(serving.labels)
+        self.identical = not self.differ and list(serving.labels) == list(candidate.labels)
+        """The same labels in the same order: the candidate may answer for the serving version (canary)."""
         position = {label: i for i, label in enumerate(candidate.labels)}
         self._order = None if self.differ else np.asarray([position[label] for label in serving.labels])
         self._serving, self._candidate = serving, candidate

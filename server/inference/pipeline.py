@@ -21,6 +21,7 @@ Everything here runs on the event loop and blocks only the calling task.
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 import time
 import weakref
@@ -275,7 +276,8 @@ class ModelBatchers:
             return None
         policy = self._policies.get(version)
         if policy is None:
-            policy = self._policies[version] = LatencyTargetPolicy(version.batch_curve.estimate,
+            # the curve is read at each call: a runtime switch measures a new one (server/models/loader/runtime_choice)
+            policy = self._policies[version] = LatencyTargetPolicy(functools.partial(_curve_estimate, version),
                                                                    target_s=target_ms / 1000.0)
         return policy
 
@@ -290,6 +292,13 @@ class ModelBatchers:
     async def aclose(self, *, drain: bool = True) -> None:
         """Finish (drain=True) or fail the queued items, then stop every batcher."""
         await asyncio.gather(*(b.aclose(drain=drain) for b in self._batchers.values()))
+
+
+def _curve_estimate(version: LoadedVersion, batch_size: int) -> float:
+    """Seconds of one batch of ``batch_size`` by ``version``'s batch curve as it is now."""
+    curve = version.batch_curve
+    assert curve is not None  # a latency-target policy exists only once a curve was measured; none is ever removed
+    return curve.estimate(batch_size)
 
 
 def _decode_hwc(jpegs: list[DeviceJpeg], spec: InputSpec, device: torch.device) -> list[torch.Tensor | InvalidInput]:

@@ -7,8 +7,10 @@ Everything here that touches torch blocks: call it through
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 import threading
+import time
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -28,7 +30,13 @@ from server.inference.isolation import contained, describe
 from server.inference.precision import autocast, effective_precision
 from server.inference.runtimes import OnnxRuntime, Runtime, TorchRuntime
 from server.inference.staging import Pixels, StagedBatch, Stager
-from server.inference.threads import choose_threads, process_threads, remember_process_threads, use_threads
+from server.inference.threads import (
+    choose_threads,
+    choose_threads_async,
+    process_threads,
+    remember_process_threads,
+    use_threads,
+)
 
 T = TypeVar("T")
 log = logging.getLogger("classifyd.models")
@@ -47,8 +55,11 @@ class InferenceThread:
         was applied."""
         remember_process_threads()
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="classifyd-infer")
-        self._live = 0  # run() calls queued or running; the low-priority lane waits for none
+        self._live = 0  # run() calls queued or running; the low-priority lane waits for none, or for its credit
         self._quiet: list[asyncio.Future[None]] = []
+        self.live_busy_s = 0.0
+        """Seconds the thread spent on :meth:`run` calls (the low-priority lane's owed share is counted from it);
+        written by the thread alone."""
 
     async def run(self, fn: Callable[..., T], *args: object) -> T:
         """Run ``fn(*args)`` on the inference thread and await its result. Raises what ``fn`` raises, except
@@ -56,20 +67,28 @@ class InferenceThread:
         (:func:`server.inference.isolation.contained`): the awaiting task never hangs on it."""
         self._live += 1
         try:
-            return await asyncio.get_running_loop().run_in_executor(self._executor, contained, fn, *args)
+            return await asyncio.get_running_loop().run_in_executor(self._executor, self._timed, fn, *args)
         finally:
             self._live -= 1
-            if not self._live:
-                for waiter in self._quiet:
-                    if not waiter.done():
-                        waiter.set_result(None)
-                self._quiet.clear()
+            for waiter in self._quiet:  # after every live call: a waiting low-priority call checks its credit
+                if not waiter.done():
+                    waiter.set_result(None)
+            self._quiet.clear()
 
-    async def run_when_quiet(self, fn: Callable[..., T], *args: object) -> T:
+    def _timed(self, fn: Callable[..., T], *args: object) -> T:
+        started = time.perf_counter()
+        try:
+            return contained(fn, *args)
+        finally:
+            self.live_busy_s += time.perf_counter() - started
+
+    async def run_when_quiet(self, fn: Callable[..., T], *args: object,
+                             may_overtake: Callable[[float], bool] | None = None) -> T:
         """Low priority (rollout shadow work, :mod:`server.inference.shadow`): wait until no :meth:`run` call is
-        queued or running, then run ``fn(*args)`` as :meth:`run` does. A live call that arrives meanwhile waits
-        at most for this one call. Call on the event loop."""
-        while self._live:
+        queued or running, or until ``may_overtake(live_busy_s)`` says the lane's owed share allows it to go ahead
+        of the next live call (checked after each live call), then run ``fn(*args)`` as :meth:`run` does. A live
+        call that arrives meanwhile waits at most for this one call. Call on the event loop."""
+        while self._live and not (may_overtake is not None and may_overtake(self.live_busy_s)):
             waiter = asyncio.get_running_loop().create_future()
             self._quiet.append(waiter)
             await waiter
@@ -78,6 +97,23 @@ class InferenceThread:
     def shutdown(self) -> None:
         """Wait for the running call, then stop the thread."""
         self._executor.shutdown(wait=True)
+
+
+async def choose_version_threads(version: LoadedVersion, inference: InferenceThread,
+                                 images: Sequence[Pixels] = ()) -> None:
+    """Choose ``version``'s torch thread count (:mod:`server.inference.threads`) after its warm-up: each timed pass
+    is its own call on ``inference`` and the idle gaps are awaited here, so other models' batches wait at most one
+    pass. Does nothing unless :attr:`LoadedVersion.measures_threads`. Never raises for a failed pass (the version
+    keeps the process's count); call on the event loop."""
+    if not version.measures_threads:
+        return
+    try:
+        outcome: tuple[int, str] | Exception = await choose_threads_async(
+            lambda count, size: inference.run(version.timed_pass, count, size, images), process_threads(),
+            version.max_batch_size)
+    except Exception as exc:  # noqa: BLE001 - an optimisation only: the warm-up passed, so the version may still serve
+        outcome = exc
+    version.threads_chosen(outcome)
 
 
 class OutputShapeError(RuntimeError):
@@ -108,7 +144,7 @@ class LoadedVersion:
     runtime: Runtime | None = None
     """What runs the forward pass (server/inference/runtimes.py); None: the module itself (TorchRuntime)."""
     torch_threads: int | None = None
-    """torch intra-op threads of this version's forward passes, chosen at warm-up (:mod:`server.inference.threads`);
+    """torch intra-op threads of this version's forward passes, chosen after warm-up (:func:`choose_version_threads`);
     None: the process's count."""
 
     def __post_init__(self) -> None:
@@ -160,15 +196,16 @@ class LoadedVersion:
         preprocessing pool on CUDA, never from the event loop."""
         return self._stager.stage(inputs, self.max_batch_size)
 
-    def predict(self, inputs: Sequence[Pixels] | StagedBatch) -> np.ndarray:
+    def predict(self, inputs: Sequence[Pixels] | StagedBatch, *, threads: int | None = None) -> np.ndarray:
         """Scores, one row per ``H x W x C`` input array (or per image of a staged batch): softmax
         probabilities, or per-label sigmoids for ``activation = "sigmoid"``. Runs under autocast at the
-        version's precision. Blocks; raises OutputShapeError."""
+        version's precision, on the CPU on ``threads`` torch threads (default: the version's count, else the
+        process's). Blocks; raises OutputShapeError."""
         with self._lock, torch.inference_mode():
             if self.released:
                 raise RuntimeError(f"model {self.name} version {self.version} was already released")
             if self.device.type == "cpu":
-                use_threads(self.torch_threads or process_threads())
+                use_threads(threads or self.torch_threads or process_threads())
             staged = inputs if isinstance(inputs, StagedBatch) else self._stager.stage(inputs, self.max_batch_size)
             stacked, runtime = staged.wait(), self.runtime
             # the runtime that runs the batch decides, here under the lock: a switch between preparing and running
@@ -188,11 +225,10 @@ class LoadedVersion:
         """Run one batch of ``max_batch_size`` inputs: ``images`` (the version's ``warmup/`` images, repeated to fill
         the batch) when given, else blank images; catches shape errors and OOM before serving.
         A compiled module runs one batch per batch-size bucket instead, which compiles every bucket here, on the
-        inference thread (seconds per bucket; other models wait). On the CPU with the torch runtime it then chooses
-        the version's torch thread count (:func:`server.inference.threads.choose_threads`: up to about 0.3 s for a
-        small model, one more pass for a large one). Raises WarmUpError saying what failed."""
-        spec = self.manifest.input
-        pool = list(images) or [np.zeros((spec.height, spec.width, spec.channels), dtype=np.uint8)]
+        inference thread (seconds per bucket; other models wait). The torch thread count is chosen afterwards, by
+        :func:`choose_version_threads` (the loader) or :meth:`choose_threads_now`. Raises WarmUpError saying what
+        failed."""
+        spec, pool = self.manifest.input, self._pool(images)
         kind = "warmup/" if images else "blank"
         for size in warm_up_sizes(self.module, self.max_batch_size):
             try:
@@ -202,15 +238,44 @@ class LoadedVersion:
                 raise WarmUpError(f"warm-up on a batch of {size} {kind} {spec.height}x{spec.width}"
                                   f"x{spec.channels} ({spec.color}) inputs failed: {reason}{self._channel_hint()}") \
                     from exc
-        if self.device.type == "cpu" and self.torch_threads is None and self.runtime is not None \
-                and self.runtime.name == "torch":
+
+    @property
+    def measures_threads(self) -> bool:
+        """Whether its torch thread count is still to be chosen: on the CPU, on the torch runtime, not chosen yet."""
+        return self.device.type == "cpu" and self.torch_threads is None and self.runtime is not None \
+            and self.runtime.name == "torch"
+
+    def timed_pass(self, count: int, size: int, images: Sequence[Pixels] = ()) -> float:
+        """Seconds one :meth:`predict` of ``size`` inputs (``images`` repeated, else blank) takes on ``count`` torch
+        threads. Blocks; raises what predict raises."""
+        pool = self._pool(images)
+        batch = [pool[i % len(pool)] for i in range(size)]
+        begin = time.perf_counter()
+        self.predict(batch, threads=count)
+        return time.perf_counter() - begin
+
+    def choose_threads_now(self, images: Sequence[Pixels] = ()) -> None:
+        """Choose the version's torch thread count on this thread (the runtime job, benchmarks): blocks for up to
+        about a second. Does nothing unless :attr:`measures_threads`."""
+        if self.measures_threads:
             try:
-                self.torch_threads, why = choose_threads(lambda: self.predict(pool[:1]), process_threads())
-            except Exception as exc:  # noqa: BLE001 - an optimisation only: the warm-up passed, so the version may still serve
-                use_threads(process_threads())
-                self.torch_threads, why = process_threads(), f"not measured: a single image failed: {describe(exc)}"
-            log.info("model %s version %d: %d torch thread(s) per forward pass (%s)", self.name, self.version,
-                     self.torch_threads, why)
+                outcome: tuple[int, str] | Exception = choose_threads(
+                    functools.partial(self.timed_pass, images=images), process_threads(), self.max_batch_size)
+            except Exception as exc:  # noqa: BLE001 - an optimisation only: the version may still serve
+                outcome = exc
+            self.threads_chosen(outcome)
+
+    def threads_chosen(self, outcome: tuple[int, str] | Exception) -> None:
+        """Keep a measurement's count (or the process's, when it raised) and log it with why."""
+        count, why = outcome if isinstance(outcome, tuple) else \
+            (process_threads(), f"not measured: a pass failed: {describe(outcome)}")
+        self.torch_threads = count
+        log.info("model %s version %d: %d torch thread(s) per forward pass (%s)", self.name, self.version, count, why)
+
+    def _pool(self, images: Sequence[Pixels]) -> list[Pixels]:
+        """``images``, else one blank input."""
+        spec = self.manifest.input
+        return list(images) or [np.zeros((spec.height, spec.width, spec.channels), dtype=np.uint8)]
 
     def _channel_hint(self) -> str:
         """Name the first convolution when its input channels differ from the manifest's colour mode."""

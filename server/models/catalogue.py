@@ -63,6 +63,24 @@ class CatalogueSteps:
         return bool(loaded)
 
     async def retired(self, name: str) -> None:
-        """Block until the versions of model ``name`` being retired now are released (their requests answered)."""
-        await asyncio.gather(*(t for t in list(self._retiring) if t.get_name() == retire_task_name(name)),
-                             return_exceptions=True)
+        """Block until the versions of model ``name`` being retired now are released (their requests answered).
+        A caller cancelled meanwhile (a client's deadline) leaves the releases running: they are the manager's."""
+        tasks = [t for t in list(self._retiring) if t.get_name() == retire_task_name(name)]
+        if tasks:
+            await asyncio.wait(tasks)  # unlike gather, a cancelled wait does not cancel what it waits for
+
+    @staticmethod
+    def on_removed(name: str) -> None:
+        """Called when the directory of model ``name`` is removed (model control forgets its load request)."""
+
+    def _load_cut_short(self, record: Any, entry: Any) -> None:
+        """A cancelled load (shutdown, a lazy load stopped) is not left LOADING: the attempt is dropped and its
+        version listed AVAILABLE (it is on disk, not loaded), which the next reconcile loads or drops; a serving
+        generation beside it keeps serving."""
+        if record.versions.get(entry.version) is not entry:
+            self._move(record, entry, None)
+            return
+        del record.versions[entry.version]
+        self._move(record, entry, None)
+        listed = record.versions[entry.version] = self._new_record(entry.version, NO_FILES)
+        self._move(record, listed, VersionState.AVAILABLE)

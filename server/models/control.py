@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from collections.abc import Awaitable, Callable
 
 from server.core import errors
 from server.core.config import DEFAULT_MODEL_CONTROL, MODEL_CONTROL_MODES
@@ -49,9 +50,14 @@ class ModelControl:
         self.mode = mode
         self._manager = manager
         self._asked: set[str] = set()
-        """Explicit mode: the models asked to load and not unloaded since."""
+        """Explicit mode: the models asked to load and not unloaded since (forgotten when the directory goes)."""
+        self._turns: dict[str, asyncio.Lock] = {}
+        """Per model: loads and unloads take turns, so a load never sees an unload half done."""
+        self._calls: set[asyncio.Task[ModelRecord]] = set()
+        manager.memory.on_stop(self.aclose)
         if mode == EXPLICIT:
             manager.wanted = self._asked.__contains__
+            manager.on_removed = self._asked.discard
 
     @property
     def watches(self) -> bool:
@@ -72,9 +78,13 @@ class ModelControl:
         repository has no such directory, ModelUnavailable when the repository cannot be read."""
         check_model_name(name)
         self._require_explicit(f"load model {name}")
-        if not await self._present(name):
+        if not await self._present(name):  # before a turn is made for it: only directories get one
             raise errors.ModelNotFound(f"cannot load model {name}: the repository has no directory {name} "
                                        f"(known models: {', '.join(self._manager.model_names()) or 'none'})")
+        return await self._owned(name, self._load)
+
+    async def _load(self, name: str) -> ModelRecord:
+        await self._manager.retired(name)  # an unload or eviction draining now ends first: never load beside it
         self._asked.add(name)
         log.info("model %s: load requested", name)
         await self._reconcile(name)
@@ -95,7 +105,11 @@ class ModelControl:
         repository cannot be read (the model is unloaded once it can)."""
         check_model_name(name)
         self._require_explicit(f"unload model {name}")
-        record = self._manager.get(name)  # NOT_FOUND for a model the daemon does not know
+        self._manager.get(name)  # NOT_FOUND for a model the daemon does not know
+        return await self._owned(name, self._unload)
+
+    async def _unload(self, name: str) -> ModelRecord:
+        record = self._manager.get(name)
         self._asked.discard(name)
         log.info("model %s: unload requested; in-flight requests finish first", name)
         await self._reconcile(name)  # retires the loaded versions
@@ -105,6 +119,28 @@ class ModelControl:
             return self._manager.get(name)
         except errors.ModelNotFound:  # its directory was removed meanwhile: unloaded all the same
             return record
+
+    async def _owned(self, name: str, work: Callable[[str], Awaitable[ModelRecord]]) -> ModelRecord:
+        """Run ``work(name)`` (a load or unload) in a task of this control, after the model's earlier calls,
+        and wait for it: a caller that gives up (its deadline, a cancelled call) leaves the work to finish, so no
+        version is left half loaded or half released."""
+        turn = self._turns.setdefault(name, asyncio.Lock())
+
+        async def in_turn() -> ModelRecord:
+            async with turn:
+                return await work(name)
+
+        task = asyncio.get_running_loop().create_task(in_turn(), name=f"model control {name}")
+        self._calls.add(task)
+        task.add_done_callback(_done)
+        task.add_done_callback(self._calls.discard)
+        return await asyncio.shield(task)
+
+    async def aclose(self) -> None:
+        """Cancel the loads and unloads under way (shutdown) and wait for them to stop."""
+        for task in list(self._calls):
+            task.cancel()
+        await asyncio.gather(*list(self._calls), return_exceptions=True)
 
     def forget(self, name: str) -> None:
         """Explicit mode: ``name`` is no longer asked to be loaded (the memory budget evicted it); the next
@@ -129,6 +165,12 @@ class ModelControl:
             await self._manager.reconcile(name)
         except OSError as exc:
             raise _unreachable(name, exc) from exc
+
+
+def _done(task: asyncio.Task[ModelRecord]) -> None:
+    """Retrieve a finished call's exception: its caller got it, or was gone."""
+    if not task.cancelled():
+        task.exception()
 
 
 def _unreachable(name: str, exc: OSError) -> errors.ModelUnavailable:

@@ -44,6 +44,7 @@ from server.models.rollout import RolloutSteps, files_and_decision
 from server.models.source.repository import (
     Fingerprint,
     SettleTracker,
+    fingerprint,
     model_names,
     model_present,
     version_numbers,
@@ -92,7 +93,7 @@ class ModelRecord:
 
     def serving(self) -> VersionRecord | None:
         """The newest READY version, the one requests without a pinned version get."""
-        ready = [v for v in self.versions.values() if v.state is VersionState.READY]
+        ready = [v for v in list(self.versions.values()) if v.state is VersionState.READY]  # /metrics' thread too
         return max(ready, key=lambda v: v.version, default=None)
 
     def latest_manifest(self) -> Manifest | None:
@@ -141,10 +142,11 @@ class ModelManager(RolloutSteps, CatalogueSteps):
         self._tuning = TuneQueue(inference)
         loading = settings.loading()
         self.runtimes = RuntimeChooser(ChoiceSettings(settings.cache_dir, settings.trust_code, loading.batching),
-                                       inference, self._tuning, self._runtime_chosen)
+                                       inference, self._tuning, self._runtime_chosen, fingerprint)
         self._starting = False  # the initial load: readiness first, batch curves measured afterwards
         self._pre_decided = {}  # (model, version) → a decision recorded for the files being loaded (rollout.py)
         self._writing = {}  # (model, version) → the candidate's pending record being written (rollout.py)
+        self._on_disk = {}  # model → its version numbers on disk at its last reconcile (rollout.py)
         self.default_model: str | None = None
         self.wanted: Callable[[str], bool] = lambda name: True  # to be loaded? (no: listed AVAILABLE; control.py)
 
@@ -262,7 +264,7 @@ class ModelManager(RolloutSteps, CatalogueSteps):
                            force: bool) -> tuple[float, set[int]]:
         if not on_disk:
             log.warning("model %s: no version directories yet (expected %s/<N>/)", record.name, record.directory)
-        wait, kept, keep = 0.0, set(), 1
+        wait, kept, keep, self._on_disk[record.name] = 0.0, set(), 1, on_disk
         for number in sorted(on_disk, reverse=True):
             if len(kept) >= keep:
                 break
@@ -282,8 +284,8 @@ class ModelManager(RolloutSteps, CatalogueSteps):
         """Load one version if its files are new or changed and have settled; else say how long to wait."""
         current, decision = await asyncio.to_thread(files_and_decision, record.directory / str(number))
         entry = record.versions.get(number)
-        if entry is not None and entry.is_current(current) and not force:
-            return entry
+        if entry is not None and entry.state is not VersionState.UNLOADING and entry.is_current(current) and not force:
+            return self._follow(record, entry, decision)  # rollout.py: decided meanwhile by another process
         recorded = self._recorded(record, number, current, decision)  # rollout.py: a recorded rejection
         if recorded is not None:
             return recorded
@@ -335,13 +337,6 @@ class ModelManager(RolloutSteps, CatalogueSteps):
                             ", ".join(changes))
         return accept
 
-    def _load_cut_short(self, record: ModelRecord, entry: VersionRecord) -> None:
-        """A cancelled load is forgotten, not left LOADING: the next reconcile tries its files again (a serving
-        generation beside it keeps serving)."""
-        if record.versions.get(entry.version) is entry:
-            del record.versions[entry.version]
-        self._move(record, entry, None)
-
     def _load_succeeded(self, record: ModelRecord, entry: VersionRecord, serving_copy: VersionRecord | None,
                         loaded: Loaded) -> VersionRecord:
         entry.loaded, entry.manifest = loaded.version, loaded.version.manifest
@@ -355,7 +350,8 @@ class ModelManager(RolloutSteps, CatalogueSteps):
         self._move(record, entry, self._loaded_state(record, entry, serving_copy is not None))
         if loaded.pending_tune is not None:
             self._tuning.schedule(loaded.version, loaded.pending_tune)
-        entry.runtime_choice = self.runtimes.schedule(loaded.version, record.directory / str(entry.version))
+        entry.runtime_choice = self.runtimes.schedule(loaded.version, record.directory / str(entry.version),
+                                                      entry.fingerprint)
         return entry
 
     def _load_failed(self, record: ModelRecord, entry: VersionRecord, serving_copy: VersionRecord | None,
@@ -414,6 +410,7 @@ class ModelManager(RolloutSteps, CatalogueSteps):
             return
         async with record.lock:
             record.removed = True
+            self.on_removed(name)
             for entry in list(record.versions.values()):
                 if entry.state in (VersionState.READY, VersionState.CANDIDATE):
                     self._retire(record, entry, "model directory removed")
@@ -444,7 +441,7 @@ class ModelManager(RolloutSteps, CatalogueSteps):
 
     def models(self) -> list[ModelRecord]:
         """Every model in the repository (removed ones excluded), sorted by name."""
-        return [self._models[n] for n in sorted(self._models) if not self._models[n].removed]
+        return [m for _, m in sorted(self._models.items()) if not m.removed]  # one copy: safe off the loop
 
     def get(self, name: str) -> ModelRecord:
         """The model called ``name`` ('' = the default model). Raises ModelNotFound."""
@@ -462,12 +459,12 @@ class ModelManager(RolloutSteps, CatalogueSteps):
         record = self.get(name)
         if version < 0:
             raise ModelNotFound(f"model {record.name}: version must be >= 0, got {version}")
+        if not self.wanted(record.name):  # unloaded or evicted: no new request, even while its versions drain
+            raise ModelUnavailable(f"model {record.name} is not loaded (--model-control explicit): load it first "
+                                   "(RepositoryModelLoad, LoadModel, python -m client load)")
         entry = record.serving() if version == 0 else record.versions.get(version)
         if entry is None and version:
             raise ModelNotFound(f"model {record.name} has no loaded version {version}")
-        if entry is None and not self.wanted(record.name):
-            raise ModelUnavailable(f"model {record.name} is not loaded (--model-control explicit): load it first "
-                                   "(RepositoryModelLoad, LoadModel, python -m client load)")
         if entry is None and any(v.state is VersionState.LOADING for v in record.versions.values()):
             raise ModelUnavailable(f"model {record.name} is loading; retry shortly")
         if entry is None or entry.loaded is None or entry.state is not VersionState.READY:
@@ -476,7 +473,8 @@ class ModelManager(RolloutSteps, CatalogueSteps):
         return entry.loaded
 
     async def aclose(self) -> None:
-        """Release every loaded version and stop the loader thread."""
+        """Stop the loads on demand, release every loaded version and stop the loader thread."""
+        await self.memory.stop()
         for task in list(self._retiring):
             task.cancel()
         self._tuning.cancel()

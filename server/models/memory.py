@@ -26,6 +26,7 @@ import contextlib
 import logging
 import os
 import weakref
+from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -33,6 +34,7 @@ import torch
 from torch import nn
 
 from server.inference.devices import InferenceThreads
+from server.inference.placement import files_bytes
 from server.inference.runtime import LoadedVersion
 from server.models.loader.pipeline import Loaded, LoadFailed, VersionLoader
 
@@ -50,8 +52,9 @@ def loaded_bytes(version: LoadedVersion) -> int:
 class Admission(Protocol):
     """What decides whether a measured version may stay loaded (the memory budget)."""
 
-    async def before(self, name: str, expected: int) -> None:
-        """Make room for model ``name`` about to load (``expected``: its size when last loaded, else its files')."""
+    async def before(self, name: str, expected: int, *, known: bool) -> None:
+        """Make room for model ``name`` about to load (``expected``: its size when last loaded (``known``), else its
+        files'). Raises BudgetExceeded when a known size cannot fit: the load would be refused after it."""
 
     async def admit(self, name: str, version: LoadedVersion, size: int) -> None:
         """Make room for ``version`` of ``size`` bytes; raise BudgetExceeded when it cannot stay."""
@@ -76,15 +79,6 @@ def parameter_bytes(module: nn.Module) -> int:
         storage = tensor.untyped_storage()
         storages[(str(tensor.device), storage.data_ptr())] = storage.nbytes()
     return sum(storages.values())
-
-
-def files_bytes(version_dir: Path) -> int:
-    """The bytes of the files directly in ``version_dir`` (0 when it cannot be read): a version's weights, the
-    least it will hold once loaded. Blocks on the filesystem."""
-    try:
-        return sum(entry.stat().st_size for entry in version_dir.iterdir() if entry.is_file())
-    except OSError:
-        return 0
 
 
 def sample() -> tuple[int, dict[int, int]]:
@@ -128,37 +122,69 @@ class MeasuredLoader:
         self._primed: set[str] = set()
         self._turns = asyncio.Lock()
         self.admission: Admission | None = None
+        self._stops: list[Callable[[], Awaitable[None]]] = []
 
     async def load(self, name: str, number: int, version_dir: Path, **options: Any) -> Loaded:
         """:meth:`VersionLoader.load`, measured; with an admission loads take turns, the version is admitted after
-        its measure, and one that cannot stay is released and raises LoadFailed with the admission's reason."""
+        its measure, and one that cannot stay is released and raises LoadFailed with the admission's reason. Any
+        exception of the measure or the admission is a LoadFailed too, and a cancellation propagates: either way
+        the version built is released first."""
         turn = self._turns if self.admission is not None else contextlib.nullcontext()
         async with turn:
-            device = self._loader.settings.device
-            if str(device) not in self._primed:
-                await self._inference.for_device(device).run(prime, device)
-                self._primed.add(str(device))
-            if self.admission is not None:  # the size last measured, else the files' (the weights at least)
-                expected = self.last.get(name) or await asyncio.to_thread(files_bytes, version_dir)
-                await self.admission.before(name, expected)
-            baseline = sample()
+            try:
+                baseline = await self._prepare(name, version_dir)
+            except BudgetExceeded as exc:
+                raise LoadFailed(str(exc), None) from None
+            except Exception as exc:
+                raise LoadFailed(f"{type(exc).__name__}: {exc}", None, unexpected=True) from exc
             loaded = await self._loader.load(name, number, version_dir, **options)
-            size = measured_size(loaded.version, baseline)
-            _SIZES[loaded.version] = self.last[name] = size
-            self._mine.add(loaded.version)
-            log.info("model %s version %d holds %d bytes (parameters and buffers %d)", name, number, size,
-                     parameter_bytes(loaded.version.module))
-            if self.admission is not None:
-                await self._admit(name, loaded, size)
+            try:
+                self._measure(name, number, loaded, baseline)
+                if self.admission is not None:
+                    await self.admission.admit(name, loaded.version, self.last[name])
+            except BudgetExceeded as exc:
+                await self._release(loaded.version)
+                raise LoadFailed(str(exc), loaded.version.manifest) from None
+            except Exception as exc:
+                await self._release(loaded.version)
+                raise LoadFailed(f"{type(exc).__name__}: {exc}", loaded.version.manifest, unexpected=True) from exc
+            except BaseException:  # cancelled (a shutdown): what was built goes, whatever cancels this task next
+                await asyncio.shield(self._release(loaded.version))
+                raise
             return loaded
 
-    async def _admit(self, name: str, loaded: Loaded, size: int) -> None:
-        assert self.admission is not None
-        try:
-            await self.admission.admit(name, loaded.version, size)
-        except BudgetExceeded as exc:
-            await self._inference.for_version(loaded.version).run(loaded.version.release)
-            raise LoadFailed(str(exc), loaded.version.manifest) from None
+    async def _prepare(self, name: str, version_dir: Path) -> tuple[int, dict[int, int]]:
+        """Prime the device once, make room (with an admission), and return the baseline the load is measured
+        against. Raises BudgetExceeded when the model's known size cannot be made room for."""
+        device = self._loader.settings.device
+        if str(device) not in self._primed:
+            await self._inference.for_device(device).run(prime, device)
+            self._primed.add(str(device))
+        if self.admission is not None:  # the size last measured, else the files' (the weights at least)
+            known = self.last.get(name)
+            expected = known or await asyncio.to_thread(files_bytes, version_dir)
+            await self.admission.before(name, expected, known=known is not None)
+        return sample()
+
+    def _measure(self, name: str, number: int, loaded: Loaded, baseline: tuple[int, dict[int, int]]) -> None:
+        size = measured_size(loaded.version, baseline)
+        _SIZES[loaded.version] = self.last[name] = size
+        self._mine.add(loaded.version)
+        log.info("model %s version %d holds %d bytes (parameters and buffers %d)", name, number, size,
+                 parameter_bytes(loaded.version.module))
+
+    async def _release(self, version: LoadedVersion) -> None:
+        await self._inference.for_version(version).run(version.release)
+
+    def on_stop(self, stop: Callable[[], Awaitable[None]]) -> None:
+        """Have :meth:`stop` await ``stop()``: model control's and the memory budget's own tasks."""
+        self._stops.append(stop)
+
+    async def stop(self) -> None:
+        """Stop the work started around the loads (loads on demand, explicit loads and unloads): the manager's
+        first step of shutting down, before it releases the versions."""
+        for stop in self._stops:
+            await stop()
 
     def held(self) -> dict[LoadedVersion, int]:
         """Every version this loader measured that is not yet released, and its size."""

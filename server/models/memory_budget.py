@@ -10,11 +10,15 @@ evicted model is retired as an explicit unload is (READY → UNLOADING → relea
 unloaded until a request loads it (``--lazy-load``); in explicit mode it is no longer "asked for" (LoadModel or a
 lazy load brings it back). When nothing can be evicted the new version is released and FAILED with a message
 naming the budget and what is loaded; the loaded models keep serving. A version larger than the whole budget
-fails the same way.
+fails the same way. A model whose size is known from its last load and cannot be made room for fails before its
+load builds anything; a refused model is loaded on demand again only once the versions held change or after
+REFUSED_RETRY_S. In poll and none modes a budget needs ``--lazy-load`` (the CLI's rule).
 
 **On demand.** With ``--lazy-load`` a request for a model whose versions are all AVAILABLE loads it (explicit
 mode: an implicit LoadModel) and waits within its deadline; requests for the same model share the one load; the
-answer is marked ``cold_start``. A deadline that passes first answers DEADLINE_EXCEEDED; the load carries on.
+answer is marked ``cold_start``. A deadline that passes first answers DEADLINE_EXCEEDED; the load carries on. The
+model is not evicted while requests wait on its load (until they hold their version). :meth:`MemoryBudget.aclose`
+(called by the manager's ``aclose``) stops the loads on demand at shutdown.
 
 Runs on the event loop; the waits are for loads and drains.
 """
@@ -37,6 +41,9 @@ from server.ops.memory_metrics import MemoryFigures
 
 log = logging.getLogger("classifyd.models")
 LIVE = (VersionState.READY, VersionState.CANDIDATE)
+REFUSED_RETRY_S = 30.0
+"""A model refused for want of room is loaded on demand again only once the versions held change (something was
+released or loaded) or after this many seconds: not a full load per request."""
 
 
 class MemoryBudget:
@@ -56,9 +63,13 @@ class MemoryBudget:
         """Poll and none modes: models evicted and not loaded since (explicit mode forgets the request instead)."""
         self._loads: dict[str, asyncio.Task[None]] = {}
         self._listings: set[asyncio.Task[None]] = set()
-        self._refused: set[str] = set()
-        """Models whose last load failed only because nothing could be evicted then: a lazy load tries again."""
+        self._refused: dict[str, tuple[float, frozenset[int]]] = {}
+        """Models whose last load failed only because nothing could be evicted then, with when and the versions held
+        then (ids): a lazy load tries again once they changed or REFUSED_RETRY_S passed."""
+        self._waiting: Counter[str] = Counter()
+        """Per model: requests whose load on demand is under way or just done: not evicted before they resolve."""
         self.evictions: Counter[str] = Counter()
+        manager.memory.on_stop(self.aclose)
         if max_bytes is not None:
             manager.memory.admission = self
             chosen = manager.wanted
@@ -76,27 +87,53 @@ class MemoryBudget:
                 continue
         return MemoryFigures(evictions=dict(self.evictions), budget_bytes=self.max_bytes or 0)
 
-    async def before(self, name: str, expected: int) -> None:
-        """Make room for ``expected`` bytes of model ``name`` before it loads, as far as evictions allow (the
-        measured size decides: :meth:`admit`)."""
-        if expected <= (self.max_bytes or 0):  # a version larger than the budget fails alone, evicting nothing
-            await self._make_room(name, expected, None)
+    async def before(self, name: str, expected: int, *, known: bool) -> None:
+        """Make room for ``expected`` bytes of model ``name`` before it loads, as far as evictions allow; the
+        measured size decides (:meth:`admit`), except that a size ``known`` from the model's last load that cannot
+        fit fails at once (BudgetExceeded), before the load builds anything."""
+        assert self.max_bytes is not None
+        if expected > self.max_bytes:  # a version larger than the budget fails alone, evicting nothing
+            if known:
+                raise self._refuse(name, f"model {name} needed {expected} bytes when it last loaded, more than the "
+                                         f"whole memory budget (--max-loaded-bytes {self.max_bytes})")
+            return
+        if not await self._make_room(name, expected, None) and known:
+            raise self._refuse(name, self._no_room(name, expected, None, "needed", "when it last loaded"))
 
     async def admit(self, name: str, version: LoadedVersion, size: int) -> None:
         """Evict until ``version`` (``size`` bytes) fits. Raises BudgetExceeded when it cannot."""
         assert self.max_bytes is not None
         if size > self.max_bytes:
-            raise BudgetExceeded(f"model {name} version {version.version} needs {size} bytes after warm-up, more "
-                                 f"than the whole memory budget (--max-loaded-bytes {self.max_bytes}); loaded: "
-                                 f"{self._listing(version)}")
+            raise self._refuse(name, f"model {name} version {version.version} needs {size} bytes after warm-up, "
+                                     f"more than the whole memory budget (--max-loaded-bytes {self.max_bytes}); "
+                                     f"loaded: {self._listing(version)}", version)
         if not await self._make_room(name, size, version):
-            self._refused.add(name)
-            raise BudgetExceeded(f"model {name} version {version.version} needs {size} bytes and would exceed the "
-                                 f"memory budget (--max-loaded-bytes {self.max_bytes}): "
-                                 f"{self._in_use(version)} bytes held by {self._listing(version)}; none of them can "
-                                 "be evicted now (keep_loaded = true, requests in flight or queued, or being loaded)")
-        self._refused.discard(name)
+            raise self._refuse(name, self._no_room(name, size, version, "needs", "after warm-up"), version)
+        self._refused.pop(name, None)
         self._used[name] = self._clock()
+
+    def _no_room(self, name: str, size: int, version: LoadedVersion | None, needs: str, when: str) -> str:
+        return (f"model {name} {needs} {size} bytes {when} and would exceed the memory budget (--max-loaded-bytes "
+                f"{self.max_bytes}): {self._in_use(version)} bytes held by {self._listing(version)}; none of them "
+                "can be evicted now (keep_loaded = true, requests in flight or queued, or being loaded)")
+
+    def _refuse(self, name: str, message: str, version: LoadedVersion | None = None) -> BudgetExceeded:
+        """Record the refusal of model ``name`` (``version``: the one refused, released next) and return it."""
+        self._refused[name] = (self._clock(), self._held_ids(version))
+        return BudgetExceeded(message)
+
+    def _held_ids(self, excluding: LoadedVersion | None = None) -> frozenset[int]:
+        return frozenset(id(v) for v in self._manager.memory.held() if v is not excluding)
+
+    def _check_retry(self, record: ModelRecord) -> None:
+        """Raise ModelUnavailable unless model ``record``, refused for want of room, may be loaded on demand again
+        now: the versions held changed since, or REFUSED_RETRY_S passed."""
+        when, held = self._refused[record.name]
+        if self._held_ids() == held and self._clock() - when < REFUSED_RETRY_S:
+            why = "; ".join(f"version {v.version}: {v.error}" for v in record.versions.values() if v.error)
+            raise errors.ModelUnavailable(f"model {record.name} is not loaded: its last load was refused for want "
+                                          f"of room ({why or 'the memory budget'}); it is tried again once the "
+                                          f"loaded models change, or {REFUSED_RETRY_S:g} s after")
 
     async def _make_room(self, name: str, size: int, version: LoadedVersion | None) -> bool:
         """Evict least recently used idle models until ``size`` more bytes fit; False when they cannot."""
@@ -118,8 +155,10 @@ class MemoryBudget:
         return ", ".join(sorted(held)) or "nothing"
 
     def _victim(self, loading: str) -> ModelRecord | None:
-        """The least recently used model that may be evicted now, or None."""
-        candidates = [r for r in self._manager.models() if r.name != loading and self._evictable(r)]
+        """The least recently used model that may be evicted now, or None. A model whose requests wait on its load
+        on demand (or have not yet taken their lease after it) is not."""
+        candidates = [r for r in self._manager.models()
+                      if r.name != loading and not self._waiting[r.name] and self._evictable(r)]
         return min(candidates, key=lambda r: self._used.get(r.name, 0.0), default=None)
 
     @staticmethod
@@ -137,10 +176,10 @@ class MemoryBudget:
         self.evictions[record.name] += 1
         log.warning("model %s: %s", record.name, reason)
         self._manager.evict(record, reason)
-        await self._manager.retired(record.name)
-        task = asyncio.get_running_loop().create_task(self._list(record.name))
+        task = asyncio.get_running_loop().create_task(self._list(record.name))  # runs even if this load is cancelled
         self._listings.add(task)
         task.add_done_callback(self._listings.discard)
+        await self._manager.retired(record.name)  # a cancelled wait leaves the release running (catalogue.py)
 
     def _unwant(self, name: str) -> None:
         """The next reconcile of ``name`` lists it AVAILABLE rather than loading it."""
@@ -150,6 +189,7 @@ class MemoryBudget:
             self._evicted.add(name)
 
     async def _list(self, name: str) -> None:
+        await self._manager.retired(name)
         try:
             await self._manager.reconcile(name)  # lists its versions AVAILABLE
         except OSError as exc:  # the repository is unreadable: the watcher lists it once it is back
@@ -167,11 +207,18 @@ class MemoryBudget:
             version = self._manager.resolve(model, number)
         except (errors.ModelUnavailable, errors.ModelNotFound):  # a pinned version of an unloaded model: NOT_FOUND
             record = self._manager.get(model)  # NOT_FOUND for an unknown model
-            if not self.lazy or not (record.name in self._loads or record.name in self._refused
-                                     or _catalogued_only(record)):
+            if self.lazy and record.name not in self._loads and record.name in self._refused:
+                self._check_retry(record)
+            elif not self.lazy or not (record.name in self._loads or _catalogued_only(record)):
                 raise
-            await self._load_within(record.name, deadline)
-            version, cold = self._manager.resolve(model, number), True
+            self._waiting[record.name] += 1  # pinned until this request has its version (service.py leases it next)
+            try:
+                await self._load_within(record.name, deadline)
+                version, cold = self._manager.resolve(model, number), True
+            finally:
+                self._waiting[record.name] -= 1
+                if not self._waiting[record.name]:
+                    del self._waiting[record.name]
         self._used[version.name] = self._clock()
         return version, cold
 
@@ -192,6 +239,13 @@ class MemoryBudget:
             del self._loads[name]
         if not task.cancelled():
             task.exception()  # retrieved: each waiting request got it
+
+    async def aclose(self) -> None:
+        """Cancel the loads on demand and the listings after evictions (shutdown) and wait for them to stop."""
+        tasks = [*self._loads.values(), *self._listings]
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
 
     async def _load(self, name: str) -> None:
         """Load model ``name`` on demand. Raises ModelUnavailable with the reason it did not load."""

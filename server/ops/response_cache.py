@@ -11,9 +11,12 @@ two different requests encode alike:
 
 * the payload: an encoded image's exact bytes, or a pixel tensor's dtype, shape and bytes (the kind is hashed too,
   so an image and a tensor with the same bytes differ, and so do two tensors of one buffer in different shapes);
-* the version's *serial*: a number this cache gives each loaded version object. A new version, a new generation of
-  the same version (changed files, a reload) or a runtime switch is a new object, so answers of a version that was
-  replaced are never found again; they age out, or go at once when the object is freed;
+* the version's *serial*: a number this cache gives each loaded version object. A new version or a new generation
+  of the same version (changed files, a reload) is a new object, so answers of a version that was replaced are
+  never found again; they age out, or go at once when the object is freed;
+* the name of the runtime the version runs on now: a runtime switch (``runtime = "auto"``,
+  :mod:`server.models.loader.runtime_choice`) changes it on the same object, and the new runtime's answers may
+  differ in the last digits, so a switch starts the version's answers afresh;
 * the effective ``top_k`` (the model's default when the request gives 0);
 * the effective label language (the ``labels.<lang>.txt`` the version picks for the request's ``lang``);
 * ``return_tiles``.
@@ -84,6 +87,11 @@ class _Entry:
     size: int
 
 
+def runtime_name(version: object) -> str:
+    """The name of the runtime ``version`` runs on now ("" when it has none: a test double)."""
+    return str(getattr(getattr(version, "runtime", None), "name", ""))
+
+
 class ResponseCache:
     """Answers by key, least recently used evicted first once their bytes pass ``budget_bytes`` (0: off)."""
 
@@ -119,7 +127,8 @@ class ResponseCache:
                       payload.data]
         else:
             fields = [_IMAGE, payload]
-        fields += [struct.pack("<qq?", self.serial(version), top_k, return_tiles), lang.encode()]
+        fields += [struct.pack("<qq?", self.serial(version), top_k, return_tiles), lang.encode(),
+                   runtime_name(version).encode()]
         for value in fields:
             digest.update(struct.pack("<Q", len(value)))
             digest.update(value)

@@ -9,18 +9,25 @@ import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import grpc
 import numpy as np
 import pytest
+import torch
 from classifier.v1 import classifier_pb2 as pb
 from classifier.v1 import classifier_pb2_grpc as pb_grpc
+from torch import nn
 
 from client import tensor_request
 from server.batching.batcher import Batcher
+from server.batching.curve import BatchCurve, BatchPoint
 from server.batching.interface import DeadlineExpired, DeadlineUnreachable, QueueFull, QueueState, TargetUnreachable
 from server.batching.policy import LatencyTargetPolicy
+from server.core.manifest import parse_manifest
+from server.inference.pipeline import ModelBatchers
+from server.inference.runtime import LoadedVersion
 from tests.support.batcher_harness import T0, FakeClock, Handler, run, settle, spawn
 from tests.support.kit import DaemonThread, running_daemon, write_model
 
@@ -354,3 +361,15 @@ def test_a_deadline_the_model_cannot_meet_is_rejected_before_it_passes(daemon: D
         assert caught.value.code() is grpc.StatusCode.DEADLINE_EXCEEDED
         assert "cannot meet the request's deadline" in caught.value.details()
         assert stub.Classify(request, timeout=10).predictions  # with time enough it is computed
+
+
+def test_the_policy_follows_a_curve_measured_again_after_a_runtime_switch() -> None:
+    manifest = parse_manifest({"architecture": "classifyd:small_cnn", "input": {"size": 4, "resize": 4},
+                               "batching": {"latency_target_ms": 100}}, Path("model.toml"), ("a", "b"))
+    version = LoadedVersion(name="m", version=1, manifest=manifest, module=nn.Identity(), device=torch.device("cpu"),
+                            max_batch_size=8, max_delay_ms=0.0,
+                            batch_curve=BatchCurve((BatchPoint(1, 0.010), BatchPoint(8, 0.080)), 8, False))
+    policy = ModelBatchers(lambda name, items: asyncio.sleep(0))._policy_for(version)
+    assert policy is not None and policy.estimate(8) == pytest.approx(0.080)
+    version.batch_curve = BatchCurve((BatchPoint(1, 0.002), BatchPoint(8, 0.016)), 8, False)  # ONNX Runtime's
+    assert policy.estimate(8) == pytest.approx(0.016)

@@ -43,7 +43,7 @@ class Sim:
             self.clock[0] += took
             self.served += size
             self.sizes.append(size)
-            self.tuner.observe(size, limit, took)
+            self.tuner.observe(size, limit, took, 1 if waiting is None else max(0, waiting - size))
 
 
 def make(cap: int, ceiling: int = 64, **settings: float) -> tuple[OnlineTuner, list[float], list[CapChange]]:
@@ -156,8 +156,8 @@ def test_batcher_takes_its_limit_from_the_tuner_and_reports_each_batch() -> None
         def limit(self) -> int:
             return 3
 
-        def observe(self, batch_size: int, limit: int, compute_s: float) -> None:
-            self.seen.append((batch_size, limit, compute_s))
+        def observe(self, batch_size: int, limit: int, compute_s: float, backlog: int = 0) -> None:
+            self.seen.append((batch_size, limit, compute_s, backlog))
 
     async def body() -> None:
         clock = FakeClock()
@@ -172,9 +172,18 @@ def test_batcher_takes_its_limit_from_the_tuner_and_reports_each_batch() -> None
         handler.gate.set()
         await asyncio.gather(*first, *rest)
         assert handler.sizes == [1, 3, 3, 1]
-        assert stub.seen == [(1, 3, 0.25), (3, 3, 0.25), (3, 3, 0.25), (1, 3, 0.25)]
+        assert stub.seen == [(1, 3, 0.25, 0), (3, 3, 0.25, 4), (3, 3, 0.25, 1), (1, 3, 0.25, 0)]
         batcher.configure(tuner=None)
         assert batcher.tuner is None
         await batcher.aclose()
 
     run(body)
+
+
+def test_a_cap_of_one_at_one_request_at_a_time_tries_nothing_but_tries_under_a_backlog() -> None:
+    tuner, clock, _ = make(1)
+    sim = Sim(tuner, clock, PEAKED)
+    sim.run(60.0, waiting=1)  # concurrency 1: every batch fills the cap of 1, nothing waits behind it
+    assert tuner.trials == 0 and set(sim.sizes) == {1}
+    sim.run(60.0, waiting=3)  # requests wait behind each batch: the load is more than the cap
+    assert tuner.trials > 0 and max(sim.sizes) > 1

@@ -101,7 +101,8 @@ def test_help_shows_the_config_defaults(capsys: pytest.CaptureFixture[str]) -> N
     ["--metrics-port", "-1"], ["--workers", "0"], ["--workers", "2", "--http-port", "0"],
     ["--workers", "2", "--model-control", "explicit"], ["--model-control", "sometimes"],
     ["--drain-seconds", "-1"], ["--grace-seconds", "-1"], ["--reload-min-interval-seconds", "-1"],
-    ["--max-loaded-bytes", "0"],
+    ["--max-loaded-bytes", "0"], ["--max-loaded-bytes", "1000000"],
+    ["--max-loaded-bytes", "1000000", "--model-control", "none"],
 ])
 def test_bad_values_are_usage_errors(argv: list[str], capsys: pytest.CaptureFixture[str]) -> None:
     with pytest.raises(SystemExit) as exited:

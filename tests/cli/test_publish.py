@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import shutil
+import signal
 import subprocess
 import sys
 import threading
@@ -17,7 +18,8 @@ from safetensors.torch import save_file
 from client import ClassifierClient
 from server.cli import publish
 from server.models.loader.architectures import SmallCNN
-from server.models.source.repository import version_numbers
+from server.models.rollout import Decision, files_digest, record_decision
+from server.models.source.repository import fingerprint, version_numbers
 from tests.support.daemon_process import DaemonProcess
 from tests.support.digits_data import held_out_digits
 from tests.support.kit import REPO
@@ -195,3 +197,40 @@ def live_traffic(target: str, stop: threading.Event) -> None:
         while not stop.is_set():
             for image in images[:40]:
                 client.classify_tensor(image, model="digits", timeout=30)
+
+
+def test_sigterm_interrupts_a_publish_as_ctrl_c_does() -> None:
+    """A stopped pipeline job (SIGTERM) unwinds like Ctrl-C, so publish's finally removes its staging copy."""
+    before = signal.getsignal(signal.SIGTERM)
+    with pytest.raises(KeyboardInterrupt), publish.interrupted_by_sigterm():
+        os.kill(os.getpid(), signal.SIGTERM)
+        threading.Event().wait(5)  # the handler raises before this returns
+    assert signal.getsignal(signal.SIGTERM) == before
+
+
+def test_staging_left_by_a_killed_publish_goes_at_the_next_one(tmp_path: Path) -> None:
+    models = repository(tmp_path)
+    old_inside = models / "digits" / ".publish-abc"
+    old_beside = models / ".publish-digits-def"
+    fresh = models / "digits" / ".publish-ghi"  # a publish on another host may still be using it
+    for path in (old_inside, old_beside, fresh):
+        path.mkdir()
+        (path / "model.safetensors").write_bytes(b"weights")
+    for path in (old_inside, old_beside):
+        os.utime(path, (0, 0))
+    assert publish.main([str(models / "digits"), str(WEIGHTS), *FAST]) == 0
+    assert not old_inside.exists() and not old_beside.exists() and fresh.exists()
+    assert version_numbers(models / "digits") == [1, 2]
+
+
+def test_preprocessing_is_compared_with_the_newest_version_not_rejected(tmp_path: Path,
+                                                                        capsys: pytest.CaptureFixture[str]) -> None:
+    models = repository(tmp_path)
+    rejected = models / "digits" / "2"
+    rejected.mkdir()
+    shutil.copyfile(WEIGHTS, rejected / "model.safetensors")
+    (rejected / "model.toml").write_text("preprocessing_changed = true\n\n[input]\nmean = [0.4]\n")
+    record_decision(rejected, Decision(False, "agreement 0.5 < 0.98", "rollout",
+                                       files_digest(fingerprint(rejected)), 0.0))
+    assert publish.main([str(models / "digits"), str(WEIGHTS), *FAST]) == 0  # like version 1, which serves
+    assert "preprocessing same as version 1" in capsys.readouterr().out

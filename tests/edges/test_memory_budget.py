@@ -26,6 +26,7 @@ from server.core.lifecycle import EventKind, ModelEvent
 from server.core.types import ClassifyCall, RawTensor
 from server.models.loader.architectures import SmallCNN
 from server.models.memory import parameter_bytes
+from server.models.memory_budget import REFUSED_RETRY_S
 from tests.support.kit import DaemonThread, running_daemon, write_model
 
 pytestmark = pytest.mark.timeout(300)
@@ -156,7 +157,8 @@ def test_a_model_larger_than_the_budget_fails_its_load_and_the_others_serve(
         oip = triton_http.InferenceServerClient(f"127.0.0.1:{daemon.daemon.http_port}")
         tensor = triton_http.InferInput("image", [1, 8, 8, 1], "UINT8")
         tensor.set_data_from_numpy(PIXELS[None, :, :, None], binary_data=True)
-        caplog.set_level(logging.DEBUG, logger="classifyd.requests")
+        caplog.set_level(logging.INFO, logger="classifyd.models")
+        caplog.set_level(logging.DEBUG, logger="classifyd.requests")  # last: the handler's level
         first = oip.infer("tiny", [tensor]).get_response()  # explicit mode: a lazy load is an implicit LoadModel
         assert first["parameters"] == {"cold_start": True}
         (logged,) = [r for r in caplog.records if r.name == "classifyd.requests"]
@@ -168,9 +170,44 @@ def test_a_model_larger_than_the_budget_fails_its_load_and_the_others_serve(
         message = failed.value.details() or ""
         assert f"--max-loaded-bytes {budget}" in message and "tiny version 1" in message
         assert classify(stub, "tiny").predictions  # the others keep serving
+        builds = len([r for r in caplog.records if r.getMessage().startswith("model big version 1 holds")])
+        assert builds == 1
+        with pytest.raises(grpc.RpcError) as lazy:  # no load per request: the refusal stands until things change
+            classify(stub, "big")
+        assert lazy.value.code() == grpc.StatusCode.UNAVAILABLE
+        assert "refused for want of room" in (lazy.value.details() or "")
+        budget_of = daemon.daemon.budget
+        now = budget_of._clock()
+        budget_of._clock = lambda: now + REFUSED_RETRY_S  # time passed: a request tries again; its size is known
+        with pytest.raises(grpc.RpcError) as retried:  # now, so it is refused before anything is built
+            classify(stub, "big")
+        assert "could not be loaded on demand" in (retried.value.details() or "")
+        assert "when it last loaded" in (retried.value.details() or "") and "when it last loaded" not in message
+        assert builds == len([r for r in caplog.records if r.getMessage().startswith("model big version 1 holds")])
         assert client_main(["--target", daemon.target, "models"]) == 0
         listed = capsys.readouterr().out
         assert "loaded_bytes" in listed and "--max-loaded-bytes" in listed  # tiny's size; big's FAILED reason
+
+
+def test_a_model_whose_requests_wait_on_its_load_is_not_evicted(
+        budgeted: tuple[DaemonThread, pb_grpc.ClassifierStub, list[ModelEvent]]) -> None:
+    """Requests whose load on demand just finished pin their model until they hold its version: the next queued
+    load cannot evict it from under them."""
+    daemon, stub, _ = budgeted
+    assert daemon.daemon is not None
+    budget = daemon.daemon.budget
+    loaded = ({"b", "c"} & set(ready_models(stub))).pop()
+
+    async def victims() -> tuple[str | None, str | None]:
+        first = budget._victim("other")
+        budget._waiting[loaded] += 1
+        try:
+            pinned = budget._victim("other")
+        finally:
+            del budget._waiting[loaded]
+        return (first.name if first else None), (pinned.name if pinned else None)
+
+    assert daemon.call(victims()) == (loaded, None)
 
 
 @pytest.mark.cuda

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import threading
 import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
@@ -158,3 +159,32 @@ def scrape(daemon: DaemonThread) -> dict[tuple[str, str, str], float]:
             key = (s.name, s.labels.get("model", ""), s.labels.get("result", ""))
             samples[key] = samples.get(key, 0.0) + s.value
     return samples
+
+
+def test_a_swap_while_a_large_payload_is_hashed_does_not_fail_the_request(tmp_path: Path) -> None:
+    """The key of a payload of 64 KiB or more is hashed in a worker thread: the version must be leased before that
+    hop, or a swap meanwhile releases it under the request (a request pinning version 1 then failed NOT_FOUND)."""
+    root = tmp_path / "models"
+    write_model(root, "swap", manifest={**MANIFEST, "cache": {"enabled": True}})
+    image = encode(np.random.default_rng(0).integers(0, 256, (300, 300), dtype=np.uint8))
+    assert len(image) >= 64 * 1024
+    with running_daemon(root, watch=False) as running, grpc.insecure_channel(running.target) as channel:
+        assert running.daemon is not None
+        manager, cache = running.daemon.manager, running.daemon.service.cache
+        first = manager.resolve("swap")
+        real_key = cache.key
+
+        def key_after_a_swap(*args: object, **kwargs: object) -> bytes:  # runs in the worker thread
+            write_model(root, "swap", version=2, manifest={**MANIFEST, "cache": {"enabled": True}}, seed=1)
+            running.call(manager.reconcile("swap"))  # version 2 serves, version 1 is retired
+            for _ in range(200):  # unleased, it is released now: wait for that rather than race it
+                if first.leases or first.released:
+                    break
+                threading.Event().wait(0.05)
+            return real_key(*args, **kwargs)  # type: ignore[arg-type]
+
+        cache.key = key_after_a_swap  # type: ignore[method-assign]
+        request = pb.ClassifyRequest(image=image, model="swap", version=1)
+        response = pb_grpc.ClassifierStub(channel).Classify(request, timeout=30)
+        assert response.version == 1 and response.predictions  # the pinned version, kept loaded for it
+        assert manager.resolve("swap").version == 2

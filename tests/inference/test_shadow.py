@@ -45,6 +45,13 @@ def test_sigmoid_agreement_is_the_jaccard_overlap_of_the_reported_labels() -> No
     assert labels.compare(np.array([0.1] * 4), np.array([0.2] * 4)).agreement == 1.0  # nothing reported by either
 
 
+def test_only_the_same_labels_in_the_same_order_may_answer_for_the_serving_version() -> None:
+    serving = manifest(("cat", "dog", "fox"))
+    assert LabelMap(serving, manifest(("cat", "dog", "fox"))).identical
+    assert not LabelMap(serving, manifest(("fox", "cat", "dog"))).identical  # compared, never a canary
+    assert not LabelMap(serving, manifest(("cat", "dog", "wolf"))).identical
+
+
 def test_another_label_set_cannot_be_compared() -> None:
     assert LabelMap(manifest(("cat", "dog")), manifest(("cat", "wolf"))).differ
     assert ScoreBoard(labels_differ=True).scores().labels_differ
@@ -156,3 +163,83 @@ def test_a_full_lane_drops_samples_not_requests() -> None:
 def test_scoreboard_without_comparisons_reports_zeros() -> None:
     scores = ScoreBoard().scores()
     assert dataclasses.astuple(scores)[:4] == (0, 0.0, 0.0, 0.0) and scores.compute_ratio is None
+
+
+def test_under_back_to_back_live_work_the_lane_still_gets_its_owed_share() -> None:
+    """Live calls never leave the thread quiet (two always queued): shadow work must progress all the same, ahead
+    of a later live call once the lane's credit (share / (1 - share) × live busy time) allows, and no further."""
+    async def scenario() -> tuple[list[int], int, ShadowLane, float]:
+        threads = InferenceThreads()
+        inference = threads.for_device(torch.device("cpu"))
+        lane = ShadowLane(threads)
+        version = FakeVersion(0.005, cap=1)  # one job a pass: four passes
+        answers: list[int] = []
+        live_done = 0
+
+        def live() -> None:
+            time.sleep(0.005)
+
+        pending = {asyncio.ensure_future(inference.run(live)) for _ in range(2)}
+        await asyncio.sleep(0)  # both live calls are queued before the first shadow job arrives
+        for i in range(4):
+            assert lane.offer(ShadowJob(version, [np.full((2, 2, 1), i, dtype=np.uint8)], 0.5,  # type: ignore[arg-type]
+                                        lambda rows, per_item, items: answers.append(live_done)))
+        for _ in range(200):  # each finished live call replaced at once: _live never drops to 0
+            finished, pending = await asyncio.wait(pending, return_when=asyncio.FIRST_COMPLETED)
+            live_done += len(finished)
+            pending |= {asyncio.ensure_future(inference.run(live)) for _ in finished}
+            if len(answers) == 4:
+                break
+        await asyncio.gather(*pending)
+        await lane.aclose()
+        inference.shutdown()
+        return answers, live_done, lane, inference.live_busy_s
+
+    answers, live_done, lane, live_busy = asyncio.run(scenario())
+    assert len(answers) == 4 and max(answers) < live_done  # computed while live work never stopped
+    assert lane.busy_s <= live_busy + 0.5  # share 0.5: at most as much as live work, give or take a pass
+
+
+def test_jobs_no_longer_wanted_are_skipped_and_their_leases_given_back() -> None:
+    async def scenario() -> tuple[FakeVersion, list[object]]:
+        threads = InferenceThreads()
+        inference = threads.for_device(torch.device("cpu"))
+        lane = ShadowLane(threads)
+        version = FakeVersion(0.0)
+        answers: list[object] = []
+        wanted = True
+        blocker = threading.Event()
+        busy = asyncio.ensure_future(inference.run(blocker.wait, 5))
+        for _ in range(3):
+            assert lane.offer(ShadowJob(version, [np.zeros((1, 1, 1))], 0.5,  # type: ignore[arg-type]
+                                        lambda *a: answers.append(a), lambda: wanted))
+        assert version.leases == 3
+        wanted = False  # the candidate was rejected or replaced meanwhile
+        blocker.set()
+        await busy
+        for _ in range(50):
+            await asyncio.sleep(0.01)
+            if not lane.pending:
+                break
+        inference.shutdown()
+        return version, answers
+
+    version, answers = asyncio.run(scenario())
+    assert version.leases == 0 and version.batches == [] and answers == []
+
+
+def test_a_reserved_place_counts_towards_the_pending_limit() -> None:
+    async def scenario() -> ShadowLane:
+        lane = ShadowLane(InferenceThreads(), max_pending=2)
+        assert lane.reserve() and lane.reserve()
+        assert not lane.reserve()  # full: the preparation is not even started
+        assert not lane.offer(ShadowJob(FakeVersion(0.0), [np.zeros((1, 1, 1))], 0.5,  # type: ignore[arg-type]
+                                        lambda *a: None))
+        lane.unreserve(dropped=True)
+        lane.unreserve()
+        assert lane.reserve()
+        lane.unreserve()
+        return lane
+
+    lane = asyncio.run(scenario())
+    assert lane.dropped == 3

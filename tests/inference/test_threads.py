@@ -1,58 +1,79 @@
-"""Tests of server.inference.threads: the per-version torch thread count chosen from timed single images (a fake
-clock: each pass advances it by what the test says a pass at the current thread count costs)."""
+"""Tests of server.inference.threads: the per-version torch thread count chosen from timed single images after an
+idle gap and from back-to-back batches (fake passes whose cost the test sets per thread count and size), and a real
+LoadedVersion whose forward pass records the thread count it ran on: every timed pass runs on the count it is
+recorded for, and the loader's measurement is one inference-thread call per pass."""
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
+from torch import nn
 
+from server.core.manifest import parse_manifest
 from server.inference import threads
-from server.inference.threads import choose_threads, use_threads
+from server.inference.runtime import InferenceThread, LoadedVersion, choose_version_threads
+from server.inference.threads import Pass, choose_threads, trial, use_threads
 
 
 @pytest.fixture(autouse=True)
-def keep_threads() -> Iterator[None]:
+def keep_threads(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
     before = torch.get_num_threads()
+    monkeypatch.setattr(threads, "_process_threads", 2)  # a team of two, whatever this machine has
     yield
     torch.set_num_threads(before)
 
 
-def fake(cost_ms: dict[int, float]) -> tuple[list[float], object, object]:
-    clock = [0.0]
-    counts: list[int] = []
+def passes(cost_ms: dict[tuple[int, int], float], batch: int = 8) -> tuple[tuple[int, str], list[Pass]]:
+    """Run the trial on fake passes costing ``cost_ms[count, size]``; its outcome and the passes it asked for."""
+    asked: list[Pass] = []
+    steps = trial(2, batch)
+    try:
+        step = next(steps)
+        while True:
+            asked.append(step)
+            step = steps.send(cost_ms[step.count, step.size] / 1000)
+    except StopIteration as done:
+        return done.value, asked
 
-    def run_single() -> None:
-        counts.append(torch.get_num_threads())
-        clock[0] += cost_ms[torch.get_num_threads()] / 1000
 
-    return clock, run_single, counts
-
-
-def test_a_small_model_whose_team_wakes_slowly_gets_one_thread() -> None:
-    clock, run_single, counts = fake({1: 0.7, 2: 9.0})
-    chosen, why = choose_threads(run_single, 2, sleep=lambda s: None, clock=lambda: clock[0])  # type: ignore[arg-type]
+def test_a_tiny_model_gets_one_thread_when_it_wins_single_images_and_keeps_the_throughput() -> None:
+    (chosen, why), asked = passes({(1, 1): 0.7, (2, 1): 9.0, (1, 8): 1.0, (2, 8): 1.0})  # digits-like
     assert chosen == 1
-    assert "median of 4: 0.70 ms on 1 thread, 9.00 ms on 2" in why
-    assert counts.count(1) == threads.RUNS and counts.count(2) == threads.RUNS + 1  # interleaved, plus the probe
+    assert "median of 4: 0.70 ms on 1 thread, 9.00 ms on 2" in why and "8000 images/s on 1 thread, 8000 on 2" in why
+    assert asked[0] == Pass(2, 1, False)  # the probe
+    assert asked[1:9] == [Pass(1, 1, True), Pass(2, 1, True)] * threads.RUNS  # interleaved, after idle gaps
+    assert asked[9:] == [Pass(1, 8, False), Pass(2, 8, False)] * threads.BATCH_RUNS  # back to back
 
 
-def test_the_team_is_kept_only_when_clearly_faster() -> None:
-    clock, run_single, _ = fake({1: 10.0, 2: 6.0})
-    assert choose_threads(run_single, 2, sleep=lambda s: None, clock=lambda: clock[0])[0] == 2  # type: ignore[arg-type]
-    clock, run_single, _ = fake({1: 10.0, 2: 9.5})  # 5 % faster: not worth a core taken from preprocessing
-    assert choose_threads(run_single, 2, sleep=lambda s: None, clock=lambda: clock[0])[0] == 1  # type: ignore[arg-type]
+def test_the_team_is_kept_when_it_gives_more_throughput_under_load() -> None:
+    (chosen, why), _ = passes({(1, 1): 50.0, (2, 1): 52.0, (1, 8): 200.0, (2, 8): 120.0})  # resnet18-like
+    assert chosen == 2 and "batch of 8 back to back: 40 images/s on 1 thread, 67 on 2" in why
+    (chosen, _), _ = passes({(1, 1): 50.0, (2, 1): 52.0, (1, 8): 200.0, (2, 8): 195.0})  # 2.5 % more: not worth it
+    assert chosen == 1
+
+
+def test_the_team_is_kept_without_batches_when_clearly_faster_on_single_images() -> None:
+    (chosen, _), asked = passes({(1, 1): 10.0, (2, 1): 6.0})
+    assert chosen == 2 and all(p.size == 1 for p in asked)
+
+
+def test_the_throughput_batch_is_the_cap_at_most_eight() -> None:
+    cost = {(1, 1): 1.0, (2, 1): 1.0, (1, 3): 3.0, (2, 3): 3.0}
+    assert {p.size for p in passes(cost, batch=3)[1]} == {1, 3}
 
 
 def test_a_slow_model_is_measured_within_the_budget_and_a_huge_one_not_at_all() -> None:
-    clock, run_single, counts = fake({1: 82.0, 2: 400.0})  # resnet18 on a busy machine
-    chosen, why = choose_threads(run_single, 2, sleep=lambda s: None, clock=lambda: clock[0])  # type: ignore[arg-type]
-    assert chosen == 1 and "median of 2" in why  # 0.4 + 2 x (0.082 + 0.4) s: past the budget of about 1 s
-    clock, run_single, counts = fake({1: 900.0, 2: 600.0})
-    chosen, why = choose_threads(run_single, 2, sleep=lambda s: None, clock=lambda: clock[0])  # type: ignore[arg-type]
-    assert (chosen, len(counts)) == (2, 1) and "not measured" in why
-    assert choose_threads(run_single, 1)[0] == 1
+    (chosen, why), asked = passes({(1, 1): 82.0, (2, 1): 400.0, (1, 8): 600.0, (2, 8): 700.0})  # busy machine
+    assert chosen == 1 and "median of 1" in why  # 0.4 + 0.482 + 2 x 0.02 s: past half the budget
+    assert len([p for p in asked if p.size == 8]) == 2  # one batch each: the budget is spent
+    (chosen, why), asked = passes({(1, 1): 900.0, (2, 1): 600.0})
+    assert (chosen, len(asked)) == (2, 1) and "not measured" in why
+    assert choose_threads(lambda count, size: 0.0, 1, 8)[0] == 1
 
 
 def test_use_threads_switches_only_when_needed() -> None:
@@ -60,3 +81,73 @@ def test_use_threads_switches_only_when_needed() -> None:
     assert torch.get_num_threads() == 1
     use_threads(1)
     assert torch.get_num_threads() == 1
+
+
+# ----- a real version: each pass runs on the count it is recorded for
+
+
+class Recorder(nn.Module):
+    """Logits of zeros; records (batch size, torch threads) of every forward pass."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.seen: list[tuple[int, int]] = []
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        self.seen.append((x.shape[0], torch.get_num_threads()))
+        return torch.zeros(x.shape[0], 2)
+
+
+def recording_version() -> tuple[LoadedVersion, Recorder]:
+    manifest = parse_manifest({"architecture": "classifyd:small_cnn", "input": {"size": 4, "resize": 4}},
+                              Path("model.toml"), ("a", "b"))
+    module = Recorder()
+    version = LoadedVersion(name="m", version=1, manifest=manifest, module=module, device=torch.device("cpu"),
+                            max_batch_size=8, max_delay_ms=0.0)
+    return version, module
+
+
+def claims(version: LoadedVersion, module: Recorder) -> list[tuple[int, int, int, int]]:
+    """Spy on ``version.timed_pass``: (claimed count, size, count the forward ran on, its batch size) per pass."""
+    seen: list[tuple[int, int, int, int]] = []
+    timed = version.timed_pass
+
+    def spy(count: int, size: int, *args: Any, **kwargs: Any) -> float:
+        took = timed(count, size, *args, **kwargs)
+        seen.append((count, size, module.seen[-1][1], module.seen[-1][0]))
+        return took
+
+    version.timed_pass = spy  # type: ignore[method-assign]
+    return seen
+
+
+def test_every_timed_pass_of_a_real_version_runs_on_the_count_it_claims() -> None:
+    version, module = recording_version()
+    seen = claims(version, module)
+    torch.set_num_threads(2)
+    version.choose_threads_now()
+    assert version.torch_threads in (1, 2)
+    assert {(count, size) for count, size, _, _ in seen} >= {(1, 1), (2, 1)}
+    assert all(claimed == ran and size == batch for claimed, size, ran, batch in seen), seen
+
+
+def test_the_loader_measures_one_pass_per_inference_thread_call_and_serves_on_the_choice() -> None:
+    version, module = recording_version()
+    seen = claims(version, module)
+    inference = InferenceThread()
+    calls: list[object] = []
+    run = inference.run
+
+    async def counted(fn: Any, *args: object) -> Any:
+        calls.append(fn)
+        return await run(fn, *args)
+
+    inference.run = counted  # type: ignore[method-assign]
+    try:
+        asyncio.run(choose_version_threads(version, inference))
+        asyncio.run(run(version.predict, [torch.zeros(4, 4, 3, dtype=torch.uint8)]))
+    finally:
+        inference.shutdown()
+    assert len(calls) == len(seen) >= 5  # the probe, two single images at least, ...: each its own call
+    assert all(claimed == ran for claimed, _, ran, _ in seen), seen
+    assert module.seen[-1] == (1, version.torch_threads)  # served on the count chosen

@@ -161,6 +161,9 @@ def test_measure_caps_below_a_size_that_runs_out_of_memory() -> None:
     samples, stopped = forward.measure(ladder(64), 5.0)
     assert sorted(samples) == [1, 2, 4, 8]
     assert "batch 16 failed: CUDA out of memory" in stopped
+    curve = curve_from(samples, TunePlan(8, True, True, 64, 5.0), stopped)
+    assert curve.ceiling == 8  # the online tuner never explores the size that ran out of memory
+    assert curve_from(samples, TunePlan(8, True, True, 64, 5.0), "time budget of 5 s reached").ceiling == 64
 
 
 def test_measure_raises_when_even_one_item_fails() -> None:

@@ -18,7 +18,7 @@ from server.core.manifest import ManifestError, load_manifest
 from server.edges.grpc.classifier import model_info
 from server.inference import placement
 from server.inference.devices import InferenceThreads, device_key
-from server.inference.placement import place, place_version
+from server.inference.placement import place, place_version, settle
 from server.models.manager import ManagerSettings, ModelManager
 from tests.support.kit import to_toml, write_model
 
@@ -91,6 +91,24 @@ def test_a_gpu_that_is_not_there_is_refused_with_what_torch_sees(monkeypatch: py
                                          "cuda:1"):
         place("cuda:2")
     assert place("cuda:1").device == torch.device("cuda", 1)
+
+
+def test_auto_counts_versions_placed_and_not_yet_built(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Start-up places several models before any allocates its weights: each placed one counts its files' size on
+    its GPU until it settles, so they spread over equal GPUs instead of all taking the first."""
+    gpus(monkeypatch, [10.0, 10.0])
+    dirs = [write_model(tmp_path, name, manifest={**SMALL, "device": "auto"}) for name in "abc"]
+    placed = [place_version("auto", torch.device("cpu"), d) for d in dirs]
+    assert [p.device.index for p in placed] == [0, 1, 0]
+    assert placed[0].reserved == sum(f.stat().st_size for f in dirs[0].iterdir() if f.is_file()) > 0
+    for chosen in placed:
+        settle(chosen)
+    settle(placed[0])  # once only
+    assert not placement._reserved
+    again = place_version("auto", torch.device("cpu"), dirs[1])
+    settle(again)
+    settle(None)
+    assert again.device.index == 0 and not placement._reserved  # built: the GPUs are equal again
 
 
 def test_a_version_without_a_device_runs_on_the_daemons() -> None:

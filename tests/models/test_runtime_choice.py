@@ -30,7 +30,7 @@ from server.inference.runtimes import OnnxRuntime, TorchRuntime
 from server.models.loader import onnx
 from server.models.loader.gate import gate_inputs
 from server.models.loader.pipeline import LoadFailed
-from server.models.loader.runtime_job import JobRequest
+from server.models.loader.runtime_job import JobRequest, JobResult
 from server.models.manager import ManagerSettings, ModelManager
 from tests.models.test_model_formats import local_scores, scores
 from tests.models.test_onnx import LABELS, NORM, SMALL, inference, load, module_of  # noqa: F401 -- a fixture
@@ -138,15 +138,28 @@ def test_a_model_whose_onnx_scores_differ_stays_on_torch_with_the_largest_differ
     assert not info.runtime_speeds
 
 
+def auto_manager(models: Path, cache: Path, command: Any) -> tuple[InferenceThreads, ModelManager, list[str]]:
+    """A manager of ``models`` with ``runtime = "auto"`` by default whose jobs run ``command``; its events' reasons."""
+    thread = InferenceThreads()
+    manager = ModelManager(ManagerSettings(models, torch.device("cpu"), cache_dir=cache, default_runtime="auto"),
+                           thread)
+    reasons: list[str] = []
+    manager.add_listener(lambda event: reasons.append(event.reason))
+    manager.runtimes.command = command
+    return thread, manager, reasons
+
+
 def test_a_version_replaced_while_its_job_runs_never_switches_and_shutdown_kills_the_job(tmp_path: Path) -> None:
     models = tmp_path / "models"
     write_model(models, "animals", labels=LABELS, manifest=SMALL)
     pids = tmp_path / "pids"
     pids.mkdir()
 
-    def stand_in(request: JobRequest) -> list[str]:  # a job that never ends on its own; says it started
+    def stand_in(request: JobRequest) -> list[str]:  # a job that never ends on its own; says it started, and how
         marker = pids / request.version_dir.name
-        return [sys.executable, "-c", f"import os, time; open({str(marker)!r}, 'w').write(str(os.getpid())); "
+        return [sys.executable, "-c", f"import ctypes, os, time; c = ctypes.c_int(); ctypes.CDLL(None).prctl(2, "
+                                      f"ctypes.byref(c)); open({str(marker)!r} + '.how', 'w').write(f'{{os.nice(0)}} "
+                                      f"{{c.value}}'); open({str(marker)!r}, 'w').write(str(os.getpid())); "
                                       "time.sleep(120)"]
 
     async def wait_for(path: Path) -> int:
@@ -157,12 +170,7 @@ def test_a_version_replaced_while_its_job_runs_never_switches_and_shutdown_kills
         raise AssertionError(f"the job never started: {path}")
 
     async def scenario() -> tuple[type, int, list[str]]:
-        thread = InferenceThreads()
-        manager = ModelManager(ManagerSettings(models, torch.device("cpu"), cache_dir=tmp_path / "cache",
-                                               default_runtime="auto"), thread)
-        reasons: list[str] = []
-        manager.add_listener(lambda event: reasons.append(event.reason))
-        manager.runtimes.command = stand_in
+        thread, manager, reasons = auto_manager(models, tmp_path / "cache", stand_in)
         try:
             await manager.load_repository()
             first_pid = await wait_for(pids / "1")
@@ -178,8 +186,62 @@ def test_a_version_replaced_while_its_job_runs_never_switches_and_shutdown_kills
 
     serving, second_pid, reasons = asyncio.run(scenario())
     assert serving is TorchRuntime
+    assert (pids / "1.how").read_text() == "19 9"  # started niced, and SIGKILLed (9) if the daemon dies
     assert not _alive(second_pid)  # shutdown killed the running job
     assert not any(r.startswith("runtime ") for r in reasons)
+
+
+def choose_with(tmp_path: Path, command: Any, manifest: dict[str, Any], between: Any = None) -> list[str]:
+    """The events' reasons once ``command`` (a stand-in job) ran for the only version; ``between(version_dir)``
+    runs once the job started (it writes ``started`` into its working directory) and before it may end."""
+    version_dir = write_model(tmp_path / "models", "animals", labels=LABELS, manifest=manifest)
+
+    async def scenario() -> list[str]:
+        thread, manager, reasons = auto_manager(tmp_path / "models", tmp_path / "c", command)
+        try:
+            await manager.load_repository()
+            if between is not None:
+                while not (tmp_path / "started").is_file():
+                    await asyncio.sleep(0.05)
+                between(version_dir)
+                (tmp_path / "go").write_text("")
+            for _ in range(1200):
+                if any(r.startswith("runtime ") for r in reasons) or manager.runtimes.idle():
+                    break
+                await asyncio.sleep(0.05)
+        finally:
+            await manager.aclose()
+            thread.shutdown()
+        return reasons
+
+    return asyncio.run(scenario())
+
+
+def test_a_job_that_cannot_start_is_reported_and_torch_serves_on(tmp_path: Path) -> None:
+    reasons = choose_with(tmp_path, lambda request: [str(tmp_path / "no-such-python")], SMALL)
+    (reason,) = [r for r in reasons if r.startswith("runtime ")]
+    assert reason.startswith("runtime stays torch: the runtime job could not start: ") and "no-such-python" in reason
+
+
+def test_auto_on_a_version_onnx_runtime_cannot_serve_starts_no_job(tmp_path: Path) -> None:
+    started: list[JobRequest] = []
+    reasons = choose_with(tmp_path, lambda request: started.append(request) or [sys.executable, "-c", ""],
+                          {**SMALL, "precision": "bf16"})
+    assert not started and not any(r.startswith("runtime ") for r in reasons)
+
+
+def test_an_export_of_files_edited_after_the_load_is_never_switched_to(tmp_path: Path) -> None:
+    result = JobResult("onnxruntime", "faster", (), str(tmp_path / "export.onnx"))
+    job = (f"import pathlib, time; d = pathlib.Path({str(tmp_path)!r}); (d / 'started').write_text(''); "
+           f"[time.sleep(0.05) for _ in range(2400) if not (d / 'go').exists()]; print({result.to_json()!r})")
+
+    def edit(version_dir: Path) -> None:  # edited in place (a reload of it would fail, the loaded version serves on)
+        weights = next(version_dir.glob("*.safetensors"))
+        weights.write_bytes(weights.read_bytes() + b" ")
+
+    reasons = choose_with(tmp_path, lambda request: [sys.executable, "-c", job], SMALL, edit)
+    (reason,) = [r for r in reasons if r.startswith("runtime ")]
+    assert reason.startswith("runtime stays torch: the files in ") and "changed after the version was loaded" in reason
 
 
 def _alive(pid: int) -> bool:

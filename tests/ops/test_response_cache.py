@@ -49,6 +49,23 @@ def test_every_option_that_changes_the_answer_changes_the_key() -> None:
     assert len({base, *variants}) == 1 + len(variants)
 
 
+class _Runtime:
+    def __init__(self, name: str) -> None:
+        self.name = name
+
+
+def test_a_runtime_switch_of_the_same_version_object_changes_the_key() -> None:
+    """runtime = "auto" swaps the runtime on the same LoadedVersion (runtime_choice._swap): the torch answers
+    stored before the switch must not answer for ONNX Runtime."""
+    cache, version = ResponseCache(1 << 20), Version()
+    version.runtime = _Runtime("torch")  # type: ignore[attr-defined]
+    before = key(cache, version)
+    cache.put(before, version, result())
+    version.runtime = _Runtime("onnxruntime")  # type: ignore[attr-defined]
+    after = key(cache, version)
+    assert after != before and cache.get("m", after) is None
+
+
 def test_crafted_look_alike_payloads_do_not_collide() -> None:
     cache, version = ResponseCache(1 << 20), Version()
     data = bytes(range(24))

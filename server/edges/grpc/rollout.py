@@ -44,7 +44,7 @@ async def reject(manager: ModelManager, request: pb.RejectVersionRequest) -> Mod
     reason = request.reason or OPERATOR_REASON
     serving = record.serving()
     if serving is not None and serving.version == request.version:
-        await manager.reject_serving(record.name, reason)
+        await manager.reject_serving(record.name, reason, expected=request.version)  # re-checked under the lock
     else:
         await manager.decide(record.name, request.version, False, reason, by="operator")
     return manager.get(record.name)

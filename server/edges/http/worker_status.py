@@ -49,8 +49,8 @@ class StatusShare:
         while True:
             try:
                 await asyncio.to_thread(self._write, self._document())
-            except (OSError, TypeError, ValueError) as exc:  # a full disk must not stop the page
-                log.warning("could not share this worker's status: %s", exc)
+            except Exception:  # a full disk or an odd value must not end the sharing for good
+                log.exception("could not share this worker's status (tried again in %.0f s)", SHARE_INTERVAL_S)
             await asyncio.sleep(SHARE_INTERVAL_S)
 
     def _write(self, document: Document) -> None:

@@ -34,6 +34,8 @@ REPEATS = 3
 MIN_TIME_PER_SIZE_S = 0.05
 """Cheap sizes repeat until their timed runs add up to this (at most MAX_REPEATS): more chances of a clean run."""
 MAX_REPEATS = 15
+FAILED = "failed: "
+"""In the ladder's stop reason after the batch size that raised (out of memory)."""
 
 
 @dataclass(frozen=True)
@@ -99,7 +101,7 @@ async def measure(time_batch: TimeBatch, sizes: Sequence[int], budget_s: float, 
         except RuntimeError as exc:
             if not samples:
                 raise
-            return samples, f"batch {size} failed: {exc}"
+            return samples, f"batch {size} {FAILED}{exc}"
         samples[size] = times
         if stop_when_falling and falling(best_rates(samples), tolerance):
             return samples, f"throughput fell at the last two sizes (up to {size})"
@@ -120,7 +122,9 @@ def curve_from(samples: Mapping[int, Sequence[float]], plan: TunePlan, stopped: 
     """The curve of fastest runs, with the knee as the cap when the plan chooses it."""
     points = tuple(BatchPoint(size, min(times)) for size, times in sorted(samples.items()))
     chosen = choose_knee(best_rates(samples), tolerance) if plan.choose_cap else plan.cap
-    return BatchCurve(points, chosen, plan.choose_cap, stopped, plan.ceiling)
+    # a size that failed (out of memory) bounds the online tuner too: it may explore only sizes that ran
+    ceiling = max(samples) if f" {FAILED}" in stopped else plan.ceiling
+    return BatchCurve(points, chosen, plan.choose_cap, stopped, ceiling)
 
 
 async def tune(version: LoadedVersion, inference: InferenceThread, plan: TunePlan) -> BatchCurve | None:

@@ -2,13 +2,15 @@
 
 Blank inputs prove nothing: a runtime that gets every real image wrong can still agree on a black one. So the gate
 compares PyTorch's and the other runtime's scores on the version's own images when it has some, in this order:
-its validation samples (``samples/<label>/*``), a ``warmup/`` directory of sample images (which the warm-up uses
+its validation samples (``samples/<label>/*``, one label at a time, decoded only up to :data:`MAX_IMAGES`), a
+``warmup/`` directory of sample images (which the warm-up uses
 too, instead of blank inputs), else seeded synthetic noise images. Everything here blocks (file reads, decoding):
 run it on the loader thread, or in the background job. Raises ValidationError naming an image that cannot be read.
 """
 
 from __future__ import annotations
 
+import itertools
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -16,7 +18,7 @@ import numpy as np
 
 from server.core.manifest import Manifest
 from server.inference.runtime import LoadedVersion
-from server.models.loader.validation import SAMPLE_SUFFIXES, SAMPLES_DIR, read_image, read_samples
+from server.models.loader.validation import SAMPLE_SUFFIXES, SAMPLES_DIR, read_image, sample_files
 
 WARMUP_DIR = "warmup"
 MAX_IMAGES = 32
@@ -48,8 +50,12 @@ def gate_inputs(version: LoadedVersion, version_dir: Path) -> GateInputs:
     :data:`SYNTHETIC_IMAGES` seeded noise images. Raises ValidationError for an unreadable image."""
     samples = version_dir / SAMPLES_DIR
     if samples.is_dir():
-        arrays, _ = read_samples(version, samples)
-        flat = [array for sample in arrays for array in sample][:MAX_IMAGES]
+        flat: list[np.ndarray] = []
+        for path in round_robin(sample_files(version, samples)):  # every label is checked, not the first few
+            flat.extend(read_image(path, version.manifest))
+            if len(flat) >= MAX_IMAGES:  # decode no more than the gate compares
+                break
+        flat = flat[:MAX_IMAGES]
         if flat:
             return GateInputs(flat, [f"sample {i}" for i in range(len(flat))], "validation samples")
     warmup = _read_warmup(version.manifest, version_dir / WARMUP_DIR)
@@ -59,6 +65,14 @@ def gate_inputs(version: LoadedVersion, version_dir: Path) -> GateInputs:
     noise = np.random.default_rng(SYNTHETIC_SEED).integers(
         0, 256, size=(SYNTHETIC_IMAGES, spec.height, spec.width, spec.channels), dtype=np.uint8)
     return GateInputs(list(noise), [f"synthetic image {i}" for i in range(len(noise))], "seeded synthetic images")
+
+
+def round_robin(files: list[tuple[Path, int]]) -> list[Path]:
+    """``files`` (path, label) reordered one label at a time: the first of each label, then the second, ..."""
+    by_label: dict[int, list[Path]] = {}
+    for path, label in files:
+        by_label.setdefault(label, []).append(path)
+    return [path for row in itertools.zip_longest(*by_label.values()) for path in row if path is not None]
 
 
 def _read_warmup(manifest: Manifest, folder: Path) -> list[tuple[np.ndarray, str]]:

@@ -30,8 +30,8 @@ from server.core.config import DEFAULT_CACHE_DIR, DEFAULT_RUNTIME, BatchingDefau
 from server.core.manifest import ONNX_ARCHITECTURE, RUNTIME_UNSET, Manifest, ManifestError, load_manifest
 from server.inference.devices import InferenceThreads
 from server.inference.isolation import contained, describe
-from server.inference.placement import place_version, use_device
-from server.inference.runtime import LoadedVersion
+from server.inference.placement import place_version, settle, use_device
+from server.inference.runtime import LoadedVersion, choose_version_threads
 from server.inference.runtimes import OnnxRuntime
 from server.models.loader import onnx
 from server.models.loader.autotune import TunePlan, plan_for, tune
@@ -117,11 +117,14 @@ class VersionLoader:
         try:
             _step(name, number, f"reading the manifest and weights in {version_dir}")
             manifest = await self._on_thread(load_manifest, version_dir)
-            placed = await self._on_thread(place_version, manifest.device, self.settings.device)  # asks CUDA
-            _step(name, number, f"on {placed.device} ({placed.why})")
-            manifest = resolve_runtime(manifest, dataclasses.replace(self.settings, device=placed.device))
-            seen(manifest)
-            loaded, plan = await self._build(name, number, version_dir, manifest, placed.device)
+            placed = await self._on_thread(place_version, manifest.device, self.settings.device, version_dir)
+            try:  # asked CUDA; "auto" counts the files' size on its GPU until the weights are built there
+                _step(name, number, f"on {placed.device} ({placed.why})")
+                manifest = resolve_runtime(manifest, dataclasses.replace(self.settings, device=placed.device))
+                seen(manifest)
+                loaded, plan = await self._build(name, number, version_dir, manifest, placed.device)
+            finally:
+                settle(placed)
             manifest = loaded.manifest
             seen(manifest)
             if accept is not None:
@@ -131,6 +134,7 @@ class VersionLoader:
                                 + (f" on {len(images)} warmup/ image(s)" if images else ""))
             await self._inference.for_version(loaded).run(use_device, loaded.device)  # its thread's CUDA device
             await self._inference.for_version(loaded).run(loaded.warm_up, images)
+            await choose_version_threads(loaded, self._inference.for_version(loaded), images)  # a pass per call
             _step(name, number, "validation on its samples/ (if any)")
             accuracy = await validate_version(loaded, version_dir, self._thread, self._inference.for_version(loaded))
             pending = await self._tune_now_or_later(loaded, plan, defer_tune)
@@ -140,9 +144,18 @@ class VersionLoader:
             raise LoadFailed(str(exc) if expected else describe(exc), manifest, unexpected=not expected) from exc
         except BaseException:
             if loaded is not None:
-                loaded.release()
+                self._release_soon(loaded)
             raise
         return Loaded(loaded, accuracy, time.monotonic() - started, pending)
+
+    def _release_soon(self, loaded: LoadedVersion) -> None:
+        """Release a version whose load was cancelled, without waiting: ``release()`` takes the version's lock,
+        which a forward pass on the inference thread may hold for a while, and the event loop must not wait for
+        it. On the loader thread; inline only once that thread is closed (the daemon is stopping)."""
+        try:
+            self._thread.submit(loaded.release)
+        except RuntimeError:  # cannot schedule new futures after shutdown
+            loaded.release()
 
     async def _tune_now_or_later(self, loaded: LoadedVersion, plan: TunePlan, defer: bool) -> TunePlan | None:
         """Measure the curve now, or return the plan to measure it after readiness. A latency target needs its

@@ -2,15 +2,18 @@
 background job has exported, verified and measured it faster.
 
 The version goes live exactly as a ``torch`` one does. :class:`RuntimeChooser` then runs the job of
-:mod:`server.models.loader.runtime_job` in a subprocess under ``nice`` (one at a time daemon-wide, its torch
-threads the host rule's), so the export and the measurement neither hold the daemon's GIL nor take its inference
-thread. When the job chose ONNX Runtime, the verified export is opened here (off the event loop), and one job on the
-inference thread swaps the version's runtime and warms it up, so a batch runs wholly on one runtime or the other;
-the version keeps its generation and state. Its batch curve is measured again on the new runtime (the TuneQueue),
-and the outcome, switched or not and why, is reported to the manager's callback (an event, ModelInfo's runtime
-fields). A failed or slower job leaves the version on PyTorch, never unserved. A version retired or replaced while
-its job runs has the job cancelled (the subprocess killed) and never switches; shutdown kills the subprocess too.
-"""
+:mod:`server.models.loader.runtime_job` in a subprocess started niced and bound to the daemon's life
+(:mod:`server.models.loader.job_process`; one at a time daemon-wide, its torch threads the host rule's), so the
+export and the measurement neither hold the daemon's GIL nor take its inference thread. When the job chose ONNX
+Runtime, the verified export is opened here (off the event loop), and one job on the inference thread swaps the
+version's runtime and warms it up, so a batch runs wholly on one runtime or the other; the version keeps its
+generation and state. Its batch curve is measured again on the new runtime (the TuneQueue), and the outcome,
+switched or not and why, is reported to the manager's callback (an event, ModelInfo's runtime fields). A failed or
+slower job, or one that cannot start, leaves the version on PyTorch, never unserved. The job runs, and its export is
+switched to, only while the version's files are those it was loaded from (the manager's fingerprint, checked before
+the job and again before the switch). A version that cannot run on ONNX Runtime (compiled, not fp32) gets no job at
+all. A version retired or replaced while its job runs has the job cancelled (the subprocess killed) and never
+switches; shutdown kills the subprocess too."""
 
 from __future__ import annotations
 
@@ -18,7 +21,7 @@ import asyncio
 import logging
 import os
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Hashable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -32,7 +35,8 @@ from server.inference.threads import process_threads
 from server.models.loader import onnx
 from server.models.loader.autotune import TuneQueue, plan_for
 from server.models.loader.gate import warmup_images
-from server.models.loader.runtime_job import MEASURE_S, JobRequest, JobResult, RuntimeSpeed
+from server.models.loader.job_process import job_process_setup
+from server.models.loader.runtime_job import MEASURE_S, JobRequest, JobResult, RuntimeSpeed, not_exportable
 
 log = logging.getLogger("classifyd.models")
 
@@ -62,6 +66,8 @@ class ChoiceSettings:
 Reporter = Callable[[LoadedVersion, RuntimeChoice, str], None]
 """Called on the event loop with the version, its choice and a one-line headline for the event and the log."""
 Command = Callable[[JobRequest], list[str]]
+Files = Callable[[Path], Hashable]
+"""What identifies the files a version loads from (the manager's fingerprint: paths, sizes, mtimes). Blocks."""
 
 
 def job_command(request: JobRequest) -> list[str]:
@@ -73,6 +79,8 @@ def job_command(request: JobRequest) -> list[str]:
 class _Job:
     version: LoadedVersion
     version_dir: Path
+    files: Hashable
+    """The files the version was loaded from: the job runs, and its export is switched to, only while they are."""
     cancelled: bool = False
     task: asyncio.Task[None] | None = None
 
@@ -82,8 +90,9 @@ class RuntimeChooser:
     chose ONNX Runtime for. Call everything on the event loop; nothing here blocks it."""
 
     def __init__(self, settings: ChoiceSettings, inference: InferenceThreads, tuning: TuneQueue,
-                 report: Reporter) -> None:
+                 report: Reporter, files: Files) -> None:
         self.settings = settings
+        self._files = files
         self.command: Command = job_command
         """What runs a job (tests put a slow stand-in here)."""
         self._inference = inference
@@ -92,18 +101,27 @@ class RuntimeChooser:
         self._turn = asyncio.Lock()  # one job at a time, daemon-wide, in the order scheduled
         self._jobs: dict[LoadedVersion, _Job] = {}
 
-    def schedule(self, version: LoadedVersion, version_dir: Path) -> RuntimeChoice | None:
+    def schedule(self, version: LoadedVersion, version_dir: Path, files: Hashable) -> RuntimeChoice | None:
         """Queue ``version``'s job when its manifest says ``auto``, and return what it serves on meanwhile; None
-        (nothing queued) for any other runtime. Never blocks, never raises."""
+        (nothing queued) for any other runtime. ``files``: what the version was loaded from (:data:`Files`). A
+        version that cannot serve on ONNX Runtime (compiled, not fp32) stays on PyTorch with no job. Never blocks,
+        never raises."""
         if version.manifest.runtime != "auto":
             return None
-        job = _Job(version, version_dir)
+        blocker = not_exportable(version)
+        if blocker:
+            return RuntimeChoice("torch", f"auto: {blocker}")
+        job = _Job(version, version_dir, files)
         job.task = asyncio.get_running_loop().create_task(self._run(job), name=f"runtime {version.name}")
         self._jobs[version] = job
         log.info("model %s version %d: serving on PyTorch; ONNX Runtime is exported, verified and measured in the "
                  "background", version.name, version.version)
         return RuntimeChoice("torch", "auto: serving on PyTorch while ONNX Runtime is exported, verified and "
                                       "measured in the background")
+
+    def idle(self) -> bool:
+        """Whether no job is queued or running."""
+        return not self._jobs
 
     def cancel(self, version: LoadedVersion | None) -> None:
         """Stop ``version``'s job (its subprocess is killed) and never switch it: it is being retired."""
@@ -125,7 +143,7 @@ class RuntimeChooser:
             async with self._turn:
                 if job.cancelled or job.version.released:
                     return
-                result = await self._subprocess(job)
+                result = await self._changed(job) or await self._subprocess(job)
             if job.cancelled:
                 return
             await self._conclude(job, result)
@@ -133,13 +151,26 @@ class RuntimeChooser:
             if self._jobs.get(job.version) is job:
                 del self._jobs[job.version]
 
+    async def _changed(self, job: _Job) -> JobResult | None:
+        """A result staying on torch when the version's files are no longer those it was loaded from (edited in
+        place: the job would build, and the switch would serve, weights the version never loaded); else None."""
+        if await asyncio.to_thread(self._files, job.version_dir) == job.files:
+            return None
+        return JobResult("torch", f"the files in {job.version_dir} changed after the version was loaded: ONNX "
+                                  "Runtime is not tried on files it does not serve")
+
     async def _subprocess(self, job: _Job) -> JobResult:
-        """Run the job's subprocess to its end (killed if this task is cancelled) and read its result."""
+        """Run the job's subprocess to its end (killed if this task is cancelled) and read its result. The job
+        starts at the lowest priority and is killed if the daemon dies (:mod:`server.models.loader.job_process`)."""
         request = JobRequest(job.version_dir, self.settings.cache_dir, self.settings.trust_code,
                              process_threads(), self.settings.measure_s)
         env = {**os.environ, "PYTHONPATH": os.pathsep.join(p for p in sys.path if p)}  # the daemon's own imports
-        process = await asyncio.create_subprocess_exec(*self.command(request), stdout=asyncio.subprocess.PIPE,
-                                                       stderr=asyncio.subprocess.PIPE, env=env)
+        try:
+            process = await asyncio.create_subprocess_exec(*self.command(request), stdout=asyncio.subprocess.PIPE,
+                                                           stderr=asyncio.subprocess.PIPE, env=env,
+                                                           preexec_fn=job_process_setup)
+        except OSError as exc:  # no interpreter, no processes left, ...: torch serves on, and says why
+            return JobResult("torch", f"the runtime job could not start: {exc}")
         try:
             out, err = await process.communicate()
         except BaseException:
@@ -158,6 +189,8 @@ class RuntimeChooser:
 
     async def _conclude(self, job: _Job, result: JobResult) -> None:
         """Switch to ONNX Runtime when the job chose it, then report; any failure leaves PyTorch serving."""
+        if result.runtime == "onnxruntime":  # the job built from the files on disk: are they still the loaded ones?
+            result = await self._changed(job) or result
         version, choice = job.version, RuntimeChoice("torch", result.reason, result.speeds)
         headline = f"runtime stays torch: {result.reason}"
         if result.runtime == "onnxruntime":

@@ -2,11 +2,12 @@
 cache), pass the correctness gate, and measure eager PyTorch against ONNX Runtime; the result says which to serve.
 
 The daemon runs it as ``python -m server.models.loader.runtime_job --version-dir ... --cache-dir ...`` in a
-subprocess under ``nice`` (:mod:`server.models.loader.runtime_choice` starts it, one at a time), so neither the
-export nor the measurement holds the daemon's GIL or its inference thread; the last line it prints is the
-:class:`JobResult` as JSON. ``python -m server check`` calls :func:`run_job` in process. It builds the module with
-the loader's own code (:func:`server.models.loader.build.build_for_serving`, ``--trust-code`` honoured) and uses the
-loader's export cache and gate (:mod:`server.models.loader.onnx`, :mod:`server.models.loader.gate`).
+subprocess started under ``nice`` (:mod:`server.models.loader.runtime_choice` starts it, one at a time, as
+:mod:`server.models.loader.job_process` says), so neither the export nor the measurement holds the daemon's GIL or
+its inference thread; the last line it prints is the :class:`JobResult` as JSON. ``python -m server check`` calls
+:func:`run_job` in process. It builds the module with the loader's own code
+(:func:`server.models.loader.build.build_for_serving`, ``--trust-code`` honoured) and uses the loader's export cache
+and gate (:mod:`server.models.loader.onnx`, :mod:`server.models.loader.gate`).
 
 Everything here blocks (build, export, forward passes: seconds to minutes). :func:`run_job` never raises for a
 version that cannot be exported, verified or built: its result stays on torch with the reason.
@@ -18,7 +19,6 @@ import argparse
 import contextlib
 import json
 import logging
-import os
 import sys
 import time
 from dataclasses import asdict, dataclass
@@ -105,7 +105,7 @@ def run_job(request: JobRequest) -> JobResult:
         version = _build(request)
     except Exception as exc:  # noqa: BLE001 -- model code may raise anything; the version stays on torch
         return JobResult("torch", f"the module could not be built for the export: {type(exc).__name__}: {exc}")
-    blocker = _not_exportable(version)
+    blocker = not_exportable(version)
     if blocker:
         return JobResult("torch", blocker)
     eager = version.runtime
@@ -118,7 +118,12 @@ def run_job(request: JobRequest) -> JobResult:
         worst = onnx.verify(version, inputs)
     except (WeightsError, ValueError) as exc:  # no export, or the gate refused it (ValidationError: bad image)
         return JobResult("torch", str(exc))
-    speeds = measure(version, {"torch": eager, "onnxruntime": ort_runtime}, MEASURE_SIZES, request.measure_s)
+    except Exception as exc:  # noqa: BLE001 -- ONNX Runtime's Fail/InvalidArgument, OutputShapeError, model code
+        return JobResult("torch", f"the export could not be opened or checked: {type(exc).__name__}: {exc}")
+    try:
+        speeds = measure(version, {"torch": eager, "onnxruntime": ort_runtime}, MEASURE_SIZES, request.measure_s)
+    except Exception as exc:  # noqa: BLE001 -- a runtime failing at a measured batch size: torch serves on
+        return JobResult("torch", f"the measurement failed: {type(exc).__name__}: {exc}")
     gate = (f"gate passed on {len(inputs.arrays)} {inputs.kind} (largest difference {worst:.2g}, tolerance "
             f"{onnx.TOLERANCE:g}); export {'made now' if exported else 'from the cache'}")
     return choose(speeds, str(path), gate)
@@ -172,19 +177,22 @@ def _fastest_pass(version: LoadedVersion, batch: list[np.ndarray], seconds: floa
 
 def _build(request: JobRequest) -> LoadedVersion:
     """The version's module built as the loader builds it, on the CPU, as a version batching :data:`GATE_BATCH`,
-    warmed up as the daemon warms it up (which chooses its torch thread count), so eager is measured as it serves."""
+    warmed up and given its torch thread count as the daemon does, so eager is measured as it serves."""
     manifest = load_manifest(request.version_dir)
     module, manifest = build_for_serving(request.version_dir, manifest, torch.device("cpu"), request.trust_code)
     number = request.version_dir.name  # a label only: `publish` checks a staging directory named otherwise
     version = LoadedVersion(name=request.version_dir.parent.name, version=int(number) if number.isdigit() else 0,
                             manifest=manifest, module=module, device=torch.device("cpu"), max_batch_size=GATE_BATCH,
                             max_delay_ms=0.0)
-    version.warm_up(warmup_images(manifest, request.version_dir))
+    images = warmup_images(manifest, request.version_dir)
+    version.warm_up(images)
+    version.choose_threads_now(images)
     return version
 
 
-def _not_exportable(version: LoadedVersion) -> str:
-    """Why the version stays on PyTorch without trying an export; empty when nothing stops it."""
+def not_exportable(version: LoadedVersion) -> str:
+    """Why the version stays on PyTorch without trying an export; empty when nothing stops it. The daemon asks
+    before scheduling a job (:mod:`server.models.loader.runtime_choice`), ``check`` inside :func:`run_job`."""
     manifest = version.manifest
     if manifest.compile != "off":
         return f"compile = {manifest.compile!r} is set: torch.compile serves it, not ONNX Runtime"
@@ -205,11 +213,9 @@ def _parse(argv: list[str]) -> JobRequest:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Run one job at the lowest priority and print its result as the last line. Exit 0 with a result (whatever
+    """Run one job and print its result as the last line. Exit 0 with a result (whatever
     runtime it chose), 2 on bad usage, 1 (a traceback on stderr) when classifyd itself failed."""
-    request = _parse(sys.argv[1:] if argv is None else argv)
-    with contextlib.suppress(OSError):  # below the daemon: the export and measurement use what serving leaves idle
-        os.nice(19)
+    request = _parse(sys.argv[1:] if argv is None else argv)  # the daemon started it niced (runtime_choice)
     torch.set_num_threads(request.threads)  # ONNX Runtime's sessions take the same count (onnx.onnx_threads)
     logging.basicConfig(level=logging.WARNING, stream=sys.stderr, format="%(levelname)s %(name)s: %(message)s")
     with contextlib.redirect_stdout(sys.stderr):  # the exporters print progress: stdout carries the result only

@@ -35,17 +35,21 @@ def read_samples(version: LoadedVersion, samples_dir: Path) -> tuple[list[list[n
     """Preprocessed sample images (each one array, or its tiles) and their label indices.
 
     Blocks on file reads and decoding."""
+    files = sample_files(version, samples_dir)
+    return [read_image(path, version.manifest) for path, _ in files], [label for _, label in files]
+
+
+def sample_files(version: LoadedVersion, samples_dir: Path) -> list[tuple[Path, int]]:
+    """The sample image files with their label indices, folder by folder in name order. Blocks on directory reads;
+    raises ValidationError for a folder that names no label of the model."""
     index = {label: i for i, label in enumerate(version.labels)}
-    arrays: list[list[np.ndarray]] = []
-    truth: list[int] = []
-    manifest = version.manifest
+    files: list[tuple[Path, int]] = []
     for folder in sorted(p for p in samples_dir.iterdir() if p.is_dir()):
         if folder.name not in index:
             raise ValidationError(f"{folder}: sample folder names no label of the model")
-        for path in sorted(p for p in folder.iterdir() if p.suffix.lower() in SAMPLE_SUFFIXES):
-            arrays.append(read_image(path, manifest))
-            truth.append(index[folder.name])
-    return arrays, truth
+        files.extend((path, index[folder.name])
+                     for path in sorted(p for p in folder.iterdir() if p.suffix.lower() in SAMPLE_SUFFIXES))
+    return files
 
 
 def read_image(path: Path, manifest: Manifest) -> list[np.ndarray]:
