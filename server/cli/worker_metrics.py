@@ -19,12 +19,13 @@ from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
-from wsgiref.simple_server import WSGIServer
 
-from prometheus_client import CollectorRegistry, start_http_server
+from prometheus_client import CollectorRegistry
 from prometheus_client.core import GaugeMetricFamily, Metric
 from prometheus_client.parser import text_string_to_metric_families
 from prometheus_client.registry import Collector
+
+from server.ops.metrics import Exporter
 
 log = logging.getLogger("classifyd.workers")
 SCRAPE_TIMEOUT_S = 2.0
@@ -189,19 +190,15 @@ class WorkerMetricsServer:
 
     def __init__(self, ready_dir: Path, workers: int) -> None:
         self.collector = WorkerMetricsCollector(ready_dir, workers)
-        self.registry = CollectorRegistry()
-        self.registry.register(self.collector)
-        self._http: WSGIServer | None = None
+        registry = CollectorRegistry()
+        registry.register(self.collector)
+        self._exporter = Exporter(registry)
 
     def serve(self, host: str, port: int) -> int:
         """Serve on a background thread; returns the bound port. Raises OSError when it cannot bind."""
-        self._http, _ = start_http_server(port, addr=host, registry=self.registry)
-        return self._http.server_port
+        return self._exporter.serve(host, port)
 
     def close(self) -> None:
         """Stop the exporter (blocks until its thread has stopped)."""
-        if self._http is not None:
-            self._http.shutdown()
-            self._http.server_close()
-            self._http = None
+        self._exporter.close()
         self.collector.close()

@@ -14,7 +14,6 @@ version the model actually has, so clients cannot create series at will.
 from __future__ import annotations
 
 import logging
-import threading
 from collections.abc import Callable, Iterator
 from wsgiref.simple_server import WSGIServer
 
@@ -90,8 +89,7 @@ class Metrics:
         ProcessCollector(registry=registry)  # process_resident_memory_bytes and friends
         self._loading: dict[tuple[str, int], float] = {}
         self._serving: dict[str, int] = {}
-        self._http: WSGIServer | None = None
-        self._http_thread: threading.Thread | None = None
+        self._exporter = Exporter(registry)
 
     # ----- hooks
 
@@ -159,11 +157,28 @@ class Metrics:
 
         Raises OSError when it cannot bind.
         """
-        self._http, self._http_thread = start_http_server(port, addr=host, registry=self.registry)
-        return self._http.server_port
+        return self._exporter.serve(host, port)
 
     def close(self) -> None:
         """Stop the exporter. Blocks until its thread has stopped (at most about half a second)."""
+        self._exporter.close()
+
+
+class Exporter:
+    """A registry served on ``/metrics`` over HTTP by a background thread (the daemon's, and the ``--workers``
+    parent's merged one)."""
+
+    def __init__(self, registry: CollectorRegistry) -> None:
+        self.registry = registry
+        self._http: WSGIServer | None = None
+
+    def serve(self, host: str, port: int) -> int:
+        """Start serving; returns the bound port (``port`` 0 picks one). Raises OSError when it cannot bind."""
+        self._http, _ = start_http_server(port, addr=host, registry=self.registry)
+        return self._http.server_port
+
+    def close(self) -> None:
+        """Stop serving. Blocks until the thread has stopped (at most about half a second)."""
         if self._http is not None:
             self._http.shutdown()
             self._http.server_close()
