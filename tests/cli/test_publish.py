@@ -86,11 +86,14 @@ def test_the_watcher_never_sees_half_a_version(tmp_path: Path) -> None:
     done = threading.Event()
 
     def observe() -> None:
-        while not done.is_set():
+        while True:
+            finished = done.is_set()  # one more look after the publish returned: the version must be there
             for entry in os.scandir(models / "digits"):
                 if entry.name.isdigit() and entry.name != "1":
                     weights = Path(entry.path) / "model.safetensors"
                     seen.append((entry.name, weights.stat().st_size if weights.exists() else -1))
+            if finished:
+                return
 
     watcher = threading.Thread(target=observe)
     watcher.start()
