@@ -36,6 +36,7 @@ from server.edges.http.worker_status import StatusShare
 from server.inference.cap_tuning import figures
 from server.inference.devices import InferenceThreads
 from server.inference.placement import pick_device
+from server.inference.threads import without_team
 from server.models.control import ModelControl
 from server.models.manager import ManagerSettings, ModelManager
 from server.models.memory_budget import MemoryBudget
@@ -76,6 +77,7 @@ class Daemon:
         self.config = config
         apply_torch_threads(config.models.torch_threads)
         self.inference = InferenceThreads()  # one thread per device, made on first use
+        without_team()  # this thread's torch work stays off OpenMP: only inference threads get teams
         self.manager = ModelManager(manager_settings(config), self.inference)
         self.stats = StatsCollector()
         self.events = EventLog()

@@ -37,6 +37,7 @@ from server.inference.preprocess import (
     tensor_to_array,
 )
 from server.inference.runtime import LoadedVersion
+from server.inference.threads import without_team
 from server.ops.host import default_decode_bytes, default_pool_threads, return_freed_memory
 
 T = TypeVar("T")
@@ -88,7 +89,8 @@ class InputPreparer:
     def __init__(self, workers: int | None = None, max_pixels: int = MAX_PIXELS,
                  budget: DecodeBudget | None = None) -> None:
         self.threads = workers or default_pool_threads()
-        self._pool = ThreadPoolExecutor(max_workers=self.threads, thread_name_prefix="classifyd-pre")
+        self._pool = ThreadPoolExecutor(max_workers=self.threads, thread_name_prefix="classifyd-pre",
+                                        initializer=without_team)  # only inference threads get OpenMP teams
         self.max_pixels = max_pixels
         self.budget = budget or DecodeBudget(default_decode_bytes())
 

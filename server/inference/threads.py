@@ -63,6 +63,21 @@ def remember_process_threads() -> int:
     return _process_threads
 
 
+def without_team() -> None:
+    """Make the calling thread run torch's operators by itself, with no OpenMP team of its own.
+
+    Every thread that runs a parallel torch operator becomes the master of an OpenMP team, and libgomp counts the
+    threads of all teams: once they outnumber the cores, every team's idle threads stop spinning almost at once
+    (libgomp's throttled spin count) and each forward pass pays their wake-up. Measured on the 2-core VM (resnet18,
+    single images on an inference thread, 2 threads): 27-31 ms per image when the model had been built on another
+    thread with 2 torch threads, 19-23 ms when only the inference thread had a team (docs/benchmarks.md). So every
+    thread that may touch torch besides the inference threads calls this first: the loader's and the
+    preprocessing pool's threads (their initializer), and the daemon's main thread once the process count is
+    recorded. The inference threads set their count before every pass (:func:`use_threads`)."""
+    remember_process_threads()  # before the count changes: what the inference threads default to
+    torch.set_num_threads(1)
+
+
 def process_threads() -> int:
     """The process's torch thread count (as recorded by :func:`remember_process_threads`)."""
     return _process_threads if _process_threads is not None else remember_process_threads()

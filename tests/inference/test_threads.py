@@ -6,6 +6,7 @@ recorded for, and the loader's measurement is one inference-thread call per pass
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -151,3 +152,18 @@ def test_the_loader_measures_one_pass_per_inference_thread_call_and_serves_on_th
     assert len(calls) == len(seen) >= 5  # the probe, two single images at least, ...: each its own call
     assert all(claimed == ran for claimed, _, ran, _ in seen), seen
     assert module.seen[-1] == (1, version.torch_threads)  # served on the count chosen
+
+
+def test_threads_other_than_the_inference_threads_run_torch_without_a_team() -> None:
+    """Only inference threads may own OpenMP teams (threads.without_team): a pool thread runs torch on 1 thread,
+    and the inference threads keep the process's count."""
+    team = threads.process_threads()
+    with concurrent.futures.ThreadPoolExecutor(max_workers=1, initializer=threads.without_team) as pool:
+        assert pool.submit(torch.get_num_threads).result() == 1
+    assert threads.process_threads() == team  # recorded before the count changed
+    inference = InferenceThread()
+    try:
+        version_threads = asyncio.run(inference.run(lambda: (threads.use_threads(team), torch.get_num_threads())[1]))
+        assert version_threads == team
+    finally:
+        inference.shutdown()

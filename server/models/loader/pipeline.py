@@ -33,6 +33,7 @@ from server.inference.isolation import contained, describe
 from server.inference.placement import place_version, settle, use_device
 from server.inference.runtime import LoadedVersion, choose_version_threads
 from server.inference.runtimes import OnnxRuntime
+from server.inference.threads import without_team
 from server.models.loader import onnx
 from server.models.loader.autotune import TunePlan, plan_for, tune
 from server.models.loader.build import build_for_serving
@@ -92,7 +93,8 @@ class VersionLoader:
     def __init__(self, settings: LoadSettings, inference: InferenceThreads) -> None:
         self.settings = settings
         self._inference = inference
-        self._thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="classifyd-load")
+        self._thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="classifyd-load",
+                                          initializer=without_team)  # only inference threads get OpenMP teams
 
     async def load(self, name: str, number: int, version_dir: Path, *,
                    on_manifest: Callable[[Manifest], None] | None = None, defer_tune: bool = False,
