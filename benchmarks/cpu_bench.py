@@ -45,7 +45,7 @@ import torch
 from classifier.v1 import classifier_pb2 as pb
 from classifier.v1 import classifier_pb2_grpc as pb_grpc
 
-from benchmarks.support import DaemonProcess, facts_block, fmt, markdown_table, run_facts, write_torchvision_model
+from benchmarks.support import DaemonProcess, emit, facts_block, fmt, markdown_table, run_facts, write_torchvision_model
 from client.api import image_request, tensor_request
 from client.bench import BenchOptions, Payloads, parse_size, run_benchmark, synthetic_jpeg
 from server.core.manifest import load_manifest
@@ -457,10 +457,7 @@ def main(argv: list[str] | None = None) -> int:
             records.append(record)
     title = args.title or f"Daemon against the in-process limit ({args.device}, {workload.description})"
     output = "\n\n".join([f"## {title}", facts_block(facts), *sections]) + "\n"
-    print(output)
-    if args.markdown:
-        with args.markdown.open("a", encoding="utf-8") as handle:
-            handle.write("\n" + output)
+    emit(output, args.markdown)
     if args.json:
         args.json.write_text(json.dumps({"facts": facts, "workload": workload.description, "models": records},
                                         indent=2, ensure_ascii=False) + "\n", encoding="utf-8")

@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import Any
 
 from benchmarks.cpu_bench import load_version, make_workload, sequential_pipeline
-from benchmarks.support import DaemonProcess, facts_block, markdown_table, run_facts, write_torchvision_model
+from benchmarks.support import DaemonProcess, emit, facts_block, markdown_table, run_facts, write_torchvision_model
 from client.bench import BenchOptions, run_benchmark
 
 
@@ -75,10 +75,7 @@ def main(argv: list[str] | None = None) -> int:
             rounds = measure_model(model, Path(tmp) / model, args, Path(tmp) / f"{model}.log")
             sections.append(section(model, rounds)[0])
     output = "\n\n".join(["## Concurrency 1, interleaved (cpu)", facts_block(facts), *sections]) + "\n"
-    print(output)
-    if args.markdown:
-        with args.markdown.open("a", encoding="utf-8") as handle:
-            handle.write("\n" + output)
+    emit(output, args.markdown)
     return 0
 
 

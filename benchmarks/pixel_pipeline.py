@@ -35,7 +35,7 @@ import torch
 
 from benchmarks.cpu_bench import load_version
 from benchmarks.preprocess_stages import before, decoded, photo
-from benchmarks.support import facts_block, fmt, markdown_table, run_facts, write_torchvision_model
+from benchmarks.support import emit, facts_block, fmt, markdown_table, run_facts, write_torchvision_model
 from server.inference.preprocess import preprocess
 from server.inference.runtime import LoadedVersion
 from server.inference.runtimes import OnnxRuntime, Runtime, open_session
@@ -136,10 +136,7 @@ def main(argv: list[str] | None = None) -> int:
             sections.append(table(arch, best, sizes))
             print(sections[-1], flush=True)
     text = "\n\n".join(sections)
-    print(text)
-    if args.markdown:
-        with Path(args.markdown).open("a", encoding="utf-8") as out:
-            out.write("\n" + text + "\n")
+    emit(text + "\n", Path(args.markdown) if args.markdown else None)
     return 0
 
 

@@ -31,7 +31,7 @@ import numpy as np
 import PIL
 from PIL import Image
 
-from benchmarks.support import facts_block, fmt, markdown_table, run_facts
+from benchmarks.support import emit, facts_block, fmt, markdown_table, run_facts
 from server.core.manifest import InputSpec
 from server.inference import preprocess as pre
 
@@ -152,10 +152,7 @@ def main(argv: list[str] | None = None) -> None:
         markdown_table(["JPEG", "stage", "before ms", "served ms", "before / served"], rows),
         *([markdown_table(["JPEG", "interpolation", "DRAFT_MARGIN", "decoded at", "mean abs diff", "p99 diff",
                            "max diff"], parity_rows)] if parity_rows else [])])
-    print(text)
-    if args.markdown:
-        with Path(args.markdown).open("a", encoding="utf-8") as out:
-            out.write("\n" + text + "\n")
+    emit(text + "\n", Path(args.markdown) if args.markdown else None)
 
 
 if __name__ == "__main__":

@@ -26,6 +26,7 @@ from typing import Any
 from benchmarks.support import (
     DaemonProcess,
     copy_digits,
+    emit,
     facts_block,
     markdown_table,
     run_facts,
@@ -131,11 +132,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     with tempfile.TemporaryDirectory(prefix="classifyd-rollout-") as tmp:
         rounds = measure(args, Path(tmp))
-    output = report(args, rounds) + "\n"
-    print(output)
-    if args.markdown:
-        with args.markdown.open("a", encoding="utf-8") as handle:
-            handle.write("\n" + output)
+    emit(report(args, rounds) + "\n", args.markdown)
     return 0
 
 

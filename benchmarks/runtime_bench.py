@@ -31,7 +31,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from benchmarks.support import facts_block, fmt, markdown_table, run_facts
+from benchmarks.support import emit, facts_block, fmt, markdown_table, run_facts
 from server.inference.runtimes import open_session
 from server.models.loader.architectures import build_architecture
 
@@ -190,10 +190,7 @@ def main(argv: list[str] | None = None) -> int:
         markdown_table(["model", "batch", *(f"{r} img/s" for r in runtimes)], per_batch),
         markdown_table(["model", "runtime", "best img/s", "at batch", f"batch {min(args.batch_sizes)} ms",
                         "best vs eager", "latency gain vs eager"], summary)])
-    print(text)
-    if args.markdown:
-        with args.markdown.open("a", encoding="utf-8") as out:
-            out.write("\n" + text + "\n")
+    emit(text + "\n", args.markdown)
     return 0
 
 
