@@ -147,7 +147,6 @@ def test_torture_twenty_publishes_zero_failures_and_every_response_matches_its_v
     publisher = Publisher(repo / "swap")
     winner_of = {1: 0}
     bad_versions = {7: "corrupt", 13: "mismatch"}
-    serve_delays: list[float] = []
     with grpc.insecure_channel(daemon.target) as channel, Clients(daemon.target) as clients:
         stub = pb_grpc.ClassifierStub(channel)
         events = stub.WatchModels(pb.WatchModelsRequest(model="swap"))
@@ -164,9 +163,9 @@ def test_torture_twenty_publishes_zero_failures_and_every_response_matches_its_v
             else:
                 winner_of[version] = version % 2
                 publish = publisher.by_slow_copy if version % 3 == 0 else publisher.by_rename
-                complete = publish(version, weights[version % 2])
-                live = wait_for(lambda v=version: model(stub).serving_version == v)
-                serve_delays.append(live - complete)
+                publish(version, weights[version % 2])
+                # a hang detector, not a speed check (docs/benchmarks.md#benchmarksswap_benchpy-hot-swap-under-load)
+                wait_for(lambda v=version: model(stub).serving_version == v)
                 serving = version
                 continue
             wait_for(lambda v=version: state_of(model(stub), v) == pb.VersionInfo.FAILED)
@@ -183,7 +182,6 @@ def test_torture_twenty_publishes_zero_failures_and_every_response_matches_its_v
     for response in clients.responses:
         assert response.predictions[0].index == winner_of[response.version], response
         assert response.predictions[0].label == LABELS[winner_of[response.version]]
-    assert max(serve_delays) < 2.0, serve_delays
     info = model(stub_for(daemon))
     errors = {v.version: v.error for v in info.versions if v.state == pb.VersionInfo.FAILED}
     assert "cannot read weights" in errors[7]

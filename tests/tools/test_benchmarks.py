@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 import json
+import sys
 from pathlib import Path
 
 import pytest
 
-from benchmarks import abuse, cache_bench, cpu_bench, runtime_bench, swap_bench
+from benchmarks import abuse, cache_bench, cpu_bench, gil_contention, runtime_bench, swap_bench
 
 
 @pytest.mark.slow
@@ -100,3 +101,14 @@ def test_cache_bench_at_its_smallest_answers_the_repeats_from_the_cache(capsys: 
     assert cache_bench.main(["--model", "digits", "--size", "64x48", "--requests", "3", "--rounds", "1"]) == 0
     out = capsys.readouterr().out
     assert "| 1 |" in out and "median ratio" in out  # it raises if a repeat was not a hit
+
+
+@pytest.mark.slow
+def test_gil_contention_times_both_forwards_and_restores_the_switch_interval(tmp_path: Path) -> None:
+    before = sys.getswitchinterval()
+    markdown = tmp_path / "gil.md"
+    assert gil_contention.main(["--batch", "1", "--seconds", "0.05", "--rounds", "1", "--intervals", "0.001",
+                                "--markdown", str(markdown)]) == 0
+    text = markdown.read_text(encoding="utf-8")
+    assert "| 1 | eager |" in text and "| 1 | torchscript |" in text
+    assert sys.getswitchinterval() == before
