@@ -44,20 +44,11 @@ from server.models.loader import onnx
 MODES = ("torch", "before", "float", "uint8")
 
 
-def float_session(path: Path, threads: int) -> ort.InferenceSession:
-    """The exported graph as it is (no pixel input), with open_session's options."""
-    options = ort.SessionOptions()
-    options.intra_op_num_threads = max(1, threads)
-    options.inter_op_num_threads = 1
-    options.log_severity_level = 3
-    return ort.InferenceSession(str(path), sess_options=options, providers=["CPUExecutionProvider"])
-
-
 def runtimes(version: LoadedVersion, version_dir: Path, cache_dir: Path) -> dict[str, Runtime]:
     """Each mode's runtime: eager, the plain exported graph (twice: before and float) and the served session."""
     path, _ = onnx.cached_export(version.module, version_dir, version.manifest, cache_dir)
     threads = torch.get_num_threads()
-    plain = OnnxRuntime(float_session(path, threads), str(path))
+    plain = OnnxRuntime(open_session(path, threads, pixels=False), str(path))  # same options, no pixel input
     served = OnnxRuntime(open_session(path, threads), str(path))
     assert served.takes_pixels and not plain.takes_pixels
     eager = version.runtime
