@@ -70,13 +70,14 @@ def forwards(arch: str, batch: torch.Tensor) -> dict[str, Forward]:
 
 
 def measure(args: argparse.Namespace) -> list[list[str]]:
-    """One row per (interval, runtime): median img/s alone and beside the spinner over ``--rounds``."""
+    """One row per (interval, runtime): median img/s alone and beside the spinner over ``--rounds``. The process's
+    torch thread count and switch interval are put back afterwards (the smoke test runs inside pytest)."""
+    threads, default_interval = torch.get_num_threads(), sys.getswitchinterval()
     torch.set_num_threads(1)
-    batch = torch.randn(args.batch, 3, 224, 224)
-    runs = forwards(args.model, batch)
     seen: dict[tuple[float, str, str], list[float]] = {}
-    default_interval = sys.getswitchinterval()
     try:
+        batch = torch.randn(args.batch, 3, 224, 224)
+        runs = forwards(args.model, batch)
         with torch.inference_mode():
             for forward in runs.values():  # first passes are slow (allocator, kernel choice)
                 images_per_second(forward, batch, args.seconds / 2)
@@ -90,6 +91,7 @@ def measure(args: argparse.Namespace) -> list[list[str]]:
                             beside_spinner(forward, batch, args.seconds))
     finally:
         sys.setswitchinterval(default_interval)
+        torch.set_num_threads(threads)
     rows = []
     for interval in args.intervals:
         for name in runs:

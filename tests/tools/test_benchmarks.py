@@ -104,11 +104,14 @@ def test_cache_bench_at_its_smallest_answers_the_repeats_from_the_cache(capsys: 
 
 
 @pytest.mark.slow
-def test_gil_contention_times_both_forwards_and_restores_the_switch_interval(tmp_path: Path) -> None:
-    before = sys.getswitchinterval()
+def test_gil_contention_times_both_forwards_and_restores_the_process_settings(tmp_path: Path) -> None:
+    import torch
+
+    before, threads = sys.getswitchinterval(), torch.get_num_threads()
     markdown = tmp_path / "gil.md"
     assert gil_contention.main(["--batch", "1", "--seconds", "0.05", "--rounds", "1", "--intervals", "0.001",
                                 "--markdown", str(markdown)]) == 0
     text = markdown.read_text(encoding="utf-8")
     assert "| 1 | eager |" in text and "| 1 | torchscript |" in text
     assert sys.getswitchinterval() == before
+    assert torch.get_num_threads() == threads
