@@ -47,6 +47,7 @@ from benchmarks.support import (
 from client.bench import BenchOptions, run_benchmark
 from server.inference.preprocess import preprocess
 from server.inference.runtime import LoadedVersion
+from server.inference.threads import process_threads
 
 DAEMON_FLAGS = ("--device", "cpu", "--no-watch", "--default-runtime", "torch")
 """Default settings, except that the runtime is torch (the issue's targets are for it; "auto" has its own)."""
@@ -58,14 +59,21 @@ SHAPE = (1, 32, 4, 64)
 class Start:
     """One fresh start of the daemon."""
 
-    limit_before: float
+    limits_before: dict[int, float]
+    """The in-process limit before the window, by torch thread count (1 and the daemon's process count)."""
     limit_after: float = 0.0
-    caps: list[tuple[float, int]] = field(default_factory=list)  # (seconds since load began, cap)
+    """... and after it, on the thread count the daemon served with at the end of the window."""
+    threads: int = 0
+    caps: list[tuple[float, str]] = field(default_factory=list)  # (seconds since load began, "cap" or "cap×threads")
     halves: list[float] = field(default_factory=list)  # img/s at c=32, first and second half of the window
     batch_sizes: dict[str, int] = field(default_factory=dict)
     c1_ms: float = 0.0
     spaced_ms: float = 0.0
     shape: dict[str, list[float]] = field(default_factory=dict)  # "default" / "cap N" -> img/s per phase
+
+    @property
+    def limit_before(self) -> float:
+        return self.limits_before.get(self.threads) or max(self.limits_before.values())
 
     @property
     def limit(self) -> float:
@@ -99,9 +107,14 @@ def spaced_single(version: LoadedVersion, workload: Workload, gap_s: float, seco
     return statistics.median(times) * 1000
 
 
-def cap_of(stub: pb_grpc.ClassifierStub, model: str) -> tuple[int, bool]:
+def cap_of(stub: pb_grpc.ClassifierStub, model: str) -> tuple[int, bool, int]:
+    """The model's cap, whether it is tuned, and the torch threads the online tuner keeps (0: it does not)."""
     info = stub.GetModel(pb.GetModelRequest(model=model), timeout=10)
-    return info.max_batch_size, info.autotuned or info.batch_cap_online
+    return info.max_batch_size, info.autotuned or info.batch_cap_online, info.batch_threads
+
+
+def setting(cap: int, threads: int) -> str:
+    return f"{cap}×{threads}t" if threads else str(cap)
 
 
 def wait_for_curve(daemon: DaemonProcess, model: str, timeout_s: float = 120.0) -> None:
@@ -116,15 +129,15 @@ def wait_for_curve(daemon: DaemonProcess, model: str, timeout_s: float = 120.0) 
         time.sleep(0.2)
 
 
-def poll_caps(target: str, model: str, every_s: float, stop: threading.Event, into: list[tuple[float, int]]) -> None:
-    """Record the cap whenever it differs from the last one seen, until ``stop``."""
+def poll_caps(target: str, model: str, every_s: float, stop: threading.Event, into: list[tuple[float, str]]) -> None:
+    """Record the cap (and threads) whenever they differ from the last seen, until ``stop``."""
     began = time.monotonic()
     with grpc.insecure_channel(target) as channel:
         stub = pb_grpc.ClassifierStub(channel)
         while not stop.is_set():
-            cap = cap_of(stub, model)[0]
-            if not into or into[-1][1] != cap:
-                into.append((round(time.monotonic() - began, 1), cap))
+            cap, _, threads = cap_of(stub, model)
+            if not into or into[-1][1] != setting(cap, threads):
+                into.append((round(time.monotonic() - began, 1), setting(cap, threads)))
             stop.wait(every_s)
 
 
@@ -145,6 +158,15 @@ def shape_load(models_dir: Path, model: str, workload: Workload, args: argparse.
         return [level["throughput"] for level in bench(daemon.target, model, workload, SHAPE, args.shape_s, args)]
 
 
+def limits_before(version: LoadedVersion, workload: Workload, args: argparse.Namespace) -> dict[int, float]:
+    """The in-process limit on one torch thread and on the process's count."""
+    limits = {}
+    for count in sorted({1, process_threads()}):  # torch.get_num_threads() is what the last pass ran on
+        version.torch_threads = count
+        limits[count] = in_process_limit(version, workload, args)
+    return limits
+
+
 def daemon_threads(daemon: DaemonProcess, model: str) -> int | None:
     """The torch thread count the daemon's warm-up chose for the model (its log says), None if it says nothing."""
     found = re.search(rf"model {re.escape(model)} version 1: (\d+) torch thread",
@@ -157,9 +179,10 @@ def one_start(model: str, models_dir: Path, version: LoadedVersion, workload: Wo
     log = log_dir / f"{model}-{index}.log"
     with DaemonProcess(models_dir, log, *DAEMON_FLAGS) as daemon:
         wait_for_curve(daemon, model)
-        # the in-process reference runs with the thread count this start of the daemon chose (the daemon is idle)
-        version.torch_threads = daemon_threads(daemon, model) or version.torch_threads
-        start = Start(in_process_limit(version, workload, args))
+        # the in-process reference runs with the thread count the daemon serves with: its warm-up chooses one, and
+        # the online tuner may change it under load, so the limit is measured on both counts (the daemon is idle)
+        chosen = daemon_threads(daemon, model) or version.torch_threads or process_threads()
+        start = Start(limits_before(version, workload, args), threads=chosen)
         stop = threading.Event()
         poller = threading.Thread(target=poll_caps, args=(daemon.target, model, args.poll_s, stop, start.caps))
         poller.start()
@@ -169,11 +192,15 @@ def one_start(model: str, models_dir: Path, version: LoadedVersion, workload: Wo
             stop.set()
             poller.join()
         start.halves = [level["throughput"] for level in halves]
+        with grpc.insecure_channel(daemon.target) as channel:
+            start.threads = cap_of(pb_grpc.ClassifierStub(channel), model)[2] or chosen
+        version.torch_threads = chosen  # light load (c=1) runs on the warm-up's choice, as the daemon's does
         start.batch_sizes = halves[-1]["batch_sizes"]
         start.c1_ms = bench(daemon.target, model, workload, (1,), args.c1_s, args, warmup_s=1.0)[0]["latency_ms"]["p50"]
         # spaced like the daemon's requests: each call waits the daemon's median latency (its idle gap is at least
         # the part of the round trip outside the forward pass)
         start.spaced_ms = spaced_single(version, workload, start.c1_ms / 1000, args.c1_s)
+    version.torch_threads = start.threads
     start.limit_after = in_process_limit(version, workload, args)
     if index == 0 and args.shape_s > 0:
         start.shape["default"] = shape_load(models_dir, model, workload, args, log_dir / f"{model}-shape.log", None)
@@ -185,18 +212,23 @@ def one_start(model: str, models_dir: Path, version: LoadedVersion, workload: Wo
 
 def describe(start: Start) -> str:
     caps = " ".join(f"{t:g}s:{c}" for t, c in start.caps)
+    best = max(start.limits_before.values())
     return (f"caps {caps}; c=32 {start.halves[0]:.1f} then {start.halves[-1]:.1f} img/s = "
-            f"{start.halves[-1] / start.limit:.2f}x the limit ({start.limit_before:.1f}/{start.limit_after:.1f}); "
+            f"{start.halves[-1] / start.limit:.2f}x the limit on {start.threads} thread(s) "
+            f"({start.limit_before:.1f}/{start.limit_after:.1f}), {start.halves[-1] / best:.2f}x the best before "
+            f"({' '.join(f'{k}t:{v:.1f}' for k, v in sorted(start.limits_before.items()))}); "
             f"c=1 {start.c1_ms:.2f} ms vs {start.spaced_ms:.2f} ms in process ({start.c1_ms - start.spaced_ms:+.2f})")
 
 
 def section(model: str, starts: list[Start]) -> str:
-    rows = [[i + 1, " ".join(f"{t:g}s:{c}" for t, c in s.caps), fmt(s.limit_before), fmt(s.limit_after),
+    rows = [[i + 1, " ".join(f"{t:g}s:{c}" for t, c in s.caps), s.threads,
+             " ".join(f"{k}t:{fmt(v)}" for k, v in sorted(s.limits_before.items())), fmt(s.limit_after),
              fmt(s.halves[0]), fmt(s.halves[-1]), f"{s.halves[-1] / s.limit:.2f}",
              ", ".join(f"{k}:{v}" for k, v in s.batch_sizes.items()), f"{s.c1_ms:.2f}", f"{s.spaced_ms:.2f}",
              f"{s.c1_ms - s.spaced_ms:+.2f}"] for i, s in enumerate(starts)]
     lines = [f"##### {model}", "", markdown_table(
-        ["start", "cap over time (s since load: cap)", "limit before", "limit after", "c=32 first half",
+        ["start", "cap over time (s since load: cap×threads)", "threads at the end", "limit before (by threads)",
+         "limit after (end threads)", "c=32 first half",
          "c=32 second half", "ratio (second half ÷ mean limit)", "batches (second half)", "c=1 p50 ms",
          "in-process spaced ms", "overhead ms"], rows)]
     shaped = next((s.shape for s in starts if s.shape), None)

@@ -5,7 +5,10 @@ version) when its cap was chosen by the load-time ladder: not when the manifest 
 ``autotune = false`` (or the server runs with ``--no-autotune``), sets a latency target (its policy already sizes
 batches from the corrected curve, and keeps its guarantee) or compiles the module (its batch-size buckets are
 fixed at warm-up). A move updates the version's ``max_batch_size``, which admission, ModelInfo and the status
-page read, and is logged. Runs on the event loop; nothing blocks.
+page read, and is logged. A version on the CPU's torch runtime in a process with more than one torch thread also
+has its thread count under load tuned (the tuner's widths: 1 and the process's count, starting from the load-time
+choice); its forward passes ask the tuner (:meth:`LoadedVersion.predict`), and under light load keep
+``torch_threads``, the load-time choice. Runs on the event loop; nothing blocks.
 """
 
 from __future__ import annotations
@@ -15,6 +18,7 @@ import logging
 
 from server.batching.online import CapChange, OnlineTuner
 from server.inference.runtime import LoadedVersion
+from server.inference.threads import process_threads
 from server.ops.tuning_metrics import TuningFigures
 
 log = logging.getLogger("classifyd.autotune")
@@ -34,9 +38,18 @@ def tuner_for(version: LoadedVersion) -> OnlineTuner | None:
     if version.tuner is None:
         curve = version.batch_curve
         ceiling = curve.ceiling or max(point.batch_size for point in curve.points)
-        version.tuner = OnlineTuner(version.max_batch_size, ceiling,
-                                    on_change=functools.partial(_moved, version))
+        widths = thread_widths(version)
+        version.tuner = OnlineTuner(version.max_batch_size, ceiling, on_change=functools.partial(_moved, version),
+                                    widths=widths, width=(version.torch_threads or max(widths)) if widths else None)
     return version.tuner
+
+
+def thread_widths(version: LoadedVersion) -> tuple[int, ...]:
+    """The torch thread counts the tuner may choose between for ``version``: 1 and the process's count on the
+    CPU's torch runtime (its own threads elsewhere: ONNX Runtime's sessions, CUDA), none with one thread."""
+    team = process_threads()
+    torch_runtime = version.runtime is None or version.runtime.name == "torch"
+    return (1, team) if version.device.type == "cpu" and torch_runtime and team > 1 else ()
 
 
 def _moved(version: LoadedVersion, change: CapChange) -> None:
@@ -51,4 +64,5 @@ def figures(version: LoadedVersion) -> TuningFigures | None:
         return None
     snapshot = tuner.snapshot()
     return TuningFigures(snapshot.cap, snapshot.exploring, snapshot.changes, snapshot.trials,
-                         {e.batch_size: e.batch_s for e in snapshot.estimates})
+                         {e.batch_size: e.batch_s for e in snapshot.estimates if e.width == snapshot.width},
+                         snapshot.width)

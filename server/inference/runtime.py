@@ -199,13 +199,13 @@ class LoadedVersion:
     def predict(self, inputs: Sequence[Pixels] | StagedBatch, *, threads: int | None = None) -> np.ndarray:
         """Scores, one row per ``H x W x C`` input array (or per image of a staged batch): softmax
         probabilities, or per-label sigmoids for ``activation = "sigmoid"``. Runs under autocast at the
-        version's precision, on the CPU on ``threads`` torch threads (default: the version's count, else the
-        process's). Blocks; raises OutputShapeError."""
+        version's precision, on the CPU on ``threads`` torch threads (default: the online tuner's width, else the
+        version's count, else the process's). Blocks; raises OutputShapeError."""
         with self._lock, torch.inference_mode():
             if self.released:
                 raise RuntimeError(f"model {self.name} version {self.version} was already released")
             if self.device.type == "cpu":
-                use_threads(threads or self.torch_threads or process_threads())
+                use_threads(threads or self._tuned_threads() or self.torch_threads or process_threads())
             staged = inputs if isinstance(inputs, StagedBatch) else self._stager.stage(inputs, self.max_batch_size)
             stacked, runtime = staged.wait(), self.runtime
             # the runtime that runs the batch decides, here under the lock: a switch between preparing and running
@@ -220,6 +220,11 @@ class LoadedVersion:
             if self.manifest.activation == "sigmoid":
                 return torch.sigmoid(logits.float()).cpu().numpy()
             return torch.softmax(logits.float(), dim=1).cpu().numpy()
+
+    def _tuned_threads(self) -> int:
+        """The thread count the online tuner gives this batch (its width, or the one on trial); 0 when none."""
+        tuner = self.tuner
+        return tuner.width_now() if tuner is not None else 0
 
     def warm_up(self, images: Sequence[Pixels] = ()) -> None:
         """Run one batch of ``max_batch_size`` inputs: ``images`` (the version's ``warmup/`` images, repeated to fill

@@ -22,7 +22,9 @@ class TuningFigures:
     changes: int
     trials: int
     batch_seconds: Mapping[int, float]
-    """The estimated batch time of every size with recent samples."""
+    """The estimated batch time of every size with recent samples (at the current thread count)."""
+    threads: int = 0
+    """The torch threads its batches run on, when the tuner chooses them (CPU, torch runtime); else 0."""
 
 
 TuningSource = Callable[[], Mapping[str, TuningFigures]]
@@ -46,11 +48,14 @@ class TuningCollector(Collector):
                                      "tried", labels=["model"])
         estimate = GaugeMetricFamily("classifyd_batch_estimate_seconds", "Estimated compute time of one batch, "
                                      "from recent full batches of that size", labels=["model", "batch_size"])
+        threads = GaugeMetricFamily("classifyd_batch_threads", "The torch threads per batch the online tuner "
+                                    "keeps (0: not tuned: GPU, ONNX Runtime, one core)", labels=["model"])
         for model, figures in sorted(self._source().items()):
             cap.add_metric([model], figures.cap)
+            threads.add_metric([model], figures.threads)
             exploring.add_metric([model], figures.exploring)
             changes.add_metric([model], figures.changes)
             trials.add_metric([model], figures.trials)
             for size, seconds in sorted(figures.batch_seconds.items()):
                 estimate.add_metric([model, str(size)], seconds)
-        yield from (cap, exploring, changes, trials, estimate)
+        yield from (cap, exploring, changes, trials, estimate, threads)

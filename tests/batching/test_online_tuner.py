@@ -33,10 +33,13 @@ class Sim:
         rate = self.rates[max(k for k in self.rates if k <= size)]  # sizes off the ladder: the size below's rate
         return size / rate * self.noise()
 
-    def run(self, seconds: float, *, waiting: int | None = None) -> None:
-        """Batches for ``seconds`` of fake time; ``waiting`` items available per batch (None: always full)."""
+    def run(self, seconds: float, *, waiting: int | None = None, idle_s: float = 0.005) -> None:
+        """Batches for ``seconds`` of fake time; ``waiting`` items available per batch (None: always full), each
+        such batch after ``idle_s`` of waiting for them (light load: the worker waits for requests)."""
         end = self.clock[0] + seconds
         while self.clock[0] < end:
+            if waiting is not None:
+                self.clock[0] += idle_s
             limit = self.tuner.limit()
             size = limit if waiting is None else min(limit, waiting)
             took = self.batch_s(size)
@@ -187,3 +190,128 @@ def test_a_cap_of_one_at_one_request_at_a_time_tries_nothing_but_tries_under_a_b
     assert tuner.trials == 0 and set(sim.sizes) == {1}
     sim.run(60.0, waiting=3)  # requests wait behind each batch: the load is more than the cap
     assert tuner.trials > 0 and max(sim.sizes) > 1
+
+
+# ----- widths: the torch threads per batch, tuned under load beside the cap
+
+LIGHT_WIDTH = 2
+"""The version's own count (the load-time choice): what a batch runs on when ``width_now()`` says 0."""
+
+
+class WidthSim(Sim):
+    """:class:`Sim` whose batch time depends on the width each batch runs on (``rates`` by (size, width))."""
+
+    def __init__(self, tuner: OnlineTuner, clock: list[float], rates: Mapping[tuple[int, int], float]) -> None:
+        super().__init__(tuner, clock, {})
+        self.width_rates = rates
+        self.widths: list[int] = []
+
+    def batch_s(self, size: int) -> float:
+        width = self.tuner.width_now() or LIGHT_WIDTH
+        self.widths.append(width)
+        return size / self.width_rates[max(k for k in self.width_rates if k[0] <= size and k[1] == width)]
+
+
+def make_wide(cap: int, width: int, ceiling: int = 16) -> tuple[OnlineTuner, list[float], list[CapChange]]:
+    clock = [1000.0]
+    changes: list[CapChange] = []
+    tuner = OnlineTuner(cap, ceiling, clock=lambda: clock[0], on_change=changes.append, widths=(1, 2), width=width)
+    return tuner, clock, changes
+
+
+# mobilenet_v3_small at concurrency 32 on the 2-core VM, shaped: two threads lose to one under load
+ONE_THREAD_WINS = {(1, 1): 40.0, (2, 1): 80.0, (4, 1): 150.0, (8, 1): 230.0, (16, 1): 255.0,
+                   (1, 2): 35.0, (2, 2): 70.0, (4, 2): 130.0, (8, 2): 190.0, (16, 2): 210.0}
+
+
+def test_under_load_the_faster_width_is_found_with_the_best_cap() -> None:
+    tuner, clock, changes = make_wide(8, width=2)
+    sim = WidthSim(tuner, clock, ONE_THREAD_WINS)
+    sim.run(240.0)
+    assert (tuner.cap, tuner.width) == (16, 1), [c.describe() for c in changes]
+    width_moves = [c for c in changes if c.old_width != c.new_width]
+    assert width_moves and width_moves[0].describe().startswith("torch threads 2 -> 1 at max_batch_size ")
+    snapshot = tuner.snapshot()
+    assert snapshot.width == 1 and {e.width for e in snapshot.estimates} == {1, 2}
+    assert sim.widths[-50:] == [1] * 50  # settled: batches under load run on the chosen width
+
+
+def test_more_threads_are_taken_only_when_clearly_faster() -> None:
+    faster = {key: rate * (1.3 if key[1] == 2 else 1.0) for key, rate in ONE_THREAD_WINS.items()}
+    tuner, clock, _ = make_wide(16, width=1)
+    WidthSim(tuner, clock, faster).run(120.0)
+    assert tuner.width == 2
+    barely = {key: rate * (1.02 if key[1] == 2 else 1.0) for key, rate in ONE_THREAD_WINS.items()}
+    tuner, clock, _ = make_wide(16, width=1)
+    WidthSim(tuner, clock, barely).run(120.0)
+    assert tuner.width == 1  # 2 % is within what noise gives: fewer threads leave cores to the rest
+
+
+def test_light_load_runs_on_the_versions_own_count_and_tries_no_width() -> None:
+    tuner, clock, _ = make_wide(8, width=1)
+    sim = WidthSim(tuner, clock, ONE_THREAD_WINS)
+    sim.run(60.0, waiting=3)  # batches of 3 under a cap of 8: not full
+    assert tuner.trials == 0 and set(sim.widths) == {LIGHT_WIDTH}
+    assert tuner.width_now() == 0
+    sim.run(5.0)  # load arrives: after the first full batch the tuned width applies
+    assert sim.widths[-1] == 1 and tuner.width_now() == 1
+
+
+def test_a_width_trial_runs_its_width_and_shows_in_the_snapshot() -> None:
+    tuner, clock, _ = make_wide(8, width=2)
+    sim = WidthSim(tuner, clock, ONE_THREAD_WINS)
+    while tuner.snapshot().exploring == 0:
+        sim.run(0.001)
+    snapshot = tuner.snapshot()  # widths are tried first: the sizes' turn comes next
+    assert (snapshot.exploring, snapshot.exploring_width, snapshot.width) == (8, 1, 2)
+    assert tuner.width_now() == 1 and tuner.limit() == 8
+
+
+def test_widths_are_off_without_two_of_them_and_checked() -> None:
+    tuner, clock, _ = make(4)
+    Sim(tuner, clock, PEAKED).run(30.0)
+    assert tuner.width_now() == 0 and tuner.snapshot().width == 0
+    assert all(e.width == 0 for e in tuner.snapshot().estimates)
+    assert OnlineTuner(4, 8, widths=(2,)).widths == ()
+    with pytest.raises(ValueError, match="not one of"):
+        OnlineTuner(4, 8, widths=(1, 2), width=4)
+    with pytest.raises(ValueError, match="widths must be >= 1"):
+        OnlineTuner(4, 8, widths=(0, 2))
+
+
+def test_a_trial_measured_while_the_load_changed_moves_nothing() -> None:
+    """A/B/A: the cap is measured again after each trial. A trial that ran as the load ended (its batches alone on
+    the cores, twice as fast) is not taken when the cap's second look finds no full batches ..."""
+    tuner, clock, changes = make_wide(16, width=1)
+    sim = WidthSim(tuner, clock, ONE_THREAD_WINS)
+    while tuner.snapshot().exploring_width != 2:
+        sim.run(0.001)
+    sim.width_rates = {key: rate * 2 for key, rate in ONE_THREAD_WINS.items()}  # the preprocessing stopped
+    while tuner.snapshot().exploring_width == 2:
+        sim.run(0.001)
+    sim.run(10.0, waiting=3)  # ... and the load with it
+    assert changes == [] and tuner.width == 1
+    # ... nor when the same speed-up lasts into the second look: the trial is compared with the better look
+    sim.width_rates = dict(ONE_THREAD_WINS)
+    sim.run(120.0)
+    assert changes == [] and tuner.width == 1 and tuner.cap == 16
+    while tuner.snapshot().exploring_width != 2:
+        sim.run(0.001)
+    sim.width_rates = {key: rate * (2 if key[1] == 1 else 1.9) for key, rate in ONE_THREAD_WINS.items()}
+    sim.run(5.0)
+    assert tuner.width == 1, [c.describe() for c in changes]
+
+
+def test_a_cap_the_load_cannot_fill_is_measured_by_its_back_to_back_batches() -> None:
+    """32 clients under a cap of 32 make batches of about 16, one right after the other: under load, though
+    never full. The cap is measured by what its batches deliver, a smaller cap that fills is tried, and so is the
+    other width; a cap of 32 at the same speed as 16 gives way to 16 (it answers no sooner, it only waits more)."""
+    tuner, clock, changes = make_wide(32, width=2, ceiling=32)
+    sim = WidthSim(tuner, clock, ONE_THREAD_WINS)
+    sim.run(120.0, waiting=16, idle_s=0.0)
+    assert (tuner.cap, tuner.width) == (16, 1), [c.describe() for c in changes]
+    assert max(sim.sizes) == 16 and sim.sizes[-20:] == [16] * 20
+    # the same batches after an idle gap each (light load): nothing is tried
+    tuner, clock, changes = make_wide(32, width=2, ceiling=32)
+    WidthSim(tuner, clock, ONE_THREAD_WINS).run(120.0, waiting=16, idle_s=0.005)
+    assert tuner.trials == 0 and changes == []

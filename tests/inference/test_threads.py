@@ -9,14 +9,16 @@ import asyncio
 import concurrent.futures
 from collections.abc import Iterator
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
 import pytest
 import torch
 from torch import nn
 
+from server.batching.online import OnlineTuner
 from server.core.manifest import parse_manifest
-from server.inference import threads
+from server.inference import cap_tuning, threads
 from server.inference.runtime import InferenceThread, LoadedVersion, choose_version_threads
 from server.inference.threads import Pass, choose_threads, trial, use_threads
 
@@ -167,3 +169,35 @@ def test_threads_other_than_the_inference_threads_run_torch_without_a_team() -> 
         assert version_threads == team
     finally:
         inference.shutdown()
+
+
+# ----- under load the online tuner's width decides (server/batching/online.py, server/inference/cap_tuning.py)
+
+
+def test_batches_under_load_run_on_the_tuners_width_and_light_ones_on_the_versions_count() -> None:
+    version, module = recording_version()
+    version.torch_threads = 2  # the load-time choice
+    now = [100.0]
+    version.tuner = OnlineTuner(8, 8, widths=cap_tuning.thread_widths(version), width=1, clock=lambda: now[0])
+    image = [torch.zeros(4, 4, 3, dtype=torch.uint8).numpy()]
+    version.predict(image)
+    assert module.seen[-1][1] == 2  # no batch seen yet: not under load
+    version.tuner.observe(8, 8, 0.01, backlog=5)  # a full batch: load keeps batches full
+    version.predict(image)
+    assert module.seen[-1][1] == 1
+    now[0] += 1.0
+    version.tuner.observe(3, 8, 0.01)  # the load went (a batch of 3 after an idle second): the version's choice
+    version.predict(image)
+    assert module.seen[-1][1] == 2
+    version.predict(image, threads=2)  # an explicit count (the thread measurement) still wins
+    assert module.seen[-1][1] == 2
+
+
+def test_only_the_cpus_torch_runtime_with_a_team_tunes_its_threads(monkeypatch: pytest.MonkeyPatch) -> None:
+    version, _ = recording_version()
+    assert cap_tuning.thread_widths(version) == (1, 2)
+    version.runtime = SimpleNamespace(name="onnxruntime")  # type: ignore[assignment]
+    assert cap_tuning.thread_widths(version) == ()  # its session has threads of its own
+    version, _ = recording_version()
+    monkeypatch.setattr(threads, "_process_threads", 1)
+    assert cap_tuning.thread_widths(version) == ()

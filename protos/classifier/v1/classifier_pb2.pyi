@@ -128,7 +128,7 @@ class GetModelRequest(_message.Message):
     def __init__(self, model: _Optional[str] = ...) -> None: ...
 
 class ModelInfo(_message.Message):
-    __slots__ = ("name", "versions", "num_labels", "input", "device", "max_batch_size", "is_default", "architecture", "default_top_k", "max_delay_ms", "serving_version", "activation", "precision", "precision_note", "channels_last", "languages", "tiling", "runtime", "runtime_reason", "runtime_speeds", "rollout", "loaded_bytes", "batch_curve", "autotuned", "latency_target_ms", "batch_cap_online", "serving_batch_curve", "batch_cap_changes", "batch_cap_last_change")
+    __slots__ = ("name", "versions", "num_labels", "input", "device", "max_batch_size", "is_default", "architecture", "default_top_k", "max_delay_ms", "serving_version", "activation", "precision", "precision_note", "channels_last", "languages", "tiling", "runtime", "runtime_reason", "runtime_speeds", "rollout", "loaded_bytes", "batch_curve", "autotuned", "latency_target_ms", "batch_cap_online", "serving_batch_curve", "batch_cap_changes", "batch_cap_last_change", "batch_threads")
     NAME_FIELD_NUMBER: _ClassVar[int]
     VERSIONS_FIELD_NUMBER: _ClassVar[int]
     NUM_LABELS_FIELD_NUMBER: _ClassVar[int]
@@ -158,6 +158,7 @@ class ModelInfo(_message.Message):
     SERVING_BATCH_CURVE_FIELD_NUMBER: _ClassVar[int]
     BATCH_CAP_CHANGES_FIELD_NUMBER: _ClassVar[int]
     BATCH_CAP_LAST_CHANGE_FIELD_NUMBER: _ClassVar[int]
+    BATCH_THREADS_FIELD_NUMBER: _ClassVar[int]
     name: str
     versions: _containers.RepeatedCompositeFieldContainer[VersionInfo]
     num_labels: int
@@ -187,7 +188,8 @@ class ModelInfo(_message.Message):
     serving_batch_curve: _containers.RepeatedCompositeFieldContainer[BatchPoint]
     batch_cap_changes: int
     batch_cap_last_change: str
-    def __init__(self, name: _Optional[str] = ..., versions: _Optional[_Iterable[_Union[VersionInfo, _Mapping]]] = ..., num_labels: _Optional[int] = ..., input: _Optional[_Union[InputSpec, _Mapping]] = ..., device: _Optional[str] = ..., max_batch_size: _Optional[int] = ..., is_default: _Optional[bool] = ..., architecture: _Optional[str] = ..., default_top_k: _Optional[int] = ..., max_delay_ms: _Optional[float] = ..., serving_version: _Optional[int] = ..., activation: _Optional[str] = ..., precision: _Optional[str] = ..., precision_note: _Optional[str] = ..., channels_last: _Optional[bool] = ..., languages: _Optional[_Iterable[str]] = ..., tiling: _Optional[_Union[Tiling, _Mapping]] = ..., runtime: _Optional[str] = ..., runtime_reason: _Optional[str] = ..., runtime_speeds: _Optional[_Iterable[_Union[RuntimeSpeed, _Mapping]]] = ..., rollout: _Optional[_Union[Rollout, _Mapping]] = ..., loaded_bytes: _Optional[int] = ..., batch_curve: _Optional[_Iterable[_Union[BatchPoint, _Mapping]]] = ..., autotuned: _Optional[bool] = ..., latency_target_ms: _Optional[float] = ..., batch_cap_online: _Optional[bool] = ..., serving_batch_curve: _Optional[_Iterable[_Union[BatchPoint, _Mapping]]] = ..., batch_cap_changes: _Optional[int] = ..., batch_cap_last_change: _Optional[str] = ...) -> None: ...
+    batch_threads: int
+    def __init__(self, name: _Optional[str] = ..., versions: _Optional[_Iterable[_Union[VersionInfo, _Mapping]]] = ..., num_labels: _Optional[int] = ..., input: _Optional[_Union[InputSpec, _Mapping]] = ..., device: _Optional[str] = ..., max_batch_size: _Optional[int] = ..., is_default: _Optional[bool] = ..., architecture: _Optional[str] = ..., default_top_k: _Optional[int] = ..., max_delay_ms: _Optional[float] = ..., serving_version: _Optional[int] = ..., activation: _Optional[str] = ..., precision: _Optional[str] = ..., precision_note: _Optional[str] = ..., channels_last: _Optional[bool] = ..., languages: _Optional[_Iterable[str]] = ..., tiling: _Optional[_Union[Tiling, _Mapping]] = ..., runtime: _Optional[str] = ..., runtime_reason: _Optional[str] = ..., runtime_speeds: _Optional[_Iterable[_Union[RuntimeSpeed, _Mapping]]] = ..., rollout: _Optional[_Union[Rollout, _Mapping]] = ..., loaded_bytes: _Optional[int] = ..., batch_curve: _Optional[_Iterable[_Union[BatchPoint, _Mapping]]] = ..., autotuned: _Optional[bool] = ..., latency_target_ms: _Optional[float] = ..., batch_cap_online: _Optional[bool] = ..., serving_batch_curve: _Optional[_Iterable[_Union[BatchPoint, _Mapping]]] = ..., batch_cap_changes: _Optional[int] = ..., batch_cap_last_change: _Optional[str] = ..., batch_threads: _Optional[int] = ...) -> None: ...
 
 class Rollout(_message.Message):
     __slots__ = ("candidate_version", "mode", "decision", "compared", "min_requests", "agreement", "min_agreement", "topk_overlap", "mean_abs_diff", "errors", "error_rate", "compute_ratio", "labels_differ")
@@ -230,14 +232,16 @@ class RuntimeSpeed(_message.Message):
     def __init__(self, runtime: _Optional[str] = ..., batch_size: _Optional[int] = ..., images_per_second: _Optional[float] = ...) -> None: ...
 
 class BatchPoint(_message.Message):
-    __slots__ = ("batch_size", "images_per_second", "batch_ms")
+    __slots__ = ("batch_size", "images_per_second", "batch_ms", "torch_threads")
     BATCH_SIZE_FIELD_NUMBER: _ClassVar[int]
     IMAGES_PER_SECOND_FIELD_NUMBER: _ClassVar[int]
     BATCH_MS_FIELD_NUMBER: _ClassVar[int]
+    TORCH_THREADS_FIELD_NUMBER: _ClassVar[int]
     batch_size: int
     images_per_second: float
     batch_ms: float
-    def __init__(self, batch_size: _Optional[int] = ..., images_per_second: _Optional[float] = ..., batch_ms: _Optional[float] = ...) -> None: ...
+    torch_threads: int
+    def __init__(self, batch_size: _Optional[int] = ..., images_per_second: _Optional[float] = ..., batch_ms: _Optional[float] = ..., torch_threads: _Optional[int] = ...) -> None: ...
 
 class Tiling(_message.Message):
     __slots__ = ("tile_height", "tile_width", "stride_y", "stride_x", "reduce", "max_tiles")

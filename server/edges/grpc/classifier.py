@@ -133,12 +133,14 @@ def _predictions(predictions: list[Prediction]) -> list[pb.Prediction]:
 
 
 def _tuning_info(info: pb.ModelInfo, tuning: TuningSnapshot) -> None:
-    """The online cap tuner's state (ModelInfo fields 53-56, docs/batching.md)."""
+    """The online cap tuner's state (ModelInfo fields 53-57, docs/batching.md)."""
     info.batch_cap_online = True
     info.serving_batch_curve.extend(pb.BatchPoint(batch_size=e.batch_size, images_per_second=e.images_per_second,
-                                                  batch_ms=e.batch_s * 1000.0) for e in tuning.estimates)
+                                                  batch_ms=e.batch_s * 1000.0, torch_threads=e.width)
+                                    for e in tuning.estimates)
     info.batch_cap_changes = tuning.changes
     info.batch_cap_last_change = tuning.last_change
+    info.batch_threads = tuning.width
 
 
 def model_info(record: ModelRecord, device: str) -> pb.ModelInfo:

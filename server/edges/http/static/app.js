@@ -61,10 +61,15 @@ function versionRows(model) {
     el("td", { class: "error" }, v.error || "")));
 }
 
-// The online cap tuner: the cap, the size on trial, each size's estimate while serving, the moves so far.
+// The online cap tuner: the cap (and torch threads, when it chooses them), what is on trial, each setting's
+// estimate while serving, the moves so far.
 function tuningLine(t) {
-  const sizes = t.estimates.map((e) => `${e.batch_size}:${fmt(e.images_per_second, 0)}${e.batch_size === t.cap ? "*" : ""}`);
-  const text = [`batch cap ${t.cap} (tuned while serving)`, t.exploring ? `trying ${t.exploring}` : null,
+  const setting = (size, threads) => (t.threads ? `${size}×${threads}t` : `${size}`);
+  const sizes = t.estimates.map((e) => `${setting(e.batch_size, e.threads)}:${fmt(e.images_per_second, 0)}` +
+    `${e.batch_size === t.cap && (!t.threads || e.threads === t.threads) ? "*" : ""}`);
+  const cap = t.threads ? `batch cap ${t.cap} on ${t.threads} torch thread(s)` : `batch cap ${t.cap}`;
+  const trying = t.exploring ? `trying ${setting(t.exploring, t.exploring_threads)}` : null;
+  const text = [`${cap} (tuned while serving)`, trying,
     sizes.length ? `images/s ${sizes.join(" ")}` : null, `${t.changes} moves, ${t.trials} trials`]
     .filter(Boolean).join(" · ");
   return el("div", { class: "muted", "data-metric": "batch-tuning", title: t.last_change || "" }, text);
