@@ -197,8 +197,9 @@ class OnlineTuner:
         """The intra-op threads the next batch runs on: the one on trial, else the width after a batch under load; 0
         (the version's own count) after one that was not, and when widths are not tuned. Read by the
         forward pass (on the inference thread) of the batch that :meth:`limit` sized."""
-        if self._trial is not None:
-            return self._trial.width
+        trial = self._trial  # read once: the event loop may end the trial meanwhile
+        if trial is not None:
+            return trial.width
         return self.width if self._last_loaded else 0
 
     @property
@@ -217,6 +218,8 @@ class OnlineTuner:
         usable = math.isfinite(compute_s) and compute_s > 0 and batch_size > 0 and not self._skip_next
         self._skip_next = False  # the first batch at a new size pays for its allocations
         per_image = compute_s / batch_size if usable else 0.0
+        if (self._trial or self._confirming) and now - self._trial_started > self.settings.keep_s:
+            self._end_trial(now, 0.0)  # load stopped mid-trial and came back later: its first figures are stale
         trial = self._trial
         if trial is not None:
             if limit == trial.size and not loaded:

@@ -222,9 +222,13 @@ class LoadedVersion:
             return torch.softmax(logits.float(), dim=1).cpu().numpy()
 
     def _tuned_threads(self) -> int:
-        """The thread count the online tuner gives this batch (its width, or the one on trial); 0 when none."""
-        tuner = self.tuner
-        return tuner.width_now() if tuner is not None else 0
+        """The thread count the online tuner gives this batch (its width, or the one on trial); 0 when none, and
+        once the version runs on another runtime (a switch to ONNX Runtime keeps the old tuner until its curve is
+        re-measured)."""
+        tuner, runtime = self.tuner, self.runtime
+        if tuner is None or (runtime is not None and runtime.name != "torch"):
+            return 0
+        return tuner.width_now()
 
     def warm_up(self, images: Sequence[Pixels] = ()) -> None:
         """Run one batch of ``max_batch_size`` inputs: ``images`` (the version's ``warmup/`` images, repeated to fill

@@ -40,14 +40,17 @@ class TuningCollector(Collector):
     def collect(self) -> Iterator[CounterMetricFamily | GaugeMetricFamily]:
         cap = GaugeMetricFamily("classifyd_batch_cap", "The batch cap the online tuner keeps (max_batch_size)",
                                 labels=["model"])
-        exploring = GaugeMetricFamily("classifyd_batch_cap_exploring", "The batch size on trial now (0: none)",
+        exploring = GaugeMetricFamily("classifyd_batch_cap_exploring", "The batch size on trial now (0: none; the cap "
+                                      "itself during a trial of the other thread count)",
                                       labels=["model"])
-        changes = CounterMetricFamily("classifyd_batch_cap_changes", "Times the online tuner moved the cap",
+        changes = CounterMetricFamily("classifyd_batch_cap_changes", "Times the online tuner moved the cap or the "
+                                      "torch threads",
                                       labels=["model"])
-        trials = CounterMetricFamily("classifyd_batch_cap_trials", "Neighbouring batch sizes the online tuner "
-                                     "tried", labels=["model"])
-        estimate = GaugeMetricFamily("classifyd_batch_estimate_seconds", "Estimated compute time of one batch, "
-                                     "from recent full batches of that size", labels=["model", "batch_size"])
+        trials = CounterMetricFamily("classifyd_batch_cap_trials", "Neighbouring batch sizes (or the other thread "
+                                     "count) the online tuner tried", labels=["model"])
+        estimate = GaugeMetricFamily("classifyd_batch_estimate_seconds", "Estimated compute time of one batch "
+                                     "under that cap, from its recent batches under load",
+                                     labels=["model", "batch_size"])
         threads = GaugeMetricFamily("classifyd_batch_threads", "The torch threads per batch the online tuner "
                                     "keeps (0: not tuned: GPU, ONNX Runtime, one core)", labels=["model"])
         for model, figures in sorted(self._source().items()):

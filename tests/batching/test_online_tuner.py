@@ -315,3 +315,29 @@ def test_a_cap_the_load_cannot_fill_is_measured_by_its_back_to_back_batches() ->
     tuner, clock, changes = make_wide(32, width=2, ceiling=32)
     WidthSim(tuner, clock, ONE_THREAD_WINS).run(120.0, waiting=16, idle_s=0.005)
     assert tuner.trials == 0 and changes == []
+
+
+def test_a_batch_after_light_load_is_not_counted_for_the_width_it_did_not_run_on() -> None:
+    """After a batch not under load the next runs on the version's own count (width_now() is 0), so its time must
+    not be recorded for the tuner's width."""
+    tuner, clock, _ = make_wide(8, width=1)
+    clock[0] += 1.0
+    tuner.observe(3, 8, 0.01)  # light: the next batch runs on the version's own count
+    assert tuner.width_now() == 0
+    clock[0] += 0.5
+    tuner.observe(8, 8, 0.5, backlog=4)  # full, but it ran on the other count: not a sample of width 1
+    assert tuner.snapshot().estimates == ()
+    assert tuner.width_now() == 1
+    clock[0] += 0.04
+    tuner.observe(8, 8, 0.04, backlog=4)
+    assert [(e.batch_size, e.width, e.samples) for e in tuner.snapshot().estimates] == [(8, 1, 1)]
+
+
+def test_a_trial_older_than_the_samples_it_compares_is_dropped() -> None:
+    tuner, clock, changes = make_wide(8, width=2)
+    sim = WidthSim(tuner, clock, ONE_THREAD_WINS)
+    while tuner.snapshot().exploring == 0:
+        sim.run(0.001)
+    clock[0] += 61.0  # the load stopped mid-trial; a minute later it is back with full batches
+    sim.run(0.001)
+    assert tuner.snapshot().exploring == 0 and changes == []

@@ -84,9 +84,10 @@ def test_cap_moves_under_load_and_is_visible(tmp_path: Path) -> None:
     assert next(m for m in status["models"] if m["name"] == "pinned")["batch_tuning"] is None
     assert f'classifyd_batch_cap{{model="paced"}} {float(loaded.max_batch_size)}' in metrics
     # the torch threads under load: tuned beside the cap on a CPU with a team, else 0; the same on every surface
-    assert info.batch_threads == tuning["threads"] == (loaded.tuner.width if loaded.tuner else -1)
+    assert loaded.tuner is not None
+    assert info.batch_threads == tuning["threads"] == loaded.tuner.width
     assert info.batch_threads in (loaded.tuner.widths or (0,))
     assert f'classifyd_batch_threads{{model="paced"}} {float(info.batch_threads)}' in metrics
-    assert {p.torch_threads for p in info.serving_batch_curve} <= {0, *loaded.tuner.widths}
+    assert {p.torch_threads for p in info.serving_batch_curve} <= set(loaded.tuner.widths or (0,))
     assert 'classifyd_batch_cap_changes_total{model="paced"}' in metrics
     assert 'model="pinned"' not in metrics.split("classifyd_batch_cap")[1].split("\n# HELP")[0]

@@ -185,11 +185,15 @@ def test_batches_under_load_run_on_the_tuners_width_and_light_ones_on_the_versio
     version.tuner.observe(8, 8, 0.01, backlog=5)  # a full batch: load keeps batches full
     version.predict(image)
     assert module.seen[-1][1] == 1
+    version.predict(image, threads=2)  # an explicit count (the thread measurement) still wins
+    assert module.seen[-1][1] == 2
+    runtime = version.runtime
+    version.runtime = SimpleNamespace(name="onnxruntime")  # type: ignore[assignment]
+    assert version._tuned_threads() == 0  # switched away from torch: the old tuner's width no longer applies
+    version.runtime = runtime
     now[0] += 1.0
     version.tuner.observe(3, 8, 0.01)  # the load went (a batch of 3 after an idle second): the version's choice
     version.predict(image)
-    assert module.seen[-1][1] == 2
-    version.predict(image, threads=2)  # an explicit count (the thread measurement) still wins
     assert module.seen[-1][1] == 2
 
 
