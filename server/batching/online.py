@@ -141,6 +141,8 @@ class TuningSnapshot:
     """The intra-op threads batches run on outside trials; 0 when widths are not tuned."""
     exploring_width: int = 0
     """The width being tried now; 0 when none (or not tuned)."""
+    cap_online: bool = True
+    """Whether the cap moves; False for a pinned cap whose width alone is tuned."""
 
 
 def quantile(values: Sequence[float], share: float) -> float:
@@ -154,9 +156,10 @@ class OnlineTuner:
 
     def __init__(self, cap: int, ceiling: int, *, clock: Callable[[], float] = time.monotonic,
                  settings: TunerSettings | None = None, on_change: Callable[[CapChange], None] | None = None,
-                 widths: Sequence[int] = (), width: int | None = None) -> None:
-        """Start at ``cap``; sizes stay within the ladder 1, 2, 4, … ``ceiling`` (plus ``cap`` itself).
-        ``widths`` (two or more) are also explored, starting at ``width`` (default: the largest).
+                 widths: Sequence[int] = (), width: int | None = None, explore_sizes: bool = True) -> None:
+        """Start at ``cap``; sizes stay within the ladder 1, 2, 4, … ``ceiling`` (plus ``cap`` itself), or at
+        ``cap`` alone without ``explore_sizes`` (a pinned cap). ``widths`` (two or more) are also explored,
+        starting at ``width`` (default: the largest).
         ``on_change`` is called on every move. Raises ValueError for a cap, ceiling or width below 1, or a
         ``width`` not among ``widths``."""
         if cap < 1 or ceiling < 1 or any(w < 1 for w in widths):
@@ -168,7 +171,7 @@ class OnlineTuner:
         self.settings = settings or TunerSettings()
         self._clock = clock
         self._on_change = on_change
-        self.sizes = sorted({*ladder(max(ceiling, cap)), cap})
+        self.sizes = sorted({*ladder(max(ceiling, cap)), cap}) if explore_sizes else [cap]
         self.cap = cap
         self.changes = 0
         self.trials = 0
@@ -265,7 +268,7 @@ class OnlineTuner:
                                               setting.width))
         trial = self._trial
         return TuningSnapshot(self.cap, trial.size if trial else 0, tuple(estimates), self.changes, self.trials,
-                              self.last_change, self.width, trial.width if trial else 0)
+                              self.last_change, self.width, trial.width if trial else 0, len(self.sizes) > 1)
 
     # ----- internals
 

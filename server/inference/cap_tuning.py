@@ -32,24 +32,31 @@ def tunes_online(version: LoadedVersion) -> bool:
 
 
 def tuner_for(version: LoadedVersion) -> OnlineTuner | None:
-    """``version``'s online tuner, created on first use from its current cap; None when it does not tune."""
-    if not tunes_online(version) or version.batch_curve is None:
+    """``version``'s online tuner, created on first use from its current cap (and threads); None when it tunes
+    neither. A pinned cap gets a tuner of its threads alone."""
+    cap_online = tunes_online(version) and version.batch_curve is not None
+    widths = thread_widths(version)
+    if not cap_online and not widths:
         return None
     if version.tuner is None:
         curve = version.batch_curve
-        ceiling = curve.ceiling or max(point.batch_size for point in curve.points)
-        widths = thread_widths(version)
+        ceiling = (curve.ceiling or max(point.batch_size for point in curve.points)) if cap_online and curve \
+            else version.max_batch_size
         version.tuner = OnlineTuner(version.max_batch_size, ceiling, on_change=functools.partial(_moved, version),
-                                    widths=widths, width=(version.torch_threads or max(widths)) if widths else None)
+                                    widths=widths, width=(version.torch_threads or max(widths)) if widths else None,
+                                    explore_sizes=cap_online)
     return version.tuner
 
 
 def thread_widths(version: LoadedVersion) -> tuple[int, ...]:
     """The torch thread counts the tuner may choose between for ``version``: 1 and the process's count on the
-    CPU's torch runtime (its own threads elsewhere: ONNX Runtime's sessions, CUDA), none with one thread."""
+    CPU's torch runtime (its own threads elsewhere: ONNX Runtime's sessions, CUDA), none with one thread, with a
+    latency target (its policy sizes the batches, not a tuner) or a compiled module (inductor's kernels keep the
+    thread count they were compiled with)."""
     team = process_threads()
     torch_runtime = version.runtime is None or version.runtime.name == "torch"
-    return (1, team) if version.device.type == "cpu" and torch_runtime and team > 1 else ()
+    plain = version.manifest.batching.latency_target_ms is None and version.manifest.compile == "off"
+    return (1, team) if version.device.type == "cpu" and torch_runtime and team > 1 and plain else ()
 
 
 def _moved(version: LoadedVersion, change: CapChange) -> None:
@@ -65,4 +72,4 @@ def figures(version: LoadedVersion) -> TuningFigures | None:
     snapshot = tuner.snapshot()
     return TuningFigures(snapshot.cap, snapshot.exploring, snapshot.changes, snapshot.trials,
                          {e.batch_size: e.batch_s for e in snapshot.estimates if e.width == snapshot.width},
-                         snapshot.width)
+                         snapshot.width, snapshot.cap_online)

@@ -139,8 +139,9 @@ class LoadedVersion:
     batch_curve: BatchCurve | None = None
     """Measured at load time by :mod:`server.models.loader.autotune`; None when not measured."""
     tuner: OnlineTuner | None = None
-    """Moves ``max_batch_size`` while serving (:mod:`server.batching.online`); set by the model's batcher when the
-    cap was autotuned; None when pinned, not measured (yet) or under a latency target."""
+    """Moves ``max_batch_size`` (and the torch threads under load) while serving (:mod:`server.batching.online`); set
+    by the model's batcher (:func:`server.inference.cap_tuning.tuner_for`): for an autotuned cap, or a pinned or
+    not yet measured one whose threads alone are tuned; None under a latency target, and when neither is tuned."""
     runtime: Runtime | None = None
     """What runs the forward pass (server/inference/runtimes.py); None: the module itself (TorchRuntime)."""
     torch_threads: int | None = None

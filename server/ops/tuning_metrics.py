@@ -25,6 +25,8 @@ class TuningFigures:
     """The estimated batch time of every size with recent samples (at the current thread count)."""
     threads: int = 0
     """The torch threads its batches run on, when the tuner chooses them (CPU, torch runtime); else 0."""
+    cap_online: bool = True
+    """False for a pinned cap (only its threads are tuned): no cap, trial or estimate series then."""
 
 
 TuningSource = Callable[[], Mapping[str, TuningFigures]]
@@ -54,11 +56,13 @@ class TuningCollector(Collector):
         threads = GaugeMetricFamily("classifyd_batch_threads", "The torch threads per batch the online tuner "
                                     "keeps (0: not tuned: GPU, ONNX Runtime, one core)", labels=["model"])
         for model, figures in sorted(self._source().items()):
-            cap.add_metric([model], figures.cap)
             threads.add_metric([model], figures.threads)
-            exploring.add_metric([model], figures.exploring)
             changes.add_metric([model], figures.changes)
             trials.add_metric([model], figures.trials)
+            if not figures.cap_online:
+                continue
+            cap.add_metric([model], figures.cap)
+            exploring.add_metric([model], figures.exploring)
             for size, seconds in sorted(figures.batch_seconds.items()):
                 estimate.add_metric([model, str(size)], seconds)
         yield from (cap, exploring, changes, trials, estimate, threads)

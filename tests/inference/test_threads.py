@@ -14,6 +14,7 @@ from typing import Any
 
 import pytest
 import torch
+from prometheus_client import CollectorRegistry, generate_latest
 from torch import nn
 
 from server.batching.online import OnlineTuner
@@ -21,6 +22,7 @@ from server.core.manifest import parse_manifest
 from server.inference import cap_tuning, threads
 from server.inference.runtime import InferenceThread, LoadedVersion, choose_version_threads
 from server.inference.threads import Pass, choose_threads, trial, use_threads
+from server.ops.tuning_metrics import TuningCollector, TuningFigures
 
 
 @pytest.fixture(autouse=True)
@@ -205,3 +207,30 @@ def test_only_the_cpus_torch_runtime_with_a_team_tunes_its_threads(monkeypatch: 
     version, _ = recording_version()
     monkeypatch.setattr(threads, "_process_threads", 1)
     assert cap_tuning.thread_widths(version) == ()
+
+
+def test_a_pinned_cap_gets_a_tuner_of_its_threads_alone() -> None:
+    version, _ = recording_version()  # no batch curve: the cap (8) is not the ladder's choice
+    assert not cap_tuning.tunes_online(version)
+    tuner = cap_tuning.tuner_for(version)
+    assert tuner is not None and tuner.sizes == [8] and tuner.widths == (1, 2)
+    assert not tuner.snapshot().cap_online
+    figures = cap_tuning.figures(version)
+    assert figures is not None and not figures.cap_online and figures.threads == 2
+    targeted, _ = recording_version()
+    targeted.manifest = parse_manifest({"architecture": "classifyd:small_cnn", "input": {"size": 4, "resize": 4},
+                                        "batching": {"latency_target_ms": 50}}, Path("model.toml"), ("a", "b"))
+    assert cap_tuning.tuner_for(targeted) is None  # its policy sizes the batches
+
+
+def test_metrics_of_a_pinned_cap_show_its_threads_and_no_cap_series() -> None:
+    registry = CollectorRegistry()
+    registry.register(TuningCollector(lambda: {
+        "pinned": TuningFigures(64, 0, 1, 2, {64: 0.01}, threads=1, cap_online=False),
+        "tuned": TuningFigures(16, 8, 0, 1, {16: 0.05}, threads=2)}))
+    text = generate_latest(registry).decode()
+    assert 'classifyd_batch_threads{model="pinned"} 1.0' in text
+    assert 'classifyd_batch_threads{model="tuned"} 2.0' in text
+    assert 'classifyd_batch_cap{model="tuned"} 16.0' in text and 'classifyd_batch_cap{model="pinned"}' not in text
+    assert 'classifyd_batch_estimate_seconds{batch_size="64",model="pinned"}' not in text
+    assert 'classifyd_batch_cap_changes_total{model="pinned"} 1.0' in text

@@ -134,7 +134,7 @@ def _predictions(predictions: list[Prediction]) -> list[pb.Prediction]:
 
 def _tuning_info(info: pb.ModelInfo, tuning: TuningSnapshot) -> None:
     """The online cap tuner's state (ModelInfo fields 53-57, docs/batching.md)."""
-    info.batch_cap_online = True
+    info.batch_cap_online = tuning.cap_online
     info.serving_batch_curve.extend(pb.BatchPoint(batch_size=e.batch_size, images_per_second=e.images_per_second,
                                                   batch_ms=e.batch_s * 1000.0, torch_threads=e.width)
                                     for e in tuning.estimates)

@@ -87,7 +87,7 @@ def model_cache_json(stats: CacheStats, name: str) -> dict[str, Any]:
 def tuning_json(tuning: TuningSnapshot) -> dict[str, Any]:
     """The online cap tuner as the page shows it: the cap, the threads, what is on trial, the estimates and the
     moves (``threads`` 0: the tuner does not choose them)."""
-    return {"cap": tuning.cap, "exploring": tuning.exploring, "threads": tuning.width,
+    return {"cap": tuning.cap, "cap_online": tuning.cap_online, "exploring": tuning.exploring, "threads": tuning.width,
             "exploring_threads": tuning.exploring_width, "changes": tuning.changes, "trials": tuning.trials,
             "last_change": tuning.last_change,
             "estimates": [{"batch_size": e.batch_size, "threads": e.width, "batch_ms": round(e.batch_s * 1000, 2),

@@ -69,7 +69,8 @@ function tuningLine(t) {
     `${e.batch_size === t.cap && (!t.threads || e.threads === t.threads) ? "*" : ""}`);
   const cap = t.threads ? `batch cap ${t.cap} on ${t.threads} torch thread(s)` : `batch cap ${t.cap}`;
   const trying = t.exploring ? `trying ${setting(t.exploring, t.exploring_threads)}` : null;
-  const text = [`${cap} (tuned while serving)`, trying,
+  const how = t.cap_online ? "tuned while serving" : "pinned; threads tuned while serving";
+  const text = [`${cap} (${how})`, trying,
     sizes.length ? `images/s ${sizes.join(" ")}` : null, `${t.changes} moves, ${t.trials} trials`]
     .filter(Boolean).join(" · ");
   return el("div", { class: "muted", "data-metric": "batch-tuning", title: t.last_change || "" }, text);
