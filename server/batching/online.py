@@ -229,7 +229,7 @@ class OnlineTuner:
                 self._end_trial(now, 0.0)  # the load dropped: this size cannot be measured now
             elif usable and limit == trial.size:
                 self._record(trial, per_image, now)
-                if len(self._since(trial, self._trial_started)) >= self.settings.window:  # this trial's own
+                if len(self._between(trial, self._trial_started)) >= self.settings.window:  # this trial's own
                     self._confirming, self._trial, self._trial_ended = trial, None, now
                     self._skip_next = True  # back at the cap: the first batch pays for the change again
             return
@@ -238,7 +238,7 @@ class OnlineTuner:
                 self._end_trial(now, 0.0)  # the load changed: the trial's figures cannot be trusted
             elif usable and limit == self.cap and ran_at_width:
                 self._record(self.setting, per_image, now)
-                if len(self._since(self.setting, self._trial_ended)) >= self.settings.window:
+                if len(self._between(self.setting, self._trial_ended)) >= self.settings.window:
                     self._decide(now)
             return
         if loaded and usable and limit == self.cap and ran_at_width:
@@ -281,8 +281,9 @@ class OnlineTuner:
         full = batch_size >= limit and (limit > 1 or backlog > 0)
         return full or (busy and batch_size > 1)
 
-    def _estimate(self, setting: Setting, now: float) -> float | None:
-        fresh = self._fresh(setting, now)
+    def _estimate(self, setting: Setting, now: float, end: float = math.inf) -> float | None:
+        """The estimate from the last ``window`` fresh samples taken before ``end``; None with fewer."""
+        fresh = self._between(setting, now - self.settings.keep_s, end)
         if len(fresh) < self.settings.window:
             return None
         return quantile(fresh[-self.settings.window:], self.settings.quantile)
@@ -290,20 +291,13 @@ class OnlineTuner:
     def _record(self, setting: Setting, seconds: float, now: float) -> None:
         self._samples.setdefault(setting, deque(maxlen=4 * self.settings.window)).append((now, seconds))
 
-    def _since(self, setting: Setting, start: float) -> list[float]:
-        return [seconds for at, seconds in tuple(self._samples.get(setting, ())) if at >= start]
-
-    def _before(self, setting: Setting, end: float, now: float) -> float | None:
-        """The estimate from the samples before ``end`` (the cap's first look); None with fewer than ``window``."""
-        earlier = [seconds for at, seconds in tuple(self._samples.get(setting, ()))
-                   if now - self.settings.keep_s <= at < end]
-        return quantile(earlier[-self.settings.window:], self.settings.quantile) \
-            if len(earlier) >= self.settings.window else None
+    def _between(self, setting: Setting, start: float, end: float = math.inf) -> list[float]:
+        """The samples of ``setting`` taken in ``[start, end)``, oldest first."""
+        # A tuple first: the metrics exporter reads this from its own thread while the loop appends.
+        return [seconds for at, seconds in tuple(self._samples.get(setting, ())) if start <= at < end]
 
     def _fresh(self, setting: Setting, now: float) -> list[float]:
-        horizon = now - self.settings.keep_s
-        # A tuple first: the metrics exporter reads this from its own thread while the loop appends.
-        return [seconds for at, seconds in tuple(self._samples.get(setting, ())) if at >= horizon]
+        return self._between(setting, now - self.settings.keep_s)
 
     def _saturated(self) -> bool:
         return len(self._recent_loaded) == self._recent_loaded.maxlen and sum(self._recent_loaded) >= \
@@ -342,9 +336,9 @@ class OnlineTuner:
         if trial is None:
             self._end_trial(now, 0.0)
             return
-        tried = quantile(self._since(trial, self._trial_started)[:window], self.settings.quantile)
-        after = quantile(self._since(self.setting, self._trial_ended)[:window], self.settings.quantile)
-        before = self._before(self.setting, self._trial_started, now)
+        tried = quantile(self._between(trial, self._trial_started)[:window], self.settings.quantile)
+        after = quantile(self._between(self.setting, self._trial_ended)[:window], self.settings.quantile)
+        before = self._estimate(self.setting, now, end=self._trial_started)  # the cap's first look
         current = after if before is None else min(before, after)
         old_rate, new_rate = 1.0 / current, 1.0 / tried  # images per second: the samples are per image
         gain = new_rate / old_rate - 1.0
