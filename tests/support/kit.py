@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import io
+import shutil
 import threading
 import time
 import tomllib
@@ -107,20 +108,39 @@ def running_daemon(models_dir: Path, **settings: Any) -> Iterator[DaemonThread]:
 def write_model(root: Path, name: str, *, version: int = 1, labels: list[str] | None = None,
                 architecture: str = "classifyd:small_cnn", manifest: dict[str, Any] | None = None,
                 seed: int = 0, module: nn.Module | None = None) -> Path:
-    """Write ``root/name`` with a manifest, labels and random-init safetensors weights. Returns the version dir."""
+    """Write ``root/name`` with a manifest, labels and random-init safetensors weights. Returns the version dir.
+
+    Published as docs/hot-swap.md recommends, so a watching daemon never sees half of it: a new version is written
+    under a hidden name and renamed into place, new weights of an existing version replace the old file in one
+    rename, and the model's shared files are written only when their content changes (a rewrite alone changes
+    their mtime, which reloads every version that uses them)."""
     labels = labels or [f"class{i}" for i in range(4)]
     manifest = {"architecture": architecture, **(manifest or {})}
     model_dir = root / name
-    version_dir = model_dir / str(version)
-    version_dir.mkdir(parents=True, exist_ok=True)
-    (model_dir / "labels.txt").write_text("\n".join(labels) + "\n", encoding="utf-8")
-    (model_dir / "model.toml").write_text(to_toml(manifest), encoding="utf-8")
+    model_dir.mkdir(parents=True, exist_ok=True)
+    _write_if_changed(model_dir / "labels.txt", "\n".join(labels) + "\n")
+    _write_if_changed(model_dir / "model.toml", to_toml(manifest))
     if module is None:
         channels = {"L": 1, "RGB": 3, "RGBA": 4}[manifest.get("input", {}).get("color", "RGB")]
         torch.manual_seed(seed)
         module = build_architecture(architecture, len(labels), channels, dict(manifest.get("model_args", {})))
-    save_file({k: v.contiguous() for k, v in module.state_dict().items()}, str(version_dir / "model.safetensors"))
+    tensors = {k: v.contiguous() for k, v in module.state_dict().items()}
+    version_dir = model_dir / str(version)
+    staging = model_dir / f".staging-{version}"
+    shutil.rmtree(staging, ignore_errors=True)
+    staging.mkdir()
+    save_file(tensors, str(staging / "model.safetensors"))
+    if version_dir.is_dir():
+        (staging / "model.safetensors").replace(version_dir / "model.safetensors")
+        staging.rmdir()
+    else:
+        staging.rename(version_dir)
     return version_dir
+
+
+def _write_if_changed(path: Path, text: str) -> None:
+    if not path.is_file() or path.read_text(encoding="utf-8") != text:
+        path.write_text(text, encoding="utf-8")
 
 
 def to_toml(data: dict[str, Any]) -> str:
