@@ -55,7 +55,7 @@ from server.core.config import (
     ServerConfig,
 )
 from server.core.manifest import RUNTIMES
-from server.ops.host import default_workers
+from server.ops.host import default_workers, keep_freed_memory
 from server.ops.logs import LOG_FORMATS, configure_logging
 
 log = logging.getLogger("classifyd")
@@ -386,6 +386,7 @@ _GROUPS = (
 
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
+    allocator = keep_freed_memory()  # first: before anything allocates what a forward pass will reuse
     if argv[:1] == ["check"]:
         from server.cli.check import main as check_main  # here: check loads torch, the --workers parent must not
 
@@ -396,6 +397,7 @@ def main(argv: list[str] | None = None) -> int:
         return publish_main(argv[1:])
     config = config_from_args(parse_args(argv))
     configure_logging(config.observability.log_level, config.observability.log_format)
+    log.info("%s", allocator)
     try:
         if config.process.workers > 1:
             return run_workers(config)

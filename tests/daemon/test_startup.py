@@ -93,6 +93,7 @@ def test_seven_models_bind_at_once_and_are_ready_within_seconds(daemon: DaemonPr
     assert first[0] == NOT_SERVING, f"the server said SERVING before its models were tried\n{log}"
     assert bound - launched < BIND_WITHIN_S, f"the port answered {bound - launched:.1f} s after launch\n{log}"
     assert ready - launched < READY_WITHIN_S, f"the models were ready {ready - launched:.1f} s after launch\n{log}"
+    assert "memory allocator: freed memory stays in the process" in log  # set before anything was loaded
     for name in MODELS:
         assert re.search(rf"model {name} version 1 loading: ", log), f"no loading line for {name}\n{log}"
         assert re.search(rf"model {name} version 1 ready on cpu .*\d s\)", log), f"no ready line for {name}\n{log}"

@@ -4,12 +4,16 @@ from __future__ import annotations
 
 import os
 import platform
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
 import torch
 
 from server.ops import host
+
+REPO = Path(__file__).resolve().parents[2]
 
 
 @pytest.mark.parametrize(("device", "cores", "workers"), [
@@ -86,3 +90,61 @@ def test_a_cgroup_memory_limit_lowers_the_memory(tmp_path: Path, monkeypatch: py
 def test_freed_memory_can_go_back_to_the_system_on_glibc() -> None:
     assert host._malloc_trim() is not None
     assert isinstance(host.return_freed_memory(), bool)
+
+
+FREE_AND_REFAULT = """
+import resource, sys
+from server.ops.host import keep_freed_memory
+print(keep_freed_memory())
+import numpy as np
+big = np.ones(12 << 20, dtype=np.uint8)  # mmap'd, then freed: glibc's trim threshold moves to 24 MiB
+del big
+def pass_like() -> None:  # a forward pass's activations: blocks on the heap, all freed at the end
+    blocks = [np.ones(4 << 20, dtype=np.uint8) for _ in range(10)]
+    del blocks
+pass_like()
+before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+for _ in range(4):
+    pass_like()
+print((resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before) // 4)
+"""
+
+
+def faults_per_pass(env: dict[str, str]) -> tuple[str, int]:
+    """A fresh process's allocator message and the page faults of each pass after the first."""
+    clean = {k: v for k, v in os.environ.items() if not k.startswith("MALLOC_") and k != "GLIBC_TUNABLES"}
+    done = subprocess.run([sys.executable, "-c", FREE_AND_REFAULT], env={**clean, **env}, cwd=REPO,
+                          capture_output=True, text=True, check=True, timeout=60)
+    message, faults = done.stdout.strip().splitlines()
+    return message, int(faults)
+
+
+@pytest.mark.skipif(platform.libc_ver()[0] != "glibc", reason="mallopt is glibc's")
+def test_memory_a_pass_frees_is_kept_for_the_next_one_instead_of_refaulted() -> None:
+    message, kept = faults_per_pass({})
+    assert "freed memory stays in the process" in message
+    chosen, default = faults_per_pass({"GLIBC_TUNABLES": "glibc.malloc.tcache_count=7"})  # a choice: left alone
+    assert "left as the environment sets it (GLIBC_TUNABLES)" in chosen
+    if default < 1000:
+        pytest.skip(f"this glibc kept the memory by itself ({default} faults a pass): nothing to compare")
+    assert kept < 100 < default
+
+
+@pytest.mark.parametrize(("name", "value"), [("MALLOC_TRIM_THRESHOLD_", "1"), ("MALLOC_MMAP_THRESHOLD_", "1"),
+                                             ("LD_PRELOAD", "/usr/lib/x86_64-linux-gnu/libjemalloc.so.2")])
+def test_an_allocator_the_environment_chose_is_left_alone(monkeypatch: pytest.MonkeyPatch, name: str,
+                                                          value: str) -> None:
+    called: list[tuple[int, int]] = []
+    monkeypatch.setattr(host, "_mallopt", lambda: lambda param, value: called.append((param, value)) or 1)
+    monkeypatch.setenv(name, value)
+    assert "left as the environment sets it" in host.keep_freed_memory()
+    assert called == []
+
+
+def test_without_mallopt_the_allocator_is_left_as_it_is(monkeypatch: pytest.MonkeyPatch) -> None:
+    for name in (*host.ALLOCATOR_ENVIRONMENT, "GLIBC_TUNABLES", "LD_PRELOAD"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setattr(host, "_mallopt", lambda: None)
+    assert host.keep_freed_memory() == "memory allocator left as it is (not glibc)"
+    monkeypatch.setattr(host, "_mallopt", lambda: lambda param, value: 0)
+    assert "glibc refused" in host.keep_freed_memory()

@@ -34,6 +34,7 @@ from server.models.loader import onnx
 from server.models.loader.build import build_for_serving
 from server.models.loader.gate import gate_inputs, warmup_images
 from server.models.loader.weights import WeightsError
+from server.ops.host import keep_freed_memory
 
 SWITCH_RATIO = 1.1
 """ONNX Runtime must be at least this much faster than eager PyTorch (best batch size against best batch size) to
@@ -215,6 +216,7 @@ def _parse(argv: list[str]) -> JobRequest:
 def main(argv: list[str] | None = None) -> int:
     """Run one job and print its result as the last line. Exit 0 with a result (whatever
     runtime it chose), 2 on bad usage, 1 (a traceback on stderr) when classifyd itself failed."""
+    keep_freed_memory()  # as the daemon does: its eager and ONNX Runtime speeds are measured like the daemon's
     request = _parse(sys.argv[1:] if argv is None else argv)  # the daemon started it niced (runtime_choice)
     torch.set_num_threads(request.threads)  # ONNX Runtime's sessions take the same count (onnx.onnx_threads)
     logging.basicConfig(level=logging.WARNING, stream=sys.stderr, format="%(levelname)s %(name)s: %(message)s")
