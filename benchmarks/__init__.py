@@ -2,7 +2,7 @@
 
 Every benchmark process sets glibc's allocator as the daemon does, first thing on import
 (:func:`server.ops.host.keep_freed_memory`): an in-process reference measured without it is a coin toss between
-two speeds of the same forward pass (docs/benchmarks.md, "The allocator")."""
+two speeds of the same forward pass (docs/benchmarks.md, "benchmarks/allocator.py")."""
 
 from server.ops.host import keep_freed_memory
 

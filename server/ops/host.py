@@ -156,9 +156,9 @@ def keep_freed_memory() -> str:
     the kernel once the free top of a heap exceeds a trim threshold that moves with the process's history (twice
     the largest mmap'd block freed so far, up to 64 MiB), so a pass's activations may be refaulted page by page on
     every pass, or not, depending on what the process happened to allocate first. Measured here (docs/benchmarks.md,
-    "The allocator"): mobilenet_v3_small, batch 16, one torch thread, four fresh processes: 200-260 images/s in
-    three, with 31-45% of the thread's time in the kernel (190k-270k page faults a second), and 385-400 in the
-    fourth; with these settings 395-415 in every process and no page faults. The cost: freed memory stays in the
+    "benchmarks/allocator.py"): mobilenet_v3_small, batch 16, one torch thread, four fresh processes: 200-260
+    images/s in three, with 31-45% of the thread's time in the kernel (190k-270k page faults a second), and 385-400
+    in the fourth; with these settings 395-415 in every process and no page faults. The cost: freed memory stays in the
     process, which keeps its peak size (:func:`return_freed_memory` still trims on purpose after a huge decode).
 
     Does nothing when the environment already chose (``MALLOC_*_`` variables, ``GLIBC_TUNABLES``, another
