@@ -132,14 +132,21 @@ def return_freed_memory() -> bool:
     return bool(trim(0)) if trim is not None else False
 
 
-@functools.cache
 def _malloc_trim() -> Callable[[int], int] | None:
+    return cast("Callable[[int], int] | None", _glibc("malloc_trim", ctypes.c_size_t))
+
+
+@functools.cache
+def _glibc(name: str, *argtypes: type) -> Callable[..., int] | None:
+    """glibc's function ``name`` taking ``argtypes`` and returning an int; None where it is missing (not glibc,
+    or not Linux)."""
     try:
-        trim = ctypes.CDLL(None).malloc_trim
-    except (OSError, AttributeError):  # not glibc (or not Linux)
+        function = getattr(ctypes.CDLL(None), name)
+    except (OSError, AttributeError):
         return None
-    trim.argtypes = [ctypes.c_size_t]
-    return cast(Callable[[int], int], trim)
+    function.argtypes = list(argtypes)
+    function.restype = ctypes.c_int
+    return cast(Callable[..., int], function)
 
 
 M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3  # glibc's mallopt parameters (malloc.h)
@@ -178,15 +185,8 @@ def keep_freed_memory() -> str:
             f"{KEPT_MMAP_THRESHOLD // 2**20} MiB, M_TRIM_THRESHOLD {KEPT_TRIM_THRESHOLD // 2**20} MiB)")
 
 
-@functools.cache
 def _mallopt() -> Callable[[int, int], int] | None:
-    try:
-        mallopt = ctypes.CDLL(None).mallopt
-    except (OSError, AttributeError):  # not glibc (or not Linux)
-        return None
-    mallopt.argtypes = [ctypes.c_int, ctypes.c_int]
-    mallopt.restype = ctypes.c_int
-    return cast(Callable[[int, int], int], mallopt)
+    return cast("Callable[[int, int], int] | None", _glibc("mallopt", ctypes.c_int, ctypes.c_int))
 
 
 def apply_torch_threads(threads: int | None, workers: int = 1) -> int:
