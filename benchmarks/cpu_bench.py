@@ -20,6 +20,10 @@ measured after its runtime choice); about 5-7 minutes on 2 cores. A smoke run:
 
     python -m benchmarks.cpu_bench
     python -m benchmarks.cpu_bench --models resnet18 --markdown docs/benchmarks.md
+
+``--switch-under-load SECONDS`` keeps the daemon at the top concurrency from its start, through its runtime switch
+(``auto``) and SECONDS more, into the measured levels, as a production daemon usually switches; by default the daemon
+is measured after a switch made idle.
     python -m benchmarks.cpu_bench --device cuda --payload tensor ...      (see benchmarks/gpu_bench.sh)
 """
 
@@ -31,6 +35,7 @@ import json
 import shlex
 import sys
 import tempfile
+import threading
 import time
 import tomllib
 from collections.abc import Iterator, Sequence
@@ -47,7 +52,7 @@ from classifier.v1 import classifier_pb2_grpc as pb_grpc
 
 from benchmarks.support import DaemonProcess, emit, facts_block, fmt, markdown_table, run_facts, write_torchvision_model
 from client.api import image_request, tensor_request
-from client.bench import BenchOptions, Payloads, parse_size, run_benchmark, synthetic_jpeg
+from client.bench import UNARY_METHOD, BenchOptions, Payloads, parse_size, run_benchmark, synthetic_jpeg
 from server.core.manifest import load_manifest
 from server.core.types import RawTensor
 from server.inference.preprocess import preprocess
@@ -249,18 +254,60 @@ def measure_daemon(models_dir: Path, model: str, max_batch_size: int | None, wor
              str(models_dir.parent / "onnx-cache"), *shlex.split(args.daemon_flags)]
     if max_batch_size is not None:
         flags += ["--max-batch-size", str(max_batch_size)]
+    payloads = workload.payloads(model)
     with DaemonProcess(models_dir, log_path, *flags) as daemon:
+        load = SteadyLoad(daemon.target, model, payloads.requests, max(args.concurrency)) \
+            if args.switch_under_load is not None else None
         runtime = wait_for_runtime(daemon.target, model)
-        _progress(f"  the daemon serves on {runtime}")
+        _progress(f"  the daemon serves on {runtime}" + ("" if load is None else
+                  f" (switched under load at concurrency {load.concurrency}; {args.switch_under_load:g} s more)"))
+        if load is not None:
+            time.sleep(args.switch_under_load)  # the online tuner moves the cap meanwhile
         options = BenchOptions(target=daemon.target, model=model, top_k=1, concurrency=tuple(args.concurrency),
                                warmup_s=args.warmup, duration_s=args.duration, processes=args.client_processes,
                                progress=sys.stderr.isatty())
-        report = run_benchmark(options, workload.payloads(model))
+        if load is not None:
+            load.stop()  # its calls in flight overlap the warm-up: the batches never pause
+        report = run_benchmark(options, payloads)
     for level in report["levels"]:
         level["runtime"] = runtime
         if level["errors"]:
             _progress(f"  WARNING: errors at concurrency {level['concurrency']}: {level['error_examples']}")
     return report["levels"]
+
+
+class SteadyLoad:
+    """Closed-loop Classify calls from ``concurrency`` threads, from construction until :meth:`stop`: the daemon is
+    under load when its runtime switches (``--switch-under-load``), as a production daemon usually is."""
+
+    def __init__(self, target: str, model: str, requests: Sequence[bytes], concurrency: int) -> None:
+        self.concurrency = concurrency
+        self._stopping = threading.Event()
+        self._channel = grpc.insecure_channel(target)
+        call = self._channel.unary_unary(UNARY_METHOD)
+        self._threads = [threading.Thread(target=self._loop, args=(call, requests, i), daemon=True)
+                         for i in range(concurrency)]
+        for thread in self._threads:
+            thread.start()
+
+    def _loop(self, call: Any, requests: Sequence[bytes], start: int) -> None:
+        index = start
+        while not self._stopping.is_set():
+            try:
+                call(requests[index % len(requests)], timeout=60)
+            except grpc.RpcError:
+                time.sleep(0.1)  # refused (still loading, overloaded): keep the pressure, not a busy loop
+            index += 1
+
+    def stop(self) -> None:
+        """Ask every thread to stop after its call in flight; returns at once (the channel closes when they end)."""
+        self._stopping.set()
+        threading.Thread(target=self._close, daemon=True).start()
+
+    def _close(self) -> None:
+        for thread in self._threads:
+            thread.join()
+        self._channel.close()
 
 
 def wait_for_runtime(target: str, model: str, timeout_s: float = 900.0) -> str:
@@ -420,6 +467,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                              "manifest (--manifest runtime=...) says (default: auto, as the daemon)")
     parser.add_argument("--skip-eager", action="store_true",
                         help="do not measure the eager PyTorch in-process reference when another runtime serves")
+    parser.add_argument("--switch-under-load", type=float, metavar="SECONDS",
+                        help="keep the daemon at the top concurrency from its start, through its runtime switch "
+                             "(auto) and SECONDS more, into the measured levels (default: measure a daemon that "
+                             "switched idle)")
     parser.add_argument("--daemon-flags", default="", help="extra flags for python -m server, e.g. '--workers 4'")
     parser.add_argument("--markdown", type=Path, help="append the results section to this Markdown file")
     parser.add_argument("--json", type=Path, help="write every figure as JSON to this file")

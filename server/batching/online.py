@@ -178,6 +178,8 @@ class OnlineTuner:
         self.last_change = ""
         self._samples: dict[Setting, deque[tuple[float, float]]] = {}
         self._recent_loaded: deque[bool] = deque(maxlen=self.settings.saturation)
+        self._load_seen: deque[bool] = deque(maxlen=self.settings.saturation)
+        """The same, but kept across trials (a trial's end clears ``_recent_loaded``): what :meth:`under_load` reads."""
         self._trial: Setting | None = None
         self._confirming: Setting | None = None
         """A trial whose batches are done, waiting for the cap's second estimate (after ``_trial_ended``)."""
@@ -185,6 +187,8 @@ class OnlineTuner:
         self._last_tried_width = False
         self._last_loaded = False
         self._last_end = -math.inf
+        self._last_seen = clock()
+        """When the last batch ended, or the tuner was made: what :meth:`idle_s` counts from."""
         self._trial_started = 0.0
         self._skip_next = False
         self._next_trial_at = -math.inf
@@ -215,9 +219,11 @@ class OnlineTuner:
         ``compute_s``; may start, end or decide a trial. Never blocks, never raises for odd values (ignored)."""
         now = self._clock()
         loaded = self._under_load(batch_size, limit, compute_s, backlog, now)
+        self._last_seen = now
         ran_at_width = self._last_loaded or not self.widths  # width_now() chose this batch's width from the last one
         self._last_loaded = loaded
         self._recent_loaded.append(loaded)
+        self._load_seen.append(loaded)
         usable = math.isfinite(compute_s) and compute_s > 0 and batch_size > 0 and not self._skip_next
         self._skip_next = False  # the first batch at a new size pays for its allocations
         per_image = compute_s / batch_size if usable else 0.0
@@ -247,6 +253,16 @@ class OnlineTuner:
             self._start_trial(now)
 
     # ----- what it knows
+
+    def under_load(self, recent_s: float) -> bool:
+        """Whether the version serves under load now: most of its last batches were (as many as allow a trial),
+        and the last one ended within ``recent_s``."""
+        seen = self._load_seen
+        return len(seen) == seen.maxlen and sum(seen) >= self.settings.full_needed and self.idle_s() < recent_s
+
+    def idle_s(self) -> float:
+        """Seconds since the last batch ended (since the tuner was made, before its first batch)."""
+        return self._clock() - self._last_seen
 
     def estimate(self, size: int, now: float | None = None, width: int | None = None) -> float | None:
         """The estimated batch time under a cap of ``size`` (at ``width``, default the current one): ``size`` times

@@ -206,7 +206,7 @@ class LoadedVersion:
             if self.released:
                 raise RuntimeError(f"model {self.name} version {self.version} was already released")
             if self.device.type == "cpu":
-                use_threads(threads or self._tuned_threads() or self.torch_threads or process_threads())
+                use_threads(threads or self._batch_threads())
             staged = inputs if isinstance(inputs, StagedBatch) else self._stager.stage(inputs, self.max_batch_size)
             stacked, runtime = staged.wait(), self.runtime
             # the runtime that runs the batch decides, here under the lock: a switch between preparing and running
@@ -222,14 +222,21 @@ class LoadedVersion:
                 return torch.sigmoid(logits.float()).cpu().numpy()
             return torch.softmax(logits.float(), dim=1).cpu().numpy()
 
+    def _batch_threads(self) -> int:
+        """The torch threads of a batch on the CPU: the tuner's width, else the version's count, else the process's;
+        one once another runtime runs the graph."""
+        runtime = self.runtime
+        if runtime is not None and runtime.name != "torch":
+            # torch only glues (softmax, a float normalisation): a team would spin after each of those small
+            # operators on the cores JPEG decoding needs. Served mobilenet_v3_small after a switch to ONNX Runtime
+            # at concurrency 32: 422-447 images/s against 364-388 with the team (docs/benchmarks.md).
+            return 1
+        return self._tuned_threads() or self.torch_threads or process_threads()
+
     def _tuned_threads(self) -> int:
-        """The thread count the online tuner gives this batch (its width, or the one on trial); 0 when none, and
-        once the version runs on another runtime (a switch to ONNX Runtime keeps the old tuner until its curve is
-        re-measured)."""
-        tuner, runtime = self.tuner, self.runtime
-        if tuner is None or (runtime is not None and runtime.name != "torch"):
-            return 0
-        return tuner.width_now()
+        """The thread count the online tuner gives this batch (its width, or the one on trial); 0 when none."""
+        tuner = self.tuner
+        return 0 if tuner is None else tuner.width_now()
 
     def warm_up(self, images: Sequence[Pixels] = ()) -> None:
         """Run one batch of ``max_batch_size`` inputs: ``images`` (the version's ``warmup/`` images, repeated to fill

@@ -192,6 +192,18 @@ def test_a_cap_of_one_at_one_request_at_a_time_tries_nothing_but_tries_under_a_b
     assert tuner.trials > 0 and max(sim.sizes) > 1
 
 
+def test_under_load_while_batches_are_mostly_loaded_and_recent_and_idle_since_the_last_one() -> None:
+    tuner, clock, _ = make(8)
+    assert not tuner.under_load(1.0) and tuner.idle_s() == 0.0  # no batch yet: idle since it was made
+    sim = Sim(tuner, clock, PEAKED)
+    sim.run(2.0)
+    assert tuner.under_load(1.0) and tuner.idle_s() == 0.0
+    clock[0] += 1.5  # the batches paused
+    assert not tuner.under_load(1.0) and tuner.idle_s() == pytest.approx(1.5)
+    sim.run(2.0, waiting=1, idle_s=0.05)  # light load: batches keep coming, none under load
+    assert not tuner.under_load(1.0) and tuner.idle_s() == 0.0
+
+
 # ----- widths: the torch threads per batch, tuned under load beside the cap
 
 LIGHT_WIDTH = 2

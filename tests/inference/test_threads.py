@@ -103,6 +103,18 @@ class Recorder(nn.Module):
         return torch.zeros(x.shape[0], 2)
 
 
+class OtherRuntime:
+    """A runtime that is not torch (ONNX Runtime's place) running the recorder: what torch threads its batch got."""
+
+    name = "onnxruntime"
+
+    def __init__(self, module: Recorder) -> None:
+        self.module = module
+
+    def __call__(self, batch: torch.Tensor) -> torch.Tensor:
+        return self.module(batch)
+
+
 def recording_version() -> tuple[LoadedVersion, Recorder]:
     manifest = parse_manifest({"architecture": "classifyd:small_cnn", "input": {"size": 4, "resize": 4}},
                               Path("model.toml"), ("a", "b"))
@@ -189,14 +201,13 @@ def test_batches_under_load_run_on_the_tuners_width_and_light_ones_on_the_versio
     assert module.seen[-1][1] == 1
     version.predict(image, threads=2)  # an explicit count (the thread measurement) still wins
     assert module.seen[-1][1] == 2
-    runtime = version.runtime
-    version.runtime = SimpleNamespace(name="onnxruntime")  # type: ignore[assignment]
-    assert version._tuned_threads() == 0  # switched away from torch: the old tuner's width no longer applies
-    version.runtime = runtime
     now[0] += 1.0
     version.tuner.observe(3, 8, 0.01)  # the load went (a batch of 3 after an idle second): the version's choice
     version.predict(image)
     assert module.seen[-1][1] == 2
+    version.runtime = OtherRuntime(module)  # type: ignore[assignment]
+    version.predict(image)
+    assert module.seen[-1][1] == 1  # switched away from torch: its glue runs on one thread, whatever else says 2
 
 
 def test_only_the_cpus_torch_runtime_with_a_team_tunes_its_threads(monkeypatch: pytest.MonkeyPatch) -> None:

@@ -12,19 +12,22 @@ from typing import Any
 import grpc
 import numpy as np
 import pytest
+import torch
 from classifier.v1 import classifier_pb2 as pb
 from classifier.v1 import classifier_pb2_grpc as pb_grpc
 
 from client import tensor_request
 from server.batching.curve import BatchCurve, BatchPoint, best_rates, choose_knee, ladder
+from server.batching.online import OnlineTuner
 from server.core.config import AutotuneDefaults
 from server.core.manifest import BatchingSpec, ManifestError, parse_manifest
 from server.daemon import manager_settings
 from server.inference.devices import InferenceThreads
 from server.inference.runtime import InferenceThread, LoadedVersion
-from server.models.loader import autotune
+from server.models.loader import autotune, runtime_choice
 from server.models.loader.autotune import TunePlan, curve_from, measure, plan_for
 from server.models.manager import ModelManager
+from tests.inference.test_threads import OtherRuntime
 from tests.support.kit import DaemonThread, PacedModel, local_config, running_daemon, write_model
 
 pytestmark = pytest.mark.timeout(120)
@@ -315,3 +318,80 @@ def test_start_up_serves_with_the_provisional_cap_then_measures_one_model_at_a_t
 
     asyncio.run(main())
     assert sorted(overlaps) == [("a",), ("b",), ("c",)], f"measurements overlapped: {overlaps}"
+
+
+# ----- a curve measured again after a runtime switch (server/models/loader/runtime_choice.py)
+
+
+def paced_version(cap: int = 3) -> LoadedVersion:
+    """A paced model's version on the CPU with a ladder-chosen (autotuned) curve, serving at ``cap``."""
+    manifest = parse_manifest({"architecture": "classifyd:test_paced", "model_args": PACED_ARGS,
+                               "input": TINY_INPUT}, Path("model.toml"), ("a", "b"))
+    version = LoadedVersion(name="paced", version=1, manifest=manifest, module=PacedModel(2, **PACED_ARGS),
+                            device=torch.device("cpu"), max_batch_size=cap, max_delay_ms=0.0)
+    version.batch_curve = BatchCurve((BatchPoint(1, 0.006), BatchPoint(cap, 0.008)), cap, True, ceiling=16)
+    return version
+
+
+def busy(tuner: OnlineTuner, now: list[float], batches: int = 10) -> None:
+    """Full batches with requests queued behind them, 0.1 s apart on ``tuner``'s clock."""
+    for _ in range(batches):
+        now[0] += 0.1
+        tuner.observe(tuner.limit(), tuner.limit(), 0.01, backlog=5)
+
+
+PLAN = TunePlan(cap=3, measure=True, choose_cap=True, ceiling=16, budget_s=3.0)
+
+
+def test_a_measurement_queued_for_a_pause_waits_while_batches_keep_coming() -> None:
+    version = paced_version()
+    now = [100.0]
+    version.tuner = OnlineTuner(3, 16, clock=lambda: now[0])
+
+    async def main() -> None:
+        inference = InferenceThreads()
+        queue = autotune.TuneQueue(inference, poll_s=0.005)
+        try:
+            queue.schedule(version, PLAN, after_pause_s=1.0)
+            for _ in range(10):
+                busy(version.tuner, now, 1)  # type: ignore[arg-type]
+                await asyncio.sleep(0.01)
+            assert version.batch_curve is not None and len(version.batch_curve.points) == 2, "measured under load"
+            now[0] += 1.0  # a second without a batch
+            await asyncio.wait_for(queue.wait(), 60)
+        finally:
+            inference.shutdown()
+        assert version.max_batch_size == 8 and version.tuner is None  # the knee; a new tuner starts from it
+
+    asyncio.run(main())
+
+
+@pytest.mark.parametrize("loaded", [True, False])
+def test_a_switch_under_load_keeps_the_cap_with_a_fresh_tuner_and_measures_at_the_next_pause(
+        loaded: bool, monkeypatch: pytest.MonkeyPatch) -> None:
+    version = paced_version(cap=4)
+    now = [100.0]
+    old = version.tuner = OnlineTuner(4, 16, clock=lambda: now[0], widths=(1, 2))
+    if loaded:
+        busy(old, now)
+    version.runtime = OtherRuntime(version.module)  # type: ignore[assignment,arg-type]
+    monkeypatch.setattr(runtime_choice, "PAUSE_S", 0.2)
+
+    async def main() -> None:
+        inference = InferenceThreads()
+        queue = autotune.TuneQueue(inference, poll_s=0.005)
+        chooser = runtime_choice.RuntimeChooser(runtime_choice.ChoiceSettings(), inference, queue,
+                                                lambda *_: None, lambda _: None)
+        try:
+            chooser._retune(version)
+            fresh = version.tuner
+            if loaded:
+                assert fresh is not None and fresh is not old and fresh.cap == 4 and fresh.widths == ()
+                await asyncio.sleep(0.05)
+                assert version.max_batch_size == 4, "measured beside live batches"
+            await asyncio.wait_for(queue.wait(), 60)
+        finally:
+            inference.shutdown()
+        assert version.max_batch_size == 8 and version.tuner is None
+
+    asyncio.run(main())

@@ -151,24 +151,35 @@ async def tune(version: LoadedVersion, inference: InferenceThread, plan: TunePla
 
 
 class TuneQueue:
-    """Measurements deferred past readiness (start-up): run one at a time, in the order scheduled, so that two
-    models' curves never disturb each other. Each runs :func:`tune` on the inference thread; until it ends the
-    version serves with its provisional cap (the manifest's, else the server's default)."""
+    """Measurements deferred past readiness (start-up) or past a runtime switch: run one at a time, in the order
+    scheduled, so that two models' curves never disturb each other. Each runs :func:`tune` on the inference thread;
+    until it ends the version serves with its provisional cap (the manifest's, else the server's default)."""
 
-    def __init__(self, inference: InferenceThreads) -> None:
+    def __init__(self, inference: InferenceThreads, *, poll_s: float = 0.25) -> None:
+        """``poll_s``: how often a measurement waiting for a pause in its version's batches looks again."""
         self._inference = inference  # each measurement on its version's device's thread
         self._turn = asyncio.Lock()  # FIFO: waiters acquire in the order they asked
         self._tasks: set[asyncio.Task[None]] = set()
+        self._poll_s = poll_s
 
-    def schedule(self, version: LoadedVersion, plan: TunePlan) -> None:
-        """Queue ``version``'s measurement. Call on the event loop; never blocks, never raises."""
-        log.info("model %s version %d: serving with provisional max_batch_size %d; batch curve queued (budget %g s)",
-                 version.name, version.version, version.max_batch_size, plan.budget_s)
-        task = asyncio.get_running_loop().create_task(self._run(version, plan))
+    def schedule(self, version: LoadedVersion, plan: TunePlan, *, after_pause_s: float = 0.0) -> None:
+        """Queue ``version``'s measurement; with ``after_pause_s``, it waits until the version's batches (as its
+        online tuner saw them) have paused that long. Call on the event loop; never blocks, never raises."""
+        when = f", once its batches pause for {after_pause_s:g} s" if after_pause_s else ""
+        log.info("model %s version %d: serving with provisional max_batch_size %d; batch curve queued (budget %g s)%s",
+                 version.name, version.version, version.max_batch_size, plan.budget_s, when)
+        task = asyncio.get_running_loop().create_task(self._run(version, plan, after_pause_s))
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
 
-    async def _run(self, version: LoadedVersion, plan: TunePlan) -> None:
+    async def _pause(self, version: LoadedVersion, seconds: float) -> None:
+        """Return once ``version`` has run no batch for ``seconds`` (at once without a tuner: nothing to go by)."""
+        while not version.released and (tuner := version.tuner) is not None and tuner.idle_s() < seconds:
+            await asyncio.sleep(self._poll_s)
+
+    async def _run(self, version: LoadedVersion, plan: TunePlan, after_pause_s: float) -> None:
+        if after_pause_s:
+            await self._pause(version, after_pause_s)  # outside the turn: other versions' measurements go first
         async with self._turn:
             if version.released:  # retired before its turn: nothing to measure
                 return
