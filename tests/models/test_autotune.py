@@ -375,7 +375,7 @@ def test_a_switch_under_load_keeps_the_cap_with_a_fresh_tuner_and_measures_at_th
     if loaded:
         busy(old, now)
     version.runtime = OtherRuntime(version.module)  # type: ignore[assignment,arg-type]
-    monkeypatch.setattr(runtime_choice, "PAUSE_S", 0.2)
+    monkeypatch.setattr(runtime_choice, "PAUSE_S", 0.5)
 
     async def main() -> None:
         inference = InferenceThreads()
