@@ -16,7 +16,7 @@ from server.core.manifest import parse_manifest
 from server.inference.runtime import LoadedVersion
 from server.models.loader import onnx
 from server.models.loader.gate import MAX_IMAGES, gate_inputs
-from server.models.loader.runtime_job import JobRequest, run_job
+from server.models.loader.runtime_job import JobRequest, RuntimeSpeed, choose, run_job
 from tests.models.test_onnx import SMALL
 from tests.support.kit import write_model
 
@@ -57,3 +57,15 @@ def test_the_job_reports_any_export_or_measurement_failure_as_its_reason(
     assert (result.runtime, result.reason) == (
         "torch", "the export could not be opened or checked: RuntimeError: [ONNXRuntimeError] : 1 : FAIL : Load "
                  "model failed")
+
+
+def test_speeds_measured_on_a_busy_host_say_so_and_an_idle_measurement_does_not(tmp_path: Path) -> None:
+    version_dir = write_model(tmp_path / "models", "animals", labels=list(LABELS), manifest=SMALL)
+    idle = run_job(JobRequest(version_dir, tmp_path / "cache", measure_s=0.05))
+    assert "busy host" not in idle.reason  # this test's own passes get a CPU (nothing else runs beside them)
+    speeds = [RuntimeSpeed("torch", 1, 13.0), RuntimeSpeed("torch", 8, 20.0),
+              RuntimeSpeed("onnxruntime", 1, 900.0), RuntimeSpeed("onnxruntime", 8, 935.0)]
+    starved = choose(speeds, "model.onnx", "gate passed", cpu_share=0.25)
+    assert starved.runtime == "onnxruntime"  # the choice stands
+    assert "47× eager" in starved.reason and "on a busy host (the passes had a CPU 25% of their time" in starved.reason
+    assert "busy host" not in choose(speeds, "model.onnx", "gate passed", cpu_share=0.9).reason
