@@ -116,6 +116,17 @@ def test_a_flat_curve_settles_without_flapping() -> None:
     assert ups <= 1, moves  # no size is better: it drifts down to low-latency sizes and stays
 
 
+def test_with_symmetric_margins_a_flat_curve_keeps_its_cap_and_a_clearly_faster_smaller_size_still_wins() -> None:
+    """ONNX Runtime's settings (server/inference/cap_tuning.py): a smaller cap must win by the larger's margin."""
+    rng = random.Random(3)
+    tuner, clock, changes = make(8, down_tolerance=-TunerSettings().up_margin)
+    Sim(tuner, clock, dict.fromkeys(PEAKED, 50.0), noise=lambda: rng.uniform(0.97, 1.03)).run(600.0)
+    assert changes == [] and tuner.cap == 8 and tuner.trials > 0
+    tuner, clock, changes = make(8, down_tolerance=-TunerSettings().up_margin)
+    Sim(tuner, clock, PEAKED).run(300.0)  # 4 is 15% faster than 8
+    assert tuner.cap == 4, [c.describe() for c in changes]
+
+
 def test_exploration_costs_at_most_five_percent_of_throughput() -> None:
     tuner, clock, _ = make(4)
     sim = Sim(tuner, clock, PEAKED)

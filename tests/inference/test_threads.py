@@ -17,7 +17,7 @@ import torch
 from prometheus_client import CollectorRegistry, generate_latest
 from torch import nn
 
-from server.batching.online import OnlineTuner
+from server.batching.online import OnlineTuner, TunerSettings
 from server.core.manifest import parse_manifest
 from server.inference import cap_tuning, threads
 from server.inference.runtime import InferenceThread, LoadedVersion, choose_version_threads
@@ -218,6 +218,14 @@ def test_only_the_cpus_torch_runtime_with_a_team_tunes_its_threads(monkeypatch: 
     version, _ = recording_version()
     monkeypatch.setattr(threads, "_process_threads", 1)
     assert cap_tuning.thread_widths(version) == ()
+
+
+def test_a_version_on_another_runtime_moves_its_cap_down_only_for_a_clear_gain() -> None:
+    version, module = recording_version()
+    assert cap_tuning.tuner_settings(version) == TunerSettings()
+    version.runtime = OtherRuntime(module)  # type: ignore[assignment]
+    settings = cap_tuning.tuner_settings(version)
+    assert settings.down_tolerance == -settings.up_margin < 0
 
 
 def test_a_pinned_cap_gets_a_tuner_of_its_threads_alone() -> None:
