@@ -58,7 +58,7 @@ def tuner_settings(version: LoadedVersion) -> TunerSettings:
     compute time per image cannot show what more, smaller batches cost elsewhere (a hand-off and a reply round on
     the event loop per batch, a wake-up of the inference thread): mobilenet_v3_small served at concurrency 32 walked
     8 -> 4 -> 2 on estimates within 1% of each other (502 against 509, 466 against 467 images/s); a pinned cap of
-    2 or less serves ~25% less than 8 there (docs/batching.md)."""
+    1 serves 23% less than 8 there (docs/batching.md)."""
     runtime = version.runtime
     return FLAT_RUNTIME if runtime is not None and runtime.name != "torch" else TunerSettings()
 
