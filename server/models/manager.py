@@ -144,6 +144,7 @@ class ModelManager(RolloutSteps, CatalogueSteps):
         self.runtimes = RuntimeChooser(ChoiceSettings(settings.cache_dir, settings.trust_code, loading.batching),
                                        inference, self._tuning, self._runtime_chosen, fingerprint)
         self._starting = False  # the initial load: readiness first, batch curves measured afterwards
+        self._started = False  # the initial load has ended: an unknown model is unknown, not still loading
         self._pre_decided = {}  # (model, version) → a decision recorded for the files being loaded (rollout.py)
         self._writing = {}  # (model, version) → the candidate's pending record being written (rollout.py)
         self._on_disk = {}  # model → its version numbers on disk at its last reconcile (rollout.py)
@@ -219,6 +220,7 @@ class ModelManager(RolloutSteps, CatalogueSteps):
             await asyncio.gather(*(self._load_at_start(name) for name in names))
         finally:
             self._starting = False
+            self._started = True
 
     async def _load_at_start(self, name: str) -> None:
         try:
@@ -444,15 +446,24 @@ class ModelManager(RolloutSteps, CatalogueSteps):
         return [m for _, m in sorted(self._models.items()) if not m.removed]  # one copy: safe off the loop
 
     def get(self, name: str) -> ModelRecord:
-        """The model called ``name`` ('' = the default model). Raises ModelNotFound."""
+        """The model called ``name`` ('' = the default model). Raises ModelNotFound; ModelUnavailable instead while
+        the repository's first load runs (the default is chosen, and a model is known, once it has been read: a
+        daemon, or a ``--workers`` process that replaces a dead one, accepts requests while it loads)."""
         resolved = name or self.default_model
         if resolved is None:
+            self._refuse_while_starting("no model named in the request")
             raise ModelNotFound("no model named in the request and no default model is configured")
         record = self._models.get(resolved)
         if record is None or record.removed:
+            self._refuse_while_starting(f"model {resolved!r}")
             known = ", ".join(r.name for r in self.models()) or "none"
             raise ModelNotFound(f"unknown model {resolved!r}; known models: {known}")
         return record
+
+    def _refuse_while_starting(self, what: str) -> None:
+        if not self._started:
+            raise ModelUnavailable(f"{what}: the daemon is starting and its model repository is still loading; "
+                                   "retry shortly")
 
     def resolve(self, name: str, version: int = 0) -> LoadedVersion:
         """The loaded version a request should run on. Raises ModelNotFound or ModelUnavailable."""

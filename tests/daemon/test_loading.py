@@ -49,6 +49,11 @@ async def while_loading(daemon: Daemon) -> None:
             await stub.Classify(tensor_request(np.zeros((8, 8), np.uint8), model="gated"), timeout=5)
         assert refused.value.code() == grpc.StatusCode.UNAVAILABLE
         assert "model gated is loading" in (refused.value.details() or "")
+        for unresolved in ("", "not-yet-read"):  # no default chosen yet, no model of that name read yet
+            with pytest.raises(grpc.aio.AioRpcError) as starting:
+                await stub.Classify(tensor_request(np.zeros((8, 8), np.uint8), model=unresolved), timeout=5)
+            assert starting.value.code() == grpc.StatusCode.UNAVAILABLE, starting.value.details()
+            assert "the daemon is starting" in (starting.value.details() or "")
         listed = await stub.ListModels(pb.ListModelsRequest(), timeout=5)
         assert [pb.VersionInfo.State.Name(v.state) for v in listed.models[0].versions] == ["LOADING"]
     base = f"http://127.0.0.1:{daemon.http_port}"
@@ -74,6 +79,10 @@ async def start_while_gated(daemon: Daemon) -> None:
     async with grpc.aio.insecure_channel(f"127.0.0.1:{daemon.port}") as channel:
         assert await health(channel, "") == SERVING
         assert await health(channel, "gated") == SERVING
+        with pytest.raises(grpc.aio.AioRpcError) as unknown:  # once loaded, an unknown model is unknown
+            await pb_grpc.ClassifierStub(channel).Classify(
+                tensor_request(np.zeros((8, 8), np.uint8), model="not-yet-read"), timeout=5)
+        assert unknown.value.code() == grpc.StatusCode.NOT_FOUND
 
 
 def test_ports_answer_while_models_load_and_say_so(models: Path) -> None:
