@@ -172,6 +172,7 @@ def measure(version: LoadedVersion, runtimes: dict[str, Runtime], sizes: tuple[i
     images = list(np.random.default_rng(0).integers(0, 256, (max(sizes), spec.height, spec.width, spec.channels),
                                                     dtype=np.uint8))
     slot = seconds / (ROUNDS * len(sizes) * len(runtimes))
+    share = share if share is not None else CpuShare()
     best: dict[tuple[str, int], float] = {}
     serving = version.runtime
     try:
@@ -180,7 +181,7 @@ def measure(version: LoadedVersion, runtimes: dict[str, Runtime], sizes: tuple[i
                 for name, runtime in runtimes.items():
                     version.runtime = runtime
                     best[name, size] = min(best.get((name, size), float("inf")),
-                                           _fastest_pass(version, images[:size], slot, share or CpuShare()))
+                                           _fastest_pass(version, images[:size], slot, share))
     finally:
         version.runtime = serving
     return [RuntimeSpeed(name, size, size / best[name, size]) for size in sizes for name in runtimes]
