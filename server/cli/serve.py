@@ -10,6 +10,7 @@ from pathlib import Path
 
 from server.core.config import ServerConfig
 from server.ops import tracing
+from server.ops.heap import settle_heap
 
 log = logging.getLogger("classifyd")
 
@@ -28,6 +29,9 @@ async def serve(config: ServerConfig) -> None:
     # The ports answer at once (health NOT_SERVING while loading); the port file says the initial load is done.
     # Batch curves are measured afterwards, in the background, while the models already serve.
     port = await daemon.start(wait_for_curves=False)
+    frozen = await asyncio.to_thread(settle_heap)  # before the port file: a client's first calls find it done
+    log.info("python heap: %d objects of the initial load frozen out of the garbage collector's full passes "
+             "(docs/production.md#the-python-heap)", frozen)
     if config.observability.metrics_port_file and daemon.metrics_port is not None:
         write_port_file(config.observability.metrics_port_file, daemon.metrics_port)
     if config.process.port_file:

@@ -49,6 +49,7 @@ from server.models.source.repository import (
     model_present,
     version_numbers,
 )
+from server.ops.heap import collect_everything, heap_settled
 
 log = logging.getLogger("classifyd.models")
 
@@ -401,6 +402,8 @@ class ModelManager(RolloutSteps, CatalogueSteps):
             await loaded.drained()
             await self._inference.for_version(loaded).run(loaded.release)
         entry.loaded = None
+        if loaded is not None and heap_settled():  # cycles of what was frozen with the version are collected
+            await asyncio.to_thread(collect_everything)
         if record.versions.get(entry.version) is entry:
             del record.versions[entry.version]
         log.info("model %s version %d unloaded (%s)", record.name, entry.version, reason)

@@ -12,7 +12,7 @@ from collections.abc import Callable
 from torch import nn
 
 from server.models.loader.architectures import BUILTIN
-from tests.support.faults import BrokenInit, FussyModel, RaisingModel, SlowModel
+from tests.support.faults import BrokenInit, CyclicModel, FussyModel, RaisingModel, SlowModel
 from tests.support.kit import GatedModel, PacedModel
 from tests.support.probe_model import Probe
 from tests.support.rollout_models import Shade
@@ -24,6 +24,7 @@ TEST_ARCHITECTURES: dict[str, Callable[..., nn.Module]] = {
     "test_fussy": FussyModel,
     "test_raising": RaisingModel,
     "test_broken_init": BrokenInit,
+    "test_cyclic": CyclicModel,
     "test_probe": Probe,
     "test_shade": Shade,
 }

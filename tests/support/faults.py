@@ -121,3 +121,19 @@ class BrokenInit(nn.Module):
         message = "input shape indivisible by patch size (test model)" if raises == "AssertionError" else \
             "raised by a constructor (test model)"
         raise raised(raises, message)
+
+
+class CyclicModel(nn.Module):
+    """A model that refers to itself through a list (as a hook or a cache in user code can): only the garbage
+    collector frees it, never reference counting. ``built`` keeps a weak reference to every instance."""
+
+    built: ClassVar[list[weakref.ref[nn.Module]]] = []
+
+    def __init__(self, num_classes: int, in_channels: int = 1) -> None:
+        super().__init__()
+        self.linear = nn.Linear(in_channels, num_classes)
+        self.itself = [self]
+        CyclicModel.built.append(weakref.ref(self))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.linear(x.mean(dim=(2, 3)))

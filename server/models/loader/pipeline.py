@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
-import gc
 import logging
 import time
 import traceback
@@ -40,6 +39,7 @@ from server.models.loader.build import build_for_serving
 from server.models.loader.gate import gate_inputs, warmup_images
 from server.models.loader.validation import ValidationError, validate_version
 from server.models.loader.weights import WeightsError
+from server.ops.heap import collect_everything
 
 T = TypeVar("T")
 log = logging.getLogger("classifyd.models")
@@ -276,6 +276,6 @@ def _free_memory(device: torch.device, loaded: LoadedVersion | None = None) -> N
     Blocks (gc): run it on the loader thread."""
     if loaded is not None:
         loaded.release()
-    gc.collect()
+    collect_everything()  # a settled heap froze what the failed load built: gc.collect() alone would keep it
     if device.type == "cuda":
         torch.cuda.empty_cache()

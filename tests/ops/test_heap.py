@@ -1,0 +1,93 @@
+"""The daemon process's settled heap (server/ops/heap.py): frozen out of the collector's full passes, and what a
+retired version leaves in cycles still collected."""
+
+from __future__ import annotations
+
+import gc
+import threading
+import weakref
+from collections.abc import Iterator
+from pathlib import Path
+
+import grpc
+import numpy as np
+import pytest
+from classifier.v1 import classifier_pb2 as pb
+from classifier.v1 import classifier_pb2_grpc as pb_grpc
+
+from client import tensor_request
+from server.ops.heap import collect_everything, heap_settled, settle_heap
+from tests.support.faults import CyclicModel
+from tests.support.kit import running_daemon, write_model
+
+SMALL = {"input": {"color": "L", "size": 8, "resize": 8}}
+
+
+@pytest.fixture
+def settled() -> Iterator[None]:
+    """The test process's heap as the daemon process settles its own; CPython's defaults again afterwards."""
+    assert not heap_settled()
+    yield
+    gc.unfreeze()
+
+
+class _Node:
+    def __init__(self) -> None:
+        self.me = self
+
+
+def test_a_settled_heap_keeps_frozen_cycles_from_gc_collect_but_not_from_collect_everything(settled: None) -> None:
+    node = _Node()
+    alive = weakref.ref(node)
+    assert settle_heap() > 0 and heap_settled()
+    del node  # now garbage, but frozen: only a cycle collection that reaches frozen objects frees it
+    gc.collect()
+    assert alive() is not None
+    collect_everything()
+    assert alive() is None
+    assert heap_settled()  # what is left is frozen again
+
+
+def test_without_a_settled_heap_collect_everything_is_a_plain_collection() -> None:
+    node = _Node()
+    alive = weakref.ref(node)
+    del node
+    collect_everything()
+    assert alive() is None and not heap_settled()
+
+
+def test_a_retired_version_whose_module_is_a_cycle_is_freed_from_a_settled_heap(tmp_path: Path,
+                                                                               settled: None) -> None:
+    write_model(tmp_path, "loop", architecture="classifyd:test_cyclic", manifest=SMALL)
+    with running_daemon(tmp_path, settle_s=0.2) as daemon, grpc.insecure_channel(daemon.target) as channel:
+        stub = pb_grpc.ClassifierStub(channel)
+        assert stub.Classify(tensor_request(np.zeros((8, 8), np.uint8), model="loop"), timeout=20).version == 1
+        CyclicModel.built.clear()  # from here: the daemon's own instance of version 1 only
+        gc.collect()
+        served = [ref for ref in _instances() if ref() is not None]
+        settle_heap()  # as `python -m server` does after its initial load
+        events = stub.WatchModels(pb.WatchModelsRequest(model="loop"), timeout=60)
+        unloaded = threading.Event()
+        reader = threading.Thread(target=_wait_unloaded, args=(events, 1, unloaded), daemon=True)
+        reader.start()
+        write_model(tmp_path, "loop", version=2, architecture="classifyd:test_cyclic", manifest=SMALL, seed=1)
+        assert unloaded.wait(30), "version 1 was not unloaded"
+        events.cancel()
+        assert stub.Classify(tensor_request(np.zeros((8, 8), np.uint8), model="loop"), timeout=20).version == 2
+    assert served and all(ref() is None for ref in served)
+
+
+def _instances() -> list[weakref.ref[object]]:
+    """Weak references to every CyclicModel alive now (the daemon built version 1's before ``built`` was
+    cleared)."""
+    return [weakref.ref(o) for o in gc.get_objects() if type(o) is CyclicModel]
+
+
+def _wait_unloaded(events: Iterator[pb.ModelEvent], version: int, done: threading.Event) -> None:
+    try:
+        for event in events:
+            if event.kind == pb.ModelEvent.UNLOADED and event.version == version:
+                done.set()
+                return
+    except grpc.RpcError:
+        pass
