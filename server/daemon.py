@@ -27,6 +27,7 @@ from server.edges.common.oip_repository import OipRepository
 from server.edges.grpc import oip as oip_api
 from server.edges.grpc.classifier import ClassifierServicer, ErrorInterceptor, HealthReporter
 from server.edges.grpc.drain import WATCH_METHODS, DrainGate
+from server.edges.grpc.registration import GenericOnly
 from server.edges.grpc.security import AdminInterceptor, AuthInterceptor, server_credentials
 from server.edges.http.classify import HttpContext
 from server.edges.http.security import http_ssl_context, token_middleware
@@ -166,15 +167,16 @@ class Daemon:
                                       stream_in_flight=limits.max_stream_in_flight,
                                       reload_min_interval_s=self.config.models.reload_min_interval_s,
                                       control=self.control)
-        pb_grpc.add_ClassifierServicer_to_server(servicer, server)
-        health_pb2_grpc.add_HealthServicer_to_server(self.health, server)
+        generic = GenericOnly(server)  # one pending accept for all methods: server/edges/grpc/registration.py
+        pb_grpc.add_ClassifierServicer_to_server(servicer, generic)
+        health_pb2_grpc.add_HealthServicer_to_server(self.health, generic)
         oip_servicer = oip_api.OipServicer(self.service, self.manager, lambda: self.ready, self._request_done,
                                            max_images=limits.max_images_per_request,
                                            stream_in_flight=limits.max_stream_in_flight, repository=self.repository)
-        oip_name = oip_api.add_to_server(oip_servicer, server)
+        oip_name = oip_api.add_to_server(oip_servicer, generic)
         names = (pb.DESCRIPTOR.services_by_name["Classifier"].full_name, oip_name, health.SERVICE_NAME,
                  reflection.SERVICE_NAME)
-        reflection.enable_server_reflection(names, server)
+        reflection.enable_server_reflection(names, server)  # its one method stays registered: it needs the server
         return server
 
     def _interceptors(self) -> list[grpc.aio.ServerInterceptor]:

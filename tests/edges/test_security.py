@@ -137,6 +137,10 @@ def test_token_auth_refuses_missing_and_wrong_tokens_but_health_answers(tmp_path
                         call(client)
                     assert caught.value.code() is grpc.StatusCode.UNAUTHENTICATED
                     assert words in caught.value.details()
+        # a refusal is a handler made for its call: the good token's calls that follow must not get it
+        # (the interceptors reuse their wrappers per method: server/edges/grpc/wrapped.py)
+        with ClassifierClient(daemon.target, token="new-token-5678") as client:
+            assert client.classify_tensor(PIXELS, timeout=20).predictions
         with grpc.insecure_channel(daemon.target) as channel:
             health = health_pb2_grpc.HealthStub(channel)
             status = health.Check(health_pb2.HealthCheckRequest(service="digits"), timeout=10).status

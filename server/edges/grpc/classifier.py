@@ -37,6 +37,7 @@ from server.edges.grpc.common import (
 )
 from server.edges.grpc.drain import answers_of
 from server.edges.grpc.rollout import promote, reject, rollback, rollout_info
+from server.edges.grpc.wrapped import WrappedHandlers
 from server.models.control import ModelControl, check_model_name
 from server.models.manager import ModelManager, ModelRecord
 from server.models.reloads import Reloads
@@ -58,17 +59,23 @@ class ErrorInterceptor(grpc.aio.ServerInterceptor):
     ClassifyStream answers bad requests inside the stream itself.
     """
 
+    def __init__(self) -> None:
+        self._wrapped = WrappedHandlers(_guarded)
+
     async def intercept_service(self, continuation: Callable[[Any], Awaitable[Any]],
                                 handler_call_details: grpc.HandlerCallDetails) -> Any:
         handler = await continuation(handler_call_details)
-        method = handler_call_details.method
-        codec = {"request_deserializer": getattr(handler, "request_deserializer", None),
-                 "response_serializer": getattr(handler, "response_serializer", None)}
-        if handler is not None and handler.unary_unary is not None:
-            return grpc.unary_unary_rpc_method_handler(_guard_unary(handler.unary_unary, method), **codec)
-        if handler is not None and handler.unary_stream is not None:
-            return grpc.unary_stream_rpc_method_handler(_guard_stream(handler.unary_stream, method), **codec)
-        return handler
+        return None if handler is None else self._wrapped.get(handler, handler_call_details.method)
+
+
+def _guarded(handler: grpc.RpcMethodHandler, method: str) -> grpc.RpcMethodHandler:
+    codec = {"request_deserializer": handler.request_deserializer,
+             "response_serializer": handler.response_serializer}
+    if handler.unary_unary is not None:
+        return grpc.unary_unary_rpc_method_handler(_guard_unary(handler.unary_unary, method), **codec)
+    if handler.unary_stream is not None:
+        return grpc.unary_stream_rpc_method_handler(_guard_stream(handler.unary_stream, method), **codec)
+    return handler
 
 
 async def _abort_for(exc: Exception, context: grpc.aio.ServicerContext, method: str) -> None:

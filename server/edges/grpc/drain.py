@@ -25,6 +25,8 @@ from typing import Any
 
 import grpc
 
+from server.edges.grpc.wrapped import WrappedHandlers
+
 REFUSED = "the server is shutting down and accepts no new calls; retry on another replica"
 WATCH_METHODS = frozenset({"/classifier.v1.Classifier/WatchModels", "/grpc.health.v1.Health/Watch"})
 """Streams that only end when the client leaves: they end with UNAVAILABLE as soon as the daemon stops accepting."""
@@ -38,6 +40,7 @@ class DrainGate(grpc.aio.ServerInterceptor):
         self._released = asyncio.Event()
         self._open: dict[asyncio.Task[Any], str] = {}  # the task of each open call → its method
         self._ending: dict[asyncio.Task[Any], str] = {}  # calls end() cancelled → the UNAVAILABLE message
+        self._wrapped = WrappedHandlers(self._wrap)
 
     @property
     def open_calls(self) -> int:
@@ -68,7 +71,9 @@ class DrainGate(grpc.aio.ServerInterceptor):
         handler = await continuation(handler_call_details)
         if handler is None:
             return None
-        method = handler_call_details.method
+        return self._wrapped.get(handler, handler_call_details.method)
+
+    def _wrap(self, handler: grpc.RpcMethodHandler, method: str) -> grpc.RpcMethodHandler:
         codec = {"request_deserializer": handler.request_deserializer,
                  "response_serializer": handler.response_serializer}
         if handler.unary_unary:

@@ -47,6 +47,7 @@ from server.edges.grpc.common import (
     stream_outcome,
 )
 from server.edges.grpc.oip_repository import config_message, index_message, statistics_message
+from server.edges.grpc.registration import GenericOnly
 from server.models.manager import ModelManager
 from server.ops.host import package_version
 from server.service import ClassifierService
@@ -222,7 +223,7 @@ def metadata_message(model: ModelMetadata) -> oip.ModelMetadataResponse:
         outputs=[tensor(name=t.name, datatype=t.datatype, shape=t.shape) for t in model.outputs])
 
 
-def add_to_server(servicer: OipServicer, server: grpc.aio.Server) -> str:
+def add_to_server(servicer: OipServicer, server: grpc.aio.Server | GenericOnly) -> str:
     """Register the servicer; returns the service's full name (for reflection)."""
     oip_grpc.add_GRPCInferenceServiceServicer_to_server(servicer, server)
     return SERVICE_NAME
