@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from benchmarks import abuse, cache_bench, cpu_bench, gil_contention, runtime_bench, swap_bench
+from benchmarks import abuse, cache_bench, cpu_bench, gil_contention, loop_work, runtime_bench, swap_bench
 
 
 @pytest.mark.slow
@@ -115,3 +115,21 @@ def test_gil_contention_times_both_forwards_and_restores_the_process_settings(tm
     assert "| 1 | eager |" in text and "| 1 | torchscript |" in text
     assert sys.getswitchinterval() == before
     assert torch.get_num_threads() == threads
+
+
+@pytest.mark.slow
+def test_loop_work_files_the_loops_callbacks_per_request_and_sees_the_daemons_settled_heap(tmp_path: Path) -> None:
+    markdown = tmp_path / "loop.md"
+    assert loop_work.main(["--start-s", "1", "--warmup-s", "1", "--seconds", "1.5", "--concurrency", "4",
+                           "--max-batch-size", "4", "--markdown", str(markdown)]) == 0
+    text = markdown.read_text(encoding="utf-8")
+    per_request = {row.split(" | ")[0].lstrip("| "): float(row.split(" | ")[1])
+                   for row in text.splitlines() if row.startswith("| task _handle_exceptions until")}
+    assert per_request["task _handle_exceptions until done"] == 1.0  # the requests are counted by this row
+    assert per_request["task _handle_exceptions until the request is read (the first step: grpc, the interceptors)"] \
+        == 1.0
+    # two awaits in classifyd's code per request: preprocessing, then the batch
+    assert 1.5 < per_request["task _handle_exceptions until an await in the handler (classifyd: preprocessing, "
+                             "the batch)"] < 2.5
+    frozen = int(text.split("objects frozen out of the collector: ")[1].split()[0])
+    assert frozen > 10_000  # python -m server settled its heap after the initial load (server/ops/heap.py)
