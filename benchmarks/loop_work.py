@@ -29,7 +29,15 @@ import time
 from pathlib import Path
 from typing import Any
 
-from benchmarks.support import DaemonProcess, emit, facts_block, markdown_table, run_facts, write_torchvision_model
+from benchmarks.support import (
+    DaemonProcess,
+    copy_digits,
+    emit,
+    facts_block,
+    markdown_table,
+    run_facts,
+    write_torchvision_model,
+)
 
 OUT_ENV, GO_ENV, SECONDS_ENV = "LOOP_WORK_OUT", "LOOP_WORK_GO", "LOOP_WORK_SECONDS"
 HANDLER_TASK = "_handle_exceptions"  # grpc.aio's task around each call's handler (one per request)
@@ -145,11 +153,15 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     work = Path(tempfile.mkdtemp(prefix="loop-work-"))
     models = work / "models"
     models.mkdir()
-    write_torchvision_model(models, args.model, seed=0, batching={"max_batch_size": args.max_batch_size},
-                            top={"runtime": args.runtime})
+    if args.model == "digits":  # the default model as shipped (its manifest pins its own cap)
+        copy_digits(models)
+    else:
+        write_torchvision_model(models, args.model, seed=0, batching={"max_batch_size": args.max_batch_size},
+                                top={"runtime": args.runtime})
     out, go = work / "probe.json", work / "go"
     os.environ.update({OUT_ENV: str(out), GO_ENV: str(go), SECONDS_ENV: str(args.seconds)})
-    daemon = DaemonProcess(models, work / "daemon.log", "--device", "cpu", "--no-watch")
+    daemon = DaemonProcess(models, work / "daemon.log", "--device", "cpu", "--no-watch", "--default-runtime",
+                           args.runtime)
     daemon.command[1:3] = ["-c", "from benchmarks.loop_work import serve_with_probe; serve_with_probe()"]
     with daemon:
         time.sleep(args.start_s)
@@ -181,7 +193,8 @@ def report(figures: dict[str, Any], args: argparse.Namespace) -> str:
         pauses[generation].append(seconds * 1000)
     gc_rows = [[str(g), str(len(p)), f"{sum(p):.1f}", f"{max(p):.2f}"] for g, p in sorted(pauses.items())]
     return "\n".join([
-        f"{args.model}, runtime {args.runtime}, max_batch_size {args.max_batch_size}, concurrency "
+        f"{args.model}, runtime {args.runtime}, "
+        f"{'its own batching' if args.model == 'digits' else f'max_batch_size {args.max_batch_size}'}, concurrency "
         f"{args.concurrency}: {requests} requests in {figures['seconds']:g} s (client: "
         f"{figures['throughput']:.1f} images/s); the loop thread's CPU {figures['loop_cpu_s'] * 1e6 / requests:.0f} "
         f"µs per request, its timed callbacks {callbacks_us:.0f} µs; objects frozen out of the collector: "

@@ -49,7 +49,7 @@ from server.models.source.repository import (
     model_present,
     version_numbers,
 )
-from server.ops.heap import collect_everything, heap_settled
+from server.ops.heap import collect_released
 
 log = logging.getLogger("classifyd.models")
 
@@ -400,10 +400,8 @@ class ModelManager(RolloutSteps, CatalogueSteps):
         loaded = entry.loaded
         if loaded is not None:
             await loaded.drained()
-            await self._inference.for_version(loaded).run(loaded.release)
+            await self._release(loaded)
         entry.loaded = None
-        if loaded is not None and heap_settled():  # cycles of what was frozen with the version are collected
-            await asyncio.to_thread(collect_everything)
         if record.versions.get(entry.version) is entry:
             del record.versions[entry.version]
         log.info("model %s version %d unloaded (%s)", record.name, entry.version, reason)
@@ -496,14 +494,17 @@ class ModelManager(RolloutSteps, CatalogueSteps):
         for record in self._models.values():
             for entry in record.versions.values():
                 if entry.loaded:
-                    await self._release(entry.loaded)
+                    await self._release(entry.loaded, collect=False)  # the process is ending: no collection
                     entry.loaded = None
         await asyncio.to_thread(self._loader.close)  # waits for the loader thread's current step
 
-    async def _release(self, loaded: LoadedVersion) -> None:
+    async def _release(self, loaded: LoadedVersion, *, collect: bool = True) -> None:
         """Release ``loaded`` on the inference thread (torch and the CUDA cache block), or here once that
-        thread has stopped."""
+        thread has stopped; then, with ``collect``, what it left in reference cycles on a settled heap
+        (server/ops/heap.py: a worker thread's full collection)."""
         try:
             await self._inference.for_version(loaded).run(loaded.release)
         except RuntimeError:  # the inference thread was shut down first
             loaded.release()
+        if collect:
+            await collect_released()

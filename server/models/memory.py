@@ -37,6 +37,7 @@ from server.inference.devices import InferenceThreads
 from server.inference.placement import files_bytes
 from server.inference.runtime import LoadedVersion
 from server.models.loader.pipeline import Loaded, LoadFailed, VersionLoader
+from server.ops.heap import collect_released
 
 log = logging.getLogger("classifyd.models")
 _PAGE = os.sysconf("SC_PAGE_SIZE") if hasattr(os, "sysconf") else 4096
@@ -175,6 +176,7 @@ class MeasuredLoader:
 
     async def _release(self, version: LoadedVersion) -> None:
         await self._inference.for_version(version).run(version.release)
+        await collect_released()  # on a settled heap: what the refused version left in cycles (ops/heap.py)
 
     def on_stop(self, stop: Callable[[], Awaitable[None]]) -> None:
         """Have :meth:`stop` await ``stop()``: model control's and the memory budget's own tasks."""

@@ -16,7 +16,7 @@ from classifier.v1 import classifier_pb2 as pb
 from classifier.v1 import classifier_pb2_grpc as pb_grpc
 
 from client import tensor_request
-from server.ops.heap import collect_everything, heap_settled, settle_heap
+from server.ops.heap import collect_everything, heap_settled, settle_heap, unsettle_heap
 from tests.support.faults import CyclicModel
 from tests.support.kit import running_daemon, write_model
 
@@ -28,7 +28,7 @@ def settled() -> Iterator[None]:
     """The test process's heap as the daemon process settles its own; CPython's defaults again afterwards."""
     assert not heap_settled()
     yield
-    gc.unfreeze()
+    unsettle_heap()
 
 
 class _Node:

@@ -126,8 +126,9 @@ def test_loop_work_files_the_loops_callbacks_per_request_and_sees_the_daemons_se
     per_request = {row.split(" | ")[0].lstrip("| "): float(row.split(" | ")[1])
                    for row in text.splitlines() if row.startswith("| task _handle_exceptions until")}
     assert per_request["task _handle_exceptions until done"] == 1.0  # the requests are counted by this row
-    assert per_request["task _handle_exceptions until the request is read (the first step: grpc, the interceptors)"] \
-        == 1.0
+    # requests under way at the window's edges count in one row and not the other
+    assert abs(per_request["task _handle_exceptions until the request is read (the first step: grpc, the "
+                           "interceptors)"] - 1.0) <= 0.1
     # two awaits in classifyd's code per request: preprocessing, then the batch
     assert 1.5 < per_request["task _handle_exceptions until an await in the handler (classifyd: preprocessing, "
                              "the batch)"] < 2.5

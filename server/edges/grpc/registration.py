@@ -5,9 +5,10 @@ grpc's "registered methods". grpc.aio's accept loop keeps one pending request-ca
 and, for every call it accepts, waits on all of them at once with ``asyncio.wait`` and re-arms the one that fired
 (``_server_main_loop`` in grpc/_cython/_cygrpc/aio/server.pyx.pxi). With the daemon's methods that is a done
 callback added and removed on the event loop for each of them, for every request, whatever method it calls;
-served through the generic handlers, every method shares one future. Measured with ``benchmarks/loop_work.py``
-(docs/benchmarks.md, "the event loop's work per request"): grpc's accept loop took 33-37 µs of the loop per
-request with the registered methods and 24-27 µs without.
+served through the generic handlers, every method shares one future (reflection's one registered method keeps
+its own: ``enable_server_reflection`` picks its asyncio servicer by the server's type). Measured with
+``benchmarks/loop_work.py`` (docs/benchmarks.md, "the event loop's work per request"): grpc's accept loop took
+33-37 µs of the loop per request with the registered methods and 24-27 µs without.
 """
 
 from __future__ import annotations

@@ -276,6 +276,6 @@ def _free_memory(device: torch.device, loaded: LoadedVersion | None = None) -> N
     Blocks (gc): run it on the loader thread."""
     if loaded is not None:
         loaded.release()
-    collect_everything()  # a settled heap froze what the failed load built: gc.collect() alone would keep it
+    collect_everything()  # an unload meanwhile may have frozen part of what the failed load built (ops/heap.py)
     if device.type == "cuda":
         torch.cuda.empty_cache()
