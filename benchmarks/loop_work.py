@@ -39,7 +39,6 @@ from benchmarks.support import (
     write_torchvision_model,
 )
 
-OUT_ENV, GO_ENV, SECONDS_ENV = "LOOP_WORK_OUT", "LOOP_WORK_GO", "LOOP_WORK_SECONDS"
 HANDLER_TASK = "_handle_exceptions"  # grpc.aio's task around each call's handler (one per request)
 
 
@@ -137,14 +136,14 @@ def _thread_cpu_s(stat: Path) -> float:
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
-def serve_with_probe() -> None:
-    """The daemon subprocess's entry point: the probe, then ``python -m server`` with this process's arguments."""
+def serve_with_probe(go: str, seconds: float, out: str) -> None:
+    """The daemon subprocess's entry point: the probe (measuring ``seconds`` once the file ``go`` exists, its
+    figures written to ``out``), then ``python -m server`` with this process's arguments."""
     import runpy
 
     probe = LoopProbe()
     probe.install()
-    threading.Thread(target=probe.measure, daemon=True, args=(
-        Path(os.environ[GO_ENV]), float(os.environ[SECONDS_ENV]), Path(os.environ[OUT_ENV]))).start()
+    threading.Thread(target=probe.measure, daemon=True, args=(Path(go), seconds, Path(out))).start()
     runpy.run_module("server", run_name="__main__", alter_sys=True)
 
 
@@ -159,10 +158,10 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         write_torchvision_model(models, args.model, seed=0, batching={"max_batch_size": args.max_batch_size},
                                 top={"runtime": args.runtime})
     out, go = work / "probe.json", work / "go"
-    os.environ.update({OUT_ENV: str(out), GO_ENV: str(go), SECONDS_ENV: str(args.seconds)})
     daemon = DaemonProcess(models, work / "daemon.log", "--device", "cpu", "--no-watch", "--default-runtime",
                            args.runtime)
-    daemon.command[1:3] = ["-c", "from benchmarks.loop_work import serve_with_probe; serve_with_probe()"]
+    daemon.command[1:3] = ["-c", "from benchmarks.loop_work import serve_with_probe; "
+                           f"serve_with_probe({str(go)!r}, {args.seconds!r}, {str(out)!r})"]
     with daemon:
         time.sleep(args.start_s)
         bench = subprocess.Popen([sys.executable, "-m", "client", "--target", daemon.target, "bench", "--model",
