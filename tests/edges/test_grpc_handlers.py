@@ -1,12 +1,23 @@
 """The interceptors' wrappers are made once per method and handler (server/edges/grpc/wrapped.py), and the services
-are served through their generic handlers only (server/edges/grpc/registration.py)."""
+are served through their generic handlers only (server/edges/grpc/registration.py), in a running daemon too."""
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import grpc
+import grpc.aio._server
+import pytest
+from classifier.v1 import classifier_pb2 as pb
+from classifier.v1 import classifier_pb2_grpc as pb_grpc
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection, reflection_pb2, reflection_pb2_grpc
+from inference import grpc_service_pb2 as oip
+from inference import grpc_service_pb2_grpc as oip_grpc
 
 from server.edges.grpc.registration import GenericOnly
 from server.edges.grpc.wrapped import WrappedHandlers
+from tests.support.kit import running_daemon, write_model
 
 
 async def _first(request: object, context: object) -> str:
@@ -60,3 +71,29 @@ def test_generic_only_registration_adds_the_generic_handlers_and_drops_the_regis
     proxy.add_generic_rpc_handlers((handler,))
     proxy.add_registered_method_handlers("a.A", {"Call": grpc.unary_unary_rpc_method_handler(_first)})
     assert server.generic == [handler]
+
+
+def test_a_running_daemon_registers_only_reflection_s_method_and_still_serves_every_service(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    registered: list[str] = []
+    original = grpc.aio._server.Server.add_registered_method_handlers
+
+    def spy(self: grpc.aio.Server, service: str, handlers: dict[str, grpc.RpcMethodHandler]) -> None:
+        registered.append(service)
+        original(self, service, handlers)
+
+    monkeypatch.setattr(grpc.aio._server.Server, "add_registered_method_handlers", spy)
+    write_model(tmp_path, "m")
+    with running_daemon(tmp_path) as daemon, grpc.insecure_channel(daemon.target) as channel:
+        models = pb_grpc.ClassifierStub(channel).ListModels(pb.ListModelsRequest(), timeout=30)
+        health = health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(), timeout=30)
+        live = oip_grpc.GRPCInferenceServiceStub(channel).ServerLive(oip.ServerLiveRequest(), timeout=30)
+        listed = next(reflection_pb2_grpc.ServerReflectionStub(channel).ServerReflectionInfo(
+            iter([reflection_pb2.ServerReflectionRequest(list_services="")]), timeout=30))
+    # grpc.aio waits on one future per registered method for every call it accepts: reflection keeps its one
+    assert registered == [reflection.SERVICE_NAME]
+    assert [m.name for m in models.models] == ["m"]
+    assert health.status == health_pb2.HealthCheckResponse.SERVING
+    assert live.live
+    names = {s.name for s in listed.list_services_response.service}
+    assert {"classifier.v1.Classifier", "inference.GRPCInferenceService", "grpc.health.v1.Health"} <= names
