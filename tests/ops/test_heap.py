@@ -1,12 +1,13 @@
 """The daemon process's settled heap (server/ops/heap.py): frozen out of the collector's full passes, and what a
-retired version leaves in cycles still collected."""
+retired version or a rejected rollout candidate leaves in cycles still collected."""
 
 from __future__ import annotations
 
 import gc
 import threading
+import time
 import weakref
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import grpc
@@ -75,6 +76,57 @@ def test_a_retired_version_whose_module_is_a_cycle_is_freed_from_a_settled_heap(
         events.cancel()
         assert stub.Classify(tensor_request(np.zeros((8, 8), np.uint8), model="loop"), timeout=20).version == 2
     assert served and all(ref() is None for ref in served)
+
+
+def test_a_rejected_candidate_whose_module_is_a_cycle_is_freed_from_a_settled_heap(tmp_path: Path,
+                                                                                 settled: None) -> None:
+    # a shadow rollout that no other version agrees with: rejected once it has scored enough requests
+    rollout = {"mode": "shadow", "min_requests": 20, "min_agreement": 0.999, "max_compute_ratio": 1000.0}
+    manifest = {**SMALL, "rollout": rollout}
+    write_model(tmp_path, "loop", architecture="classifyd:test_cyclic", manifest=manifest)
+    inputs = [np.random.default_rng(i).integers(0, 256, (8, 8), dtype=np.uint8) for i in range(20)]
+    with running_daemon(tmp_path, settle_s=0.2) as daemon, grpc.insecure_channel(daemon.target) as channel:
+        stub = pb_grpc.ClassifierStub(channel)
+        assert stub.Classify(tensor_request(inputs[0], model="loop"), timeout=20).version == 1
+        settle_heap()  # as `python -m server` does after its initial load
+        events = stub.WatchModels(pb.WatchModelsRequest(model="loop"), timeout=120)
+        kinds: dict[int, threading.Event] = {pb.ModelEvent.CANDIDATE: threading.Event(),
+                                             pb.ModelEvent.REJECTED: threading.Event()}
+        reader = threading.Thread(target=_wait_events, args=(events, 2, kinds), daemon=True)
+        reader.start()
+        CyclicModel.built.clear()  # from here: the instances the daemon builds for version 2
+        write_model(tmp_path, "loop", version=2, architecture="classifyd:test_cyclic", manifest=manifest, seed=1)
+        assert kinds[pb.ModelEvent.CANDIDATE].wait(30), "version 2 did not become a candidate"
+        candidate = [ref for ref in CyclicModel.built if ref() is not None]
+        for _ in range(50):  # the rollout scores the candidate on these; version 1 answers them
+            if kinds[pb.ModelEvent.REJECTED].is_set():
+                break
+            for array in inputs:
+                assert stub.Classify(tensor_request(array, model="loop"), timeout=20).version == 1
+        assert kinds[pb.ModelEvent.REJECTED].wait(30), "version 2 was not rejected"
+        events.cancel()
+        freed = _wait_until(lambda: all(ref() is None for ref in candidate), 30)
+    assert candidate and freed, "the rejected candidate's cyclic module is still alive"
+
+
+def _wait_until(condition: Callable[[], bool], timeout_s: float) -> bool:
+    """Poll ``condition`` (the release runs on a worker thread after the candidate's requests drain)."""
+    done = threading.Event()
+    deadline = time.monotonic() + timeout_s
+    while not condition():
+        if time.monotonic() > deadline:
+            return False
+        done.wait(0.05)
+    return True
+
+
+def _wait_events(events: Iterator[pb.ModelEvent], version: int, kinds: dict[int, threading.Event]) -> None:
+    try:
+        for event in events:
+            if event.version == version and event.kind in kinds:
+                kinds[event.kind].set()
+    except grpc.RpcError:
+        pass
 
 
 def _instances() -> list[weakref.ref[object]]:
