@@ -88,16 +88,19 @@ def test_a_rejected_candidate_whose_module_is_a_cycle_is_freed_from_a_settled_he
     with running_daemon(tmp_path, settle_s=0.2) as daemon, grpc.insecure_channel(daemon.target) as channel:
         stub = pb_grpc.ClassifierStub(channel)
         assert stub.Classify(tensor_request(inputs[0], model="loop"), timeout=20).version == 1
-        settle_heap()  # as `python -m server` does after its initial load
-        events = stub.WatchModels(pb.WatchModelsRequest(model="loop"), timeout=120)
-        kinds: dict[int, threading.Event] = {pb.ModelEvent.CANDIDATE: threading.Event(),
+        events = stub.WatchModels(pb.WatchModelsRequest(model="loop", include_current=True), timeout=120)
+        kinds: dict[int, threading.Event] = {pb.ModelEvent.READY: threading.Event(),
+                                             pb.ModelEvent.CANDIDATE: threading.Event(),
                                              pb.ModelEvent.REJECTED: threading.Event()}
-        reader = threading.Thread(target=_wait_events, args=(events, 2, kinds), daemon=True)
+        reader = threading.Thread(target=_wait_events, args=(events, kinds), daemon=True)
         reader.start()
-        CyclicModel.built.clear()  # from here: the instances the daemon builds for version 2
+        assert kinds[pb.ModelEvent.READY].wait(30), "the stream did not start"  # it sees every later event
+        CyclicModel.built.clear()  # from here: the instances built for version 2
         write_model(tmp_path, "loop", version=2, architecture="classifyd:test_cyclic", manifest=manifest, seed=1)
         assert kinds[pb.ModelEvent.CANDIDATE].wait(30), "version 2 did not become a candidate"
+        gc.collect()  # write_model's own instance (a cycle too): only the daemon's stays
         candidate = [ref for ref in CyclicModel.built if ref() is not None]
+        settle_heap()  # the candidate frozen with the rest, as another release's collection would leave it
         for _ in range(50):  # the rollout scores the candidate on these; version 1 answers them
             if kinds[pb.ModelEvent.REJECTED].is_set():
                 break
@@ -111,19 +114,20 @@ def test_a_rejected_candidate_whose_module_is_a_cycle_is_freed_from_a_settled_he
 
 def _wait_until(condition: Callable[[], bool], timeout_s: float) -> bool:
     """Poll ``condition`` (the release runs on a worker thread after the candidate's requests drain)."""
-    done = threading.Event()
     deadline = time.monotonic() + timeout_s
     while not condition():
         if time.monotonic() > deadline:
             return False
-        done.wait(0.05)
+        time.sleep(0.05)
     return True
 
 
-def _wait_events(events: Iterator[pb.ModelEvent], version: int, kinds: dict[int, threading.Event]) -> None:
+def _wait_events(events: Iterator[pb.ModelEvent], kinds: dict[int, threading.Event]) -> None:
+    """Set the event of each kind in ``kinds`` as it arrives (READY: version 1's current state; the others:
+    version 2's)."""
     try:
         for event in events:
-            if event.version == version and event.kind in kinds:
+            if event.kind in kinds and event.version == (1 if event.kind == pb.ModelEvent.READY else 2):
                 kinds[event.kind].set()
     except grpc.RpcError:
         pass
