@@ -421,9 +421,14 @@ def _ints(text: str) -> list[int]:
     return values
 
 
+MANIFEST_TABLES = {"": "top", "input": "input_table", "batching": "batching"}
+"""Where a ``--manifest`` key goes, by its table (``input.size``, ``batching.max_batch_size``, or top level)."""
+
+
 def manifest_tables(settings: list[str]) -> dict[str, dict[str, Any]]:
-    """``["precision=\"bf16\"", "input.decode=\"device\""]`` → ``{"top": {...}, "input_table": {...}}``."""
-    tables: dict[str, dict[str, Any]] = {"top": {}, "input_table": {}}
+    """``["precision=\"bf16\"", "input.decode=\"device\"", "batching.max_batch_size=8"]`` → ``{"top": {...},
+    "input_table": {...}, "batching": {...}}``. Raises ValueError for a key of another table."""
+    tables: dict[str, dict[str, Any]] = {name: {} for name in MANIFEST_TABLES.values()}
     for setting in settings:
         key, _, value = setting.partition("=")
         try:
@@ -431,7 +436,10 @@ def manifest_tables(settings: list[str]) -> dict[str, dict[str, Any]]:
         except tomllib.TOMLDecodeError:
             parsed = value  # a bare word: a string
         table, _, name = key.strip().rpartition(".")
-        tables["input_table" if table == "input" else "top"][name] = parsed
+        if table not in MANIFEST_TABLES:
+            raise ValueError(f"--manifest {setting}: [{table}] is not settable here; use a top-level key, "
+                             "input.<key> or batching.<key>")
+        tables[MANIFEST_TABLES[table]][name] = parsed
     return tables
 
 
@@ -461,7 +469,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--client-processes", type=int, default=1, help="bench client processes (default: 1)")
     parser.add_argument("--manifest", action="append", default=[], metavar="KEY=VALUE",
                         help="a manifest setting for the benchmarked model, TOML value, e.g. precision=\"bf16\", "
-                             "channels_last=true, input.decode=\"device\" (repeatable)")
+                             "channels_last=true, input.decode=\"device\", batching.max_batch_size=8 "
+                             "(repeatable)")
     parser.add_argument("--runtime", choices=("auto", "torch", "onnxruntime"), default="auto",
                         help="the daemon's --default-runtime, and what the in-process limit runs on unless the "
                              "manifest (--manifest runtime=...) says (default: auto, as the daemon)")
@@ -477,6 +486,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--title", default="", help="heading of the Markdown section")
     args = parser.parse_args(argv)
     args.size = args.size or ("224x224" if args.payload == "tensor" else "640x480")
+    try:
+        manifest_tables(args.manifest)
+    except ValueError as exc:
+        parser.error(str(exc))
     return args
 
 

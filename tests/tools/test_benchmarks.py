@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 
 from benchmarks import abuse, cache_bench, cpu_bench, gil_contention, loop_work, runtime_bench, swap_bench
+from benchmarks.support import manifest_text
 
 
 @pytest.mark.slow
@@ -76,10 +77,16 @@ def test_runtime_bench_quick_measures_every_runtime_against_eager(
 
 def test_manifest_settings_from_the_command_line_parse_as_toml_values() -> None:
     assert cpu_bench.manifest_tables(['precision="bf16"', "channels_last=true", "input.decode=device",
-                                      "input.size=[56, 56]"]) == {
+                                      "input.size=[56, 56]", "batching.max_batch_size=8"]) == {
         "top": {"precision": "bf16", "channels_last": True},
         "input_table": {"decode": "device", "size": [56, 56]},
+        "batching": {"max_batch_size": 8},
     }
+    # a key of a table the benchmark cannot write is refused, not written as a top-level key of the same name
+    with pytest.raises(SystemExit):
+        cpu_bench.parse_args(["--manifest", 'rollout.mode="shadow"'])
+    written = manifest_text("torchvision:resnet18", **cpu_bench.manifest_tables(["batching.max_batch_size=8"]))
+    assert "[batching]\nmax_batch_size = 8" in written
 
 
 @pytest.mark.slow
