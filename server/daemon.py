@@ -25,7 +25,8 @@ from server.core.types import RequestReport
 from server.edges.common.auth import AdminRule, TokenChecker, check_tls_files, read_tokens
 from server.edges.common.oip_repository import OipRepository
 from server.edges.grpc import oip as oip_api
-from server.edges.grpc.classifier import ClassifierServicer, ErrorInterceptor, HealthReporter
+from server.edges.grpc.calls import CallInterceptor
+from server.edges.grpc.classifier import ClassifierServicer, HealthReporter
 from server.edges.grpc.drain import WATCH_METHODS, DrainGate
 from server.edges.grpc.registration import GenericOnly
 from server.edges.grpc.security import AdminInterceptor, AuthInterceptor, server_credentials
@@ -180,12 +181,13 @@ class Daemon:
         return server
 
     def _interceptors(self) -> list[grpc.aio.ServerInterceptor]:
-        """The drain gate first (it sees every call), then who may call what, then the error mapping."""
+        """One interceptor: the drain gate around every call, then who may call what (the token first, then model
+        control), with the error mapping (server/edges/grpc/calls.py)."""
         # Operators' tokens are good for every call; clients' ones not for model control.
         auth = [AuthInterceptor(self._tokens + self._admin_tokens)] if self._tokens else []
         admin = AdminInterceptor(self._admin_tokens, self._tokens,
                                  allow_remote=self.config.security.allow_remote_admin)
-        return [self.gate, *auth, admin, ErrorInterceptor()]
+        return [CallInterceptor(self.gate, [*auth, admin])]
 
     async def start(self, *, wait_for_curves: bool = True) -> int:
         """:meth:`listen`, then :meth:`load`; with ``wait_for_curves`` also wait for the batch curves measured

@@ -1,7 +1,7 @@
 """The gRPC edge: protobuf in, domain calls, protobuf out.
 
-Servicer methods only translate; :class:`ErrorInterceptor` maps domain errors
-to precise status codes in one place.
+Servicer methods only translate; the daemon's one interceptor (:mod:`server.edges.grpc.calls`) maps domain
+errors to precise status codes in one place (:func:`server.edges.grpc.common.abort_for`).
 """
 
 from __future__ import annotations
@@ -10,9 +10,8 @@ import asyncio
 import contextlib
 import logging
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator
 from functools import partial
-from typing import Any
 
 import grpc
 from classifier.v1 import classifier_pb2 as pb
@@ -35,9 +34,7 @@ from server.edges.grpc.common import (
     status_for,
     stream_outcome,
 )
-from server.edges.grpc.drain import answers_of
 from server.edges.grpc.rollout import promote, reject, rollback, rollout_info
-from server.edges.grpc.wrapped import WrappedHandlers
 from server.models.control import ModelControl, check_model_name
 from server.models.manager import ModelManager, ModelRecord
 from server.models.reloads import Reloads
@@ -50,63 +47,6 @@ STREAM_SPAN = "classifier.v1.Classifier/ClassifyStream"
 """The names of a request's span (server/ops/tracing.py): the method, as OpenTelemetry names gRPC server spans."""
 
 _DTYPE_NAMES = {pb.Tensor.UINT8: UINT8, pb.Tensor.FLOAT32: FLOAT32}
-
-
-class ErrorInterceptor(grpc.aio.ServerInterceptor):
-    """Turns exceptions escaping handlers into status codes; unexpected ones are logged as INTERNAL.
-
-    Unary and server-streaming handlers are wrapped (a stream fails with the status once its error surfaces);
-    ClassifyStream answers bad requests inside the stream itself.
-    """
-
-    def __init__(self) -> None:
-        self._wrapped = WrappedHandlers(_guarded)
-
-    async def intercept_service(self, continuation: Callable[[Any], Awaitable[Any]],
-                                handler_call_details: grpc.HandlerCallDetails) -> Any:
-        handler = await continuation(handler_call_details)
-        return None if handler is None else self._wrapped.get(handler, handler_call_details.method)
-
-
-def _guarded(handler: grpc.RpcMethodHandler, method: str) -> grpc.RpcMethodHandler:
-    codec = {"request_deserializer": handler.request_deserializer,
-             "response_serializer": handler.response_serializer}
-    if handler.unary_unary is not None:
-        return grpc.unary_unary_rpc_method_handler(_guard_unary(handler.unary_unary, method), **codec)
-    if handler.unary_stream is not None:
-        return grpc.unary_stream_rpc_method_handler(_guard_stream(handler.unary_stream, method), **codec)
-    return handler
-
-
-async def _abort_for(exc: Exception, context: grpc.aio.ServicerContext, method: str) -> None:
-    if isinstance(exc, grpc.aio.AbortError):  # the handler already chose its status
-        raise exc
-    if not isinstance(exc, errors.ClassifydError):
-        log.exception("unexpected error in %s", method)
-    code, message = status_for(exc)
-    await context.abort(code, message)
-
-
-def _guard_unary(inner: Callable[..., Awaitable[Any]], method: str) -> Callable[..., Awaitable[Any]]:
-    async def unary(request: Any, context: grpc.aio.ServicerContext) -> Any:
-        try:
-            return await inner(request, context)
-        except Exception as exc:
-            await _abort_for(exc, context, method)
-            raise  # unreachable: abort raises
-
-    return unary
-
-
-def _guard_stream(inner: Callable[..., AsyncIterator[Any]], method: str) -> Callable[..., AsyncIterator[Any]]:
-    async def stream(request: Any, context: grpc.aio.ServicerContext) -> AsyncIterator[Any]:
-        try:
-            async for response in answers_of(inner(request, context)):  # grpc_health's Watch writes, returns
-                yield response
-        except Exception as exc:  # noqa: BLE001 - every failure becomes a status, never a crash
-            await _abort_for(exc, context, method)
-
-    return stream
 
 
 def call_from_request(request: pb.ClassifyRequest, deadline: float | None, request_id: str = "") -> ClassifyCall:

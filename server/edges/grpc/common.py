@@ -4,6 +4,7 @@ concurrent streams and the serving-process trailer."""
 from __future__ import annotations
 
 import asyncio
+import logging
 import os
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -18,6 +19,7 @@ from server.edges.common.requests import Outcome
 Request = TypeVar("Request")
 Response = TypeVar("Response")
 PID_METADATA = "classifyd-pid"
+log = logging.getLogger("classifyd.grpc")
 
 
 def grpc_code(status: Status) -> grpc.StatusCode:
@@ -29,6 +31,18 @@ def status_for(exc: BaseException) -> tuple[grpc.StatusCode, str]:
     """The gRPC status code and message a request that raised ``exc`` gets (the table is :mod:`server.core.errors`)."""
     status, message = errors.status_for(exc)
     return grpc_code(status), message
+
+
+async def abort_for(exc: Exception, context: grpc.aio.ServicerContext, method: str) -> None:
+    """End the call of ``method`` with the status ``exc`` stands for (an exception classifyd does not know is
+    logged with its traceback and answered INTERNAL); a handler's own abort is raised as it is. Always raises
+    grpc's AbortError."""
+    if isinstance(exc, grpc.aio.AbortError):  # the handler already chose its status
+        raise exc
+    if not isinstance(exc, errors.ClassifydError):
+        log.exception("unexpected error in %s", method)
+    code, message = status_for(exc)
+    await context.abort(code, message)
 
 
 def deadline_of(context: grpc.aio.ServicerContext) -> float | None:

@@ -13,7 +13,9 @@ server had not picked up yet (grpc/grpc#41785); at the end of the grace period i
 3. :meth:`DrainGate.end` answers UNAVAILABLE to calls still open: watch streams at once (they would hold the stop
    for the whole grace period), every other call just before the grace period ends.
 
-Everything here runs on the event loop and never blocks.
+The gate wraps each method's handler (:meth:`DrainGate.wrap`, called by the daemon's one interceptor,
+:mod:`server.edges.grpc.calls`), and the same wrapper maps the handler's errors to statuses, so a call passes
+through one coroutine of classifyd's besides its handler. Everything here runs on the event loop and never blocks.
 """
 
 from __future__ import annotations
@@ -25,22 +27,22 @@ from typing import Any
 
 import grpc
 
-from server.edges.grpc.wrapped import WrappedHandlers
-
 REFUSED = "the server is shutting down and accepts no new calls; retry on another replica"
 WATCH_METHODS = frozenset({"/classifier.v1.Classifier/WatchModels", "/grpc.health.v1.Health/Watch"})
 """Streams that only end when the client leaves: they end with UNAVAILABLE as soon as the daemon stops accepting."""
+ErrorMapper = Callable[[Exception, grpc.aio.ServicerContext, str], Awaitable[None]]
+"""``(exc, context, method)``: ends the call with the status ``exc`` stands for (it raises grpc's AbortError)."""
 
 
-class DrainGate(grpc.aio.ServerInterceptor):
-    """Tracks the open calls; refuses, holds and ends them as a stop needs. Put it first among the interceptors."""
+class DrainGate:
+    """Tracks the open calls; refuses, holds and ends them as a stop needs. Every handler is wrapped by it
+    (:meth:`wrap`), outside everything else classifyd puts around a handler."""
 
     def __init__(self) -> None:
         self._refusing = False
         self._released = asyncio.Event()
         self._open: dict[asyncio.Task[Any], str] = {}  # the task of each open call → its method
         self._ending: dict[asyncio.Task[Any], str] = {}  # calls end() cancelled → the UNAVAILABLE message
-        self._wrapped = WrappedHandlers(self._wrap)
 
     @property
     def open_calls(self) -> int:
@@ -66,25 +68,24 @@ class DrainGate(grpc.aio.ServerInterceptor):
                 ended += 1
         return ended
 
-    async def intercept_service(self, continuation: Callable[[Any], Awaitable[Any]],
-                                handler_call_details: grpc.HandlerCallDetails) -> Any:
-        handler = await continuation(handler_call_details)
-        if handler is None:
-            return None
-        return self._wrapped.get(handler, handler_call_details.method)
-
-    def _wrap(self, handler: grpc.RpcMethodHandler, method: str) -> grpc.RpcMethodHandler:
+    def wrap(self, handler: grpc.RpcMethodHandler, method: str,
+             on_error: ErrorMapper | None = None) -> grpc.RpcMethodHandler:
+        """``handler`` (of ``method``) with the gate around each of its calls; with ``on_error``, an exception a
+        handler with a single request raises is handed to it (a stream of requests answers its errors in its own
+        messages: ClassifyStream, ModelStreamInfer). Never blocks."""
         codec = {"request_deserializer": handler.request_deserializer,
                  "response_serializer": handler.response_serializer}
         if handler.unary_unary:
-            return grpc.unary_unary_rpc_method_handler(self._single(handler.unary_unary, method), **codec)
+            return grpc.unary_unary_rpc_method_handler(self._single(handler.unary_unary, method, on_error), **codec)
         if handler.stream_unary:
-            return grpc.stream_unary_rpc_method_handler(self._single(handler.stream_unary, method), **codec)
+            return grpc.stream_unary_rpc_method_handler(self._single(handler.stream_unary, method, None), **codec)
         if handler.unary_stream:
-            return grpc.unary_stream_rpc_method_handler(self._streamed(handler.unary_stream, method), **codec)
-        return grpc.stream_stream_rpc_method_handler(self._streamed(handler.stream_stream, method), **codec)
+            return grpc.unary_stream_rpc_method_handler(self._streamed(handler.unary_stream, method, on_error),
+                                                        **codec)
+        return grpc.stream_stream_rpc_method_handler(self._streamed(handler.stream_stream, method, None), **codec)
 
-    def _single(self, inner: Callable[..., Awaitable[Any]], method: str) -> Callable[..., Awaitable[Any]]:
+    def _single(self, inner: Callable[..., Awaitable[Any]], method: str,
+                on_error: ErrorMapper | None) -> Callable[..., Awaitable[Any]]:
         async def single(request: Any, context: grpc.aio.ServicerContext) -> Any:
             task = await self._enter(method, context)
             try:
@@ -92,6 +93,11 @@ class DrainGate(grpc.aio.ServerInterceptor):
             except asyncio.CancelledError:
                 await self._refuse_if_ended(task, context)
                 raise
+            except Exception as exc:
+                if on_error is None:
+                    raise
+                await on_error(exc, context, method)
+                raise  # unreachable: on_error aborts the call
             finally:
                 self._leave(task)
             if self._refusing and not self._released.is_set():
@@ -100,17 +106,22 @@ class DrainGate(grpc.aio.ServerInterceptor):
 
         return single
 
-    def _streamed(self, inner: Callable[..., AsyncIterator[Any]], method: str) -> Callable[..., AsyncIterator[Any]]:
+    def _streamed(self, inner: Callable[..., AsyncIterator[Any]], method: str,
+                  on_error: ErrorMapper | None) -> Callable[..., AsyncIterator[Any]]:
         async def streamed(request: Any, context: grpc.aio.ServicerContext) -> AsyncIterator[Any]:
             task = await self._enter(method, context)
             try:
                 # A stream ended while grpc writes one of its messages (a client that does not read) is cancelled
                 # there, outside this generator: it ends CANCELLED, the one case this gate cannot answer.
-                async for answer in answers_of(inner(request, context)):
+                async for answer in answers_of(inner(request, context)):  # grpc_health's Watch writes, returns
                     yield answer
             except asyncio.CancelledError:
                 await self._refuse_if_ended(task, context)
                 raise
+            except Exception as exc:
+                if on_error is None:
+                    raise
+                await on_error(exc, context, method)
             finally:
                 self._leave(task)
 

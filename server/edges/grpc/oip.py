@@ -3,8 +3,8 @@
 Only the wire form lives here: protobuf messages become the neutral requests of
 :mod:`server.edges.common.oip_codec` and its outputs become protobuf again; the flow (model first, then tensors,
 one classify call per image, one report per request) is :class:`server.edges.common.oip_infer.OipModels`, shared
-with the REST binding. Errors of ``ModelInfer`` map to status codes in
-:class:`server.edges.grpc.classifier.ErrorInterceptor`; ``ModelStreamInfer`` reports them per request in
+with the REST binding. Errors of ``ModelInfer`` map to status codes in the daemon's one interceptor
+(:func:`server.edges.grpc.common.abort_for`); ``ModelStreamInfer`` reports them per request in
 ``error_message``. Tensor layouts are in docs/oip.md.
 """
 

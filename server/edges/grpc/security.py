@@ -49,10 +49,15 @@ class AuthInterceptor(grpc.aio.ServerInterceptor):
 
     async def intercept_service(self, continuation: Callable[[Any], Awaitable[Any]],
                                 handler_call_details: grpc.HandlerCallDetails) -> Any:
-        handler = await continuation(handler_call_details)
-        if handler is None or handler_call_details.method.startswith(self._exempt):
+        return self.checked(await continuation(handler_call_details), handler_call_details)
+
+    def checked(self, handler: grpc.RpcMethodHandler | None,
+                details: grpc.HandlerCallDetails) -> grpc.RpcMethodHandler | None:
+        """``handler`` itself when the call may go on, else a handler of the same kind made for this call that
+        ends it UNAUTHENTICATED with what is wrong with its token. Never blocks."""
+        if handler is None or details.method.startswith(self._exempt):
             return handler
-        problem = self._checker.problem(_authorization(handler_call_details))
+        problem = self._checker.problem(_authorization(details))
         return handler if problem is None else _checked(handler, lambda _: (grpc.StatusCode.UNAUTHENTICATED, problem))
 
 
@@ -67,11 +72,16 @@ class AdminInterceptor(grpc.aio.ServerInterceptor):
 
     async def intercept_service(self, continuation: Callable[[Any], Awaitable[Any]],
                                 handler_call_details: grpc.HandlerCallDetails) -> Any:
-        handler = await continuation(handler_call_details)
-        method = handler_call_details.method
+        return self.checked(await continuation(handler_call_details), handler_call_details)
+
+    def checked(self, handler: grpc.RpcMethodHandler | None,
+                details: grpc.HandlerCallDetails) -> grpc.RpcMethodHandler | None:
+        """``handler`` itself for a call that is not model control, else a handler made for this call that applies
+        the rule (it needs the peer, which only the call's context has). Never blocks."""
+        method = details.method
         if handler is None or method not in self._methods:
             return handler
-        authorization = _authorization(handler_call_details)
+        authorization = _authorization(details)
 
         def refusal(context: grpc.aio.ServicerContext) -> Refusal | None:
             peer = context.peer() if self._rule.needs_peer else ""

@@ -1,9 +1,10 @@
-"""Interceptors' wrapped handlers, made once per method instead of once per call.
+"""The interceptor's wrapped handlers, made once per method instead of once per call.
 
 grpc.aio asks every server interceptor for the handler of every call. An interceptor that wraps the handler it is
-given (the drain gate, the error mapping) would otherwise build its closures and a new ``RpcMethodHandler`` on the
-event loop for every call. A wrapper that depends only on the inner handler and the method is the same for every
-call, so it is made the first time and reused while the inner handler stays the same object. Measured with
+given (the daemon's: the drain gate with the error mapping, server/edges/grpc/calls.py) would otherwise build its
+closures and a new ``RpcMethodHandler`` on the event loop for every call. A wrapper that depends only on the inner
+handler and the method is the same for every call, so it is made the first time and reused while the inner handler
+stays the same object. Measured with
 ``benchmarks/loop_work.py`` together with the generic-only registration (docs/benchmarks.md, "the event loop's
 work per request"): the first step of a call, where the interceptors run, took 37-42 µs of the loop before and
 31-36 µs after.
