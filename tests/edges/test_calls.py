@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from unittest.mock import ANY
 
@@ -13,11 +14,13 @@ import pytest
 
 from server.core.errors import ModelNotFound
 from server.edges.grpc.calls import CallInterceptor
+from server.edges.grpc.common import failure_status
 from server.edges.grpc.drain import DrainGate
 from server.edges.grpc.security import AdminInterceptor, AuthInterceptor
 
 RELOAD = "/classifier.v1.Classifier/ReloadModel"
 CLASSIFY = "/classifier.v1.Classifier/Classify"
+WATCH = "/classifier.v1.Classifier/WatchModels"
 REMOTE = "ipv4:10.0.0.7:50000"
 
 
@@ -122,10 +125,13 @@ def test_one_wrapper_per_method_and_a_refusal_s_own_handler_is_not_kept() -> Non
     asyncio.run(body())
 
 
-@pytest.mark.parametrize(("error", "code", "logged"), [
+FAILURES = [
     (ModelNotFound("no model 'x'"), grpc.StatusCode.NOT_FOUND, False),
     (ValueError("a bug"), grpc.StatusCode.INTERNAL, True),
-])
+]
+
+
+@pytest.mark.parametrize(("error", "code", "logged"), FAILURES)
 def test_errors_become_their_status_inside_the_gate(error: Exception, code: grpc.StatusCode, logged: bool,
                                                     caplog: pytest.LogCaptureFixture) -> None:
     async def body() -> tuple[object, DrainGate]:
@@ -138,3 +144,57 @@ def test_errors_become_their_status_inside_the_gate(error: Exception, code: grpc
     assert isinstance(answer, tuple) and answer[0] is code
     assert ("unexpected error in " + CLASSIFY in caplog.text) is logged
     assert gate.open_calls == 0
+
+
+@pytest.mark.parametrize(("error", "code", "logged"), FAILURES)
+def test_a_stream_request_s_failure_gets_the_status_and_the_log_a_call_gets(
+        error: Exception, code: grpc.StatusCode, logged: bool, caplog: pytest.LogCaptureFixture) -> None:
+    with caplog.at_level(logging.ERROR, logger="classifyd.grpc"):
+        try:
+            raise error
+        except Exception as exc:  # noqa: BLE001 - the stream's handlers catch everything the same way
+            status = failure_status(exc, "svc/Stream")
+    assert status == (code, "internal error: ValueError: a bug" if logged else str(error))
+    assert ("unexpected error in svc/Stream" in caplog.text) is logged
+    assert ("Traceback" in caplog.text) is logged
+
+
+def test_a_server_stream_s_error_becomes_its_status_and_a_call_the_gate_ends_is_answered_unavailable() -> None:
+    async def body() -> None:
+        gate = DrainGate()
+        interceptor = _interceptor(gate)
+        started = asyncio.Event()
+
+        async def stream(request: object, context: object) -> AsyncIterator[str]:
+            yield "first"
+            raise ModelNotFound("no model 'x'")
+
+        async def waits(request: object, context: object) -> str:
+            started.set()
+            await asyncio.Event().wait()  # until the gate ends the call
+            return "never"
+
+        async def continuation(details: Details) -> grpc.RpcMethodHandler:
+            if details.method == WATCH:
+                return grpc.unary_stream_rpc_method_handler(stream)
+            return grpc.unary_unary_rpc_method_handler(waits)
+
+        token = (("authorization", "Bearer client"),)
+        handler = await interceptor.intercept_service(continuation, Details(WATCH, token))
+        context, answers = Context(), []
+        with pytest.raises(grpc.aio.AbortError):
+            async for answer in handler.unary_stream(None, context):
+                answers.append(answer)
+        assert answers == ["first"] and context.status == (grpc.StatusCode.NOT_FOUND, "no model 'x'")
+
+        handler = await interceptor.intercept_service(continuation, Details(CLASSIFY, token))
+        context = Context()
+        call = asyncio.ensure_future(handler.unary_unary(None, context))
+        await started.wait()
+        assert gate.end("the daemon is stopping") == 1
+        with pytest.raises(grpc.aio.AbortError):
+            await call
+        assert context.status == (grpc.StatusCode.UNAVAILABLE, "the daemon is stopping")
+        assert gate.open_calls == 0
+
+    asyncio.run(body())

@@ -29,9 +29,9 @@ from server.edges.common.results import prediction_fields, result_fields, tile_f
 from server.edges.grpc.common import (
     answer_concurrently,
     deadline_of,
+    failure_status,
     mark_serving_process,
     outcome_in,
-    status_for,
     stream_outcome,
 )
 from server.edges.grpc.rollout import promote, reject, rollback, rollout_info
@@ -216,10 +216,8 @@ class ClassifierServicer(pb_grpc.ClassifierServicer):
         ticket = self._ticket(request, context, STREAM_SPAN)
         try:
             result = await ticket.track_result(self._classify(request, deadline, ticket), stream_outcome)
-        except Exception as exc:
-            if not isinstance(exc, errors.ClassifydError):
-                log.exception("unexpected error in ClassifyStream")
-            code, message = status_for(exc)
+        except Exception as exc:  # noqa: BLE001 - logged there when unexpected; the stream goes on
+            code, message = failure_status(exc, STREAM_SPAN)
             return pb.ClassifyResponse(request_id=ticket.request_id, error=pb.Error(code=code.value[0],
                                                                                    message=message))
         return response_from_result(result, ticket.request_id)

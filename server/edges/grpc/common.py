@@ -33,16 +33,21 @@ def status_for(exc: BaseException) -> tuple[grpc.StatusCode, str]:
     return grpc_code(status), message
 
 
-async def abort_for(exc: Exception, context: grpc.aio.ServicerContext, method: str) -> None:
-    """End the call of ``method`` with the status ``exc`` stands for (an exception classifyd does not know is
-    logged with its traceback and answered INTERNAL); a handler's own abort is raised as it is. Always raises
-    grpc's AbortError."""
-    if isinstance(exc, grpc.aio.AbortError):  # the handler already chose its status
-        raise exc
+def failure_status(exc: Exception, method: str) -> tuple[grpc.StatusCode, str]:
+    """The status a request of ``method`` that raised ``exc`` gets; an exception classifyd does not know is logged
+    with its traceback (call it in the ``except`` block) and answered INTERNAL. For a call, and for one request of
+    a stream, which reports it in its own answer."""
     if not isinstance(exc, errors.ClassifydError):
         log.exception("unexpected error in %s", method)
-    code, message = status_for(exc)
-    await context.abort(code, message)
+    return status_for(exc)
+
+
+async def abort_for(exc: Exception, context: grpc.aio.ServicerContext, method: str) -> None:
+    """End the call of ``method`` with :func:`failure_status`; a handler's own abort is raised as it is. Always
+    raises grpc's AbortError."""
+    if isinstance(exc, grpc.aio.AbortError):  # the handler already chose its status
+        raise exc
+    await context.abort(*failure_status(exc, method))
 
 
 def deadline_of(context: grpc.aio.ServicerContext) -> float | None:

@@ -15,7 +15,8 @@ server had not picked up yet (grpc/grpc#41785); at the end of the grace period i
 
 The gate wraps each method's handler (:meth:`DrainGate.wrap`, called by the daemon's one interceptor,
 :mod:`server.edges.grpc.calls`), and the same wrapper maps the handler's errors to statuses, so a call passes
-through one coroutine of classifyd's besides its handler. Everything here runs on the event loop and never blocks.
+through one coroutine of classifyd's besides its handler (a model-control call through one more: its check).
+Everything here runs on the event loop and never blocks.
 """
 
 from __future__ import annotations
@@ -122,6 +123,7 @@ class DrainGate:
                 if on_error is None:
                     raise
                 await on_error(exc, context, method)
+                raise  # unreachable: on_error aborts the call
             finally:
                 self._leave(task)
 

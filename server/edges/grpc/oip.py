@@ -10,7 +10,6 @@ with the REST binding. Errors of ``ModelInfer`` map to status codes in the daemo
 
 from __future__ import annotations
 
-import logging
 from collections.abc import AsyncIterator, Callable, Mapping
 from typing import Any
 
@@ -41,9 +40,9 @@ from server.edges.common.requests import RequestBook
 from server.edges.grpc.common import (
     answer_concurrently,
     deadline_of,
+    failure_status,
     mark_serving_process,
     outcome_in,
-    status_for,
     stream_outcome,
 )
 from server.edges.grpc.oip_repository import config_message, index_message, statistics_message
@@ -52,7 +51,6 @@ from server.models.manager import ModelManager
 from server.ops.host import package_version
 from server.service import ClassifierService
 
-log = logging.getLogger("classifyd.oip")
 SERVICE_NAME = oip.DESCRIPTOR.services_by_name["GRPCInferenceService"].full_name
 INFER_SPAN, STREAM_SPAN = f"{SERVICE_NAME}/ModelInfer", f"{SERVICE_NAME}/ModelStreamInfer"
 """The names of a request's span (server/ops/tracing.py): the method, as OpenTelemetry names gRPC server spans."""
@@ -152,10 +150,8 @@ class OipServicer(oip_grpc.GRPCInferenceServiceServicer):
         try:
             answer = await self._models.infer(ticket, request.model_version, lambda: infer_request(request),
                                               deadline, stream_outcome)
-        except Exception as exc:
-            if not isinstance(exc, errors.ClassifydError):
-                log.exception("unexpected error in ModelStreamInfer")
-            code, message = status_for(exc)
+        except Exception as exc:  # noqa: BLE001 - logged there when unexpected; the stream goes on
+            code, message = failure_status(exc, STREAM_SPAN)
             return oip.ModelStreamInferResponse(error_message=f"{code.name}: {message}",
                                                 infer_response=oip.ModelInferResponse(id=request.id))
         return oip.ModelStreamInferResponse(infer_response=response_message(answer))

@@ -22,9 +22,10 @@ Wrap = Callable[[grpc.RpcMethodHandler, str], grpc.RpcMethodHandler]
 class WrappedHandlers:
     """``wrap(handler, method)`` remembered per method, for as long as the handler it was made from is returned.
 
-    Keyed by method name and checked by identity: a handler made anew for a call (a refusal another interceptor
-    builds for one bad token) gets its own wrapper and replaces the entry, so nothing is reused across different
-    handlers and the table holds at most one entry per method that has a handler. Runs on the event loop only.
+    Keyed by method name and checked by identity: a different handler for the method gets its own wrapper and
+    replaces the entry, so nothing is reused across different handlers and the table holds at most one entry per
+    method that has a handler (the daemon's interceptor wraps a handler made for one call, a refusal, itself and
+    never passes it here: server/edges/grpc/calls.py). Runs on the event loop only.
     """
 
     def __init__(self, wrap: Wrap) -> None:
