@@ -87,7 +87,8 @@ class Daemon:
         self.service = ClassifierService(self.manager, self.inference, max_pixels=config.limits.max_pixels,
                                          preprocess_workers=config.process.preprocess_threads,
                                          max_decode_bytes=config.limits.max_decode_bytes,
-                                         observer=self.stats.observe, cache_bytes=config.limits.cache_bytes)
+                                         observer=self.stats.observe, cache_bytes=config.limits.cache_bytes,
+                                         preprocess_nice=config.process.preprocess_nice)
         self.health = health.aio.HealthServicer()
         self.health_reporter = HealthReporter(self.health, self.manager)
         self.manager.add_listener(self.health_reporter.model_changed)

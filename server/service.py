@@ -20,7 +20,7 @@ from collections.abc import Callable
 from server.batching import interface as batching
 from server.batching.admission import Admission, Ticket
 from server.batching.batcher import Batcher
-from server.core.config import DEFAULT_CACHE_BYTES, MAX_PIXELS
+from server.core.config import DEFAULT_CACHE_BYTES, DEFAULT_PREPROCESS_NICE, MAX_PIXELS
 from server.core.errors import DeadlineExpired, InvalidInput, ModelUnavailable, Overloaded
 from server.core.outputs import reduce_tiles, select
 from server.core.types import BatchReport, ClassifyCall, ClassifyResult, RawTensor, TileResult
@@ -44,15 +44,17 @@ class ClassifierService:
 
     def __init__(self, manager: ModelManager, inference: InferenceThreads, *, preprocess_workers: int | None = None,
                  max_pixels: int = MAX_PIXELS, max_decode_bytes: int | None = None,
-                 observer: Observer | None = None, cache_bytes: int = DEFAULT_CACHE_BYTES) -> None:
+                 observer: Observer | None = None, cache_bytes: int = DEFAULT_CACHE_BYTES,
+                 preprocess_nice: int = DEFAULT_PREPROCESS_NICE) -> None:
         """``preprocess_workers`` and ``max_decode_bytes`` None: the host rules (server/ops/host.py);
-        ``cache_bytes``: the response cache's budget for models with ``[cache] enabled`` (0: off)."""
+        ``cache_bytes``: the response cache's budget for models with ``[cache] enabled`` (0: off);
+        ``preprocess_nice``: the preprocessing threads' lower CPU priority (``--preprocess-nice``)."""
         self._manager = manager
         self.cache = ResponseCache(cache_bytes)
         self._observer = observer
         self.admission = Admission()
         budget = DecodeBudget(max_decode_bytes) if max_decode_bytes else None
-        self._inputs = InputPreparer(preprocess_workers, max_pixels, budget)
+        self._inputs = InputPreparer(preprocess_workers, max_pixels, budget, preprocess_nice)
         self.decode_budget = self._inputs.budget
         self._pipeline = BatchPipeline(manager.resolve, inference, self._inputs, self.admission)
         self._batchers = ModelBatchers(self._pipeline.run_batch)

@@ -33,6 +33,7 @@ from server.core.config import (
     DEFAULT_MODEL_CONTROL,
     DEFAULT_MODELS_DIR,
     DEFAULT_PORT,
+    DEFAULT_PREPROCESS_NICE,
     DEFAULT_RELOAD_MIN_INTERVAL_S,
     DEFAULT_RUNTIME,
     DEFAULT_SETTLE_S,
@@ -100,7 +101,7 @@ def config_from_args(args: argparse.Namespace) -> ServerConfig:
                                           log_level=args.log_level, log_format=args.log_format,
                                           otlp_endpoint=args.otlp_endpoint),
         process=ProcessConfig(workers=args.workers, drain_s=args.drain_seconds, grace_s=args.grace_seconds,
-                              port_file=args.port_file),
+                              port_file=args.port_file, preprocess_nice=args.preprocess_nice),
     )
 
 
@@ -341,6 +342,10 @@ def _add_process(parser: argparse.ArgumentParser) -> None:
                        help=f"then stop accepting (new calls: UNAVAILABLE) and give in-flight requests this long "
                             f"to finish; queued ones that would not are UNAVAILABLE early (default: "
                             f"{DEFAULT_GRACE_S:g})")
+    group.add_argument("--preprocess-nice", type=int, default=DEFAULT_PREPROCESS_NICE, metavar="N",
+                       help="prepare the inputs of eager PyTorch forward passes on the CPU on threads N nice levels "
+                            "lower (0-19), so that on contended cores the forward pass runs first (default: "
+                            f"{DEFAULT_PREPROCESS_NICE}, not; docs/batching.md#the-forward-pass-goes-first)")
     group.add_argument("--port-file", type=Path,
                        help="write the bound port (useful with --port 0) to this file once the initial load is done "
                             "(every model tried); the ports answer earlier, with health NOT_SERVING")
@@ -351,6 +356,8 @@ def _check_process(parser: argparse.ArgumentParser, args: argparse.Namespace) ->
         args.workers = default_workers(_device_type(args.device))
     if args.workers < 1:
         parser.error("--workers must be at least 1")
+    if not 0 <= args.preprocess_nice <= 19:
+        parser.error(f"--preprocess-nice must be 0-19 (nice levels), got {args.preprocess_nice}")
     for flag in ("drain_seconds", "grace_seconds"):
         if getattr(args, flag) < 0:
             parser.error(f"--{flag.replace('_', '-')} must be >= 0")

@@ -47,6 +47,9 @@ DEFAULT_CACHE_BYTES = 64 * 1024 * 1024  # response cache per process, for models
 DEFAULT_LOG_LEVEL = "INFO"
 DEFAULT_LOG_FORMAT = "text"
 DEFAULT_GRACE_S = 10.0
+DEFAULT_PREPROCESS_NICE = 0
+"""How much lower the CPU priority of the threads that prepare inputs for an eager PyTorch forward pass on the CPU
+is (a nice increment; 0: the same). Off by default: docs/batching.md#the-forward-pass-goes-first says why."""
 DEFAULT_DRAIN_S = 0.0  # on SIGTERM, NOT_SERVING but still serving this long (load balancers move away meanwhile)
 
 
@@ -148,6 +151,7 @@ class ProcessConfig:
     port_file: Path | None = None  # once serving, the bound port is written here
     status_file: Path | None = None  # --workers: this worker shares its status page document here (set per worker)
     preprocess_threads: int | None = None  # None: the host rule (server/ops/host.py), usable cores // workers, >= 2
+    preprocess_nice: int = DEFAULT_PREPROCESS_NICE  # the preprocessing threads' nice increment (0: none)
 
 
 @dataclass(frozen=True)

@@ -22,7 +22,7 @@ from typing import TypeVar
 
 import numpy as np
 
-from server.core.config import MAX_PIXELS
+from server.core.config import DEFAULT_PREPROCESS_NICE, MAX_PIXELS
 from server.core.manifest import InputSpec, Manifest, TilingSpec
 from server.core.types import Box, RawTensor
 from server.inference.decode_budget import DecodeBudget
@@ -38,7 +38,7 @@ from server.inference.preprocess import (
 )
 from server.inference.runtime import LoadedVersion
 from server.inference.threads import without_team
-from server.ops.host import default_decode_bytes, default_pool_threads, return_freed_memory
+from server.ops.host import default_decode_bytes, default_pool_threads, lower_thread_priority, return_freed_memory
 
 T = TypeVar("T")
 Tiles = list[tuple[Box, np.ndarray]]
@@ -80,17 +80,42 @@ class _Held:
             self._budget.release(nbytes)
 
 
+def _pool_thread(nice: int) -> None:
+    """A preprocessing thread's start: no OpenMP team of its own (only inference threads get one), and its CPU
+    priority ``nice`` levels below the process's."""
+    without_team()
+    lower_thread_priority(nice)
+
+
+def forward_first(version: LoadedVersion) -> bool:
+    """Whether ``version``'s inputs are prepared at the lower priority of ``--preprocess-nice``: when eager PyTorch
+    computes it on the CPU. For a model like mobilenet_v3_small the forward pass is then the slower stage, and a
+    decoder that takes its core leaves it waiting with its batch: at concurrency 32 on one torch thread it served
+    292-299 images/s with the decoders 5 nice levels lower against 192-278 without. ONNX Runtime's forward pass is
+    quicker than decoding, so there the decoders must not wait: the same model served 367-374 images/s with them
+    lower against 415-422 (docs/batching.md#the-forward-pass-goes-first). On CUDA the forward pass waits on the
+    device, not on a core."""
+    runtime = version.runtime
+    return version.device.type == "cpu" and (runtime is None or runtime.name == "torch")
+
+
 class InputPreparer:
     """The preprocessing pool, the decode budget and the input rules of one daemon. ``shutdown()`` when done.
 
     ``workers``: the pool's threads (None: the host rule, :func:`server.ops.host.default_pool_threads`);
-    ``budget``: the decode budget (None: one of :func:`server.ops.host.default_decode_bytes`)."""
+    ``budget``: the decode budget (None: one of :func:`server.ops.host.default_decode_bytes`); ``nice``: how much
+    lower the CPU priority of the threads that prepare inputs for an eager PyTorch forward pass on the CPU is
+    (:func:`forward_first`; 0: the same)."""
 
     def __init__(self, workers: int | None = None, max_pixels: int = MAX_PIXELS,
-                 budget: DecodeBudget | None = None) -> None:
+                 budget: DecodeBudget | None = None, nice: int = DEFAULT_PREPROCESS_NICE) -> None:
         self.threads = workers or default_pool_threads()
+        self.nice = nice
+        # two pools of the same size; a pool starts its threads on first use, so the one no model needs costs nothing
         self._pool = ThreadPoolExecutor(max_workers=self.threads, thread_name_prefix="classifyd-pre",
-                                        initializer=without_team)  # only inference threads get OpenMP teams
+                                        initializer=_pool_thread, initargs=(0,))
+        self._yielding = ThreadPoolExecutor(max_workers=self.threads, thread_name_prefix="classifyd-pre-low",
+                                            initializer=_pool_thread, initargs=(nice,)) if nice > 0 else self._pool
         self.max_pixels = max_pixels
         self.budget = budget or DecodeBudget(default_decode_bytes())
 
@@ -106,34 +131,42 @@ class InputPreparer:
         if box is None and is_model_sized(payload, spec):
             return tensor_to_array(payload, spec, self.max_pixels)
         device_decode = box is None and version.decodes_on_device
-        return await self._within_budget(_prepare, deadline, payload, spec, self.max_pixels, box, device_decode)
+        return await self._within_budget(self.pool_for(version), _prepare, deadline, payload, spec, self.max_pixels,
+                                         box, device_decode)
+
+    def pool_for(self, version: LoadedVersion) -> ThreadPoolExecutor:
+        """The pool that prepares ``version``'s inputs: the lower-priority one when its forward pass goes first
+        (:func:`forward_first`)."""
+        return self._yielding if forward_first(version) else self._pool
 
     async def tiles(self, payload: bytes | RawTensor, manifest: Manifest, deadline: float | None = None) -> Tiles:
         """The tiles of ``payload`` for a model with ``[tiling]``, each with its box. Blocks the calling task only;
         raises InvalidInput, or Overloaded when the decode budget cannot hold it by ``deadline``."""
         assert manifest.tiling is not None
-        return await self._within_budget(_tiles, deadline, payload, manifest.input, manifest.tiling, self.max_pixels)
+        return await self._within_budget(self._pool, _tiles, deadline, payload, manifest.input, manifest.tiling,
+                                         self.max_pixels)
 
     async def run(self, fn: Callable[..., T], *args: object) -> T:
         """``fn(*args)`` in the pool; blocks the calling task only."""
         return await asyncio.get_running_loop().run_in_executor(self._pool, fn, *args)
 
-    async def _within_budget(self, job: Callable[..., T | _NeedsBudget], deadline: float | None,
-                             *args: object) -> T:
-        """``job(held, *args)`` in the pool; if its bytes did not fit at once, reserve them here (waiting on the
+    async def _within_budget(self, pool: ThreadPoolExecutor, job: Callable[..., T | _NeedsBudget],
+                             deadline: float | None, *args: object) -> T:
+        """``job(held, *args)`` in ``pool``; if its bytes did not fit at once, reserve them here (waiting on the
         loop until ``deadline``) and run it again holding them."""
-        outcome = await self._submit(_Held(self.budget), job, *args)
+        outcome = await self._submit(pool, _Held(self.budget), job, *args)
         if isinstance(outcome, _NeedsBudget):
             await self.budget.reserve(outcome.nbytes, deadline)
             # no await between the reservation and the job's callback: a cancellation cannot lose the bytes
-            outcome = await self._submit(_Held(self.budget, outcome.nbytes), job, *args)
+            outcome = await self._submit(pool, _Held(self.budget, outcome.nbytes), job, *args)
         assert not isinstance(outcome, _NeedsBudget)
         return outcome
 
-    def _submit(self, held: _Held, job: Callable[..., T], *args: object) -> asyncio.Future[T]:
-        """Run ``job(held, *args)`` in the pool; ``held`` goes back when the job is done or was cancelled unrun."""
+    @staticmethod
+    def _submit(pool: ThreadPoolExecutor, held: _Held, job: Callable[..., T], *args: object) -> asyncio.Future[T]:
+        """Run ``job(held, *args)`` in ``pool``; ``held`` goes back when the job is done or was cancelled unrun."""
         try:
-            future: Future[T] = self._pool.submit(job, held, *args)
+            future: Future[T] = pool.submit(job, held, *args)
         except BaseException:  # the pool was shut down (the daemon is stopping): the bytes go back at once
             held.give_back()
             raise
@@ -141,8 +174,9 @@ class InputPreparer:
         return asyncio.wrap_future(future)
 
     def shutdown(self) -> None:
-        """Wait for the work in the pool, then stop its threads."""
+        """Wait for the work in the pools, then stop their threads."""
         self._pool.shutdown(wait=True)
+        self._yielding.shutdown(wait=True)
 
 
 def _prepare(held: _Held, payload: bytes | RawTensor, spec: InputSpec, max_pixels: int, box: Box | None,

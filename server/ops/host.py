@@ -17,6 +17,9 @@ The rule:
 * **preprocessing threads per process** (decode, resize, staging): ``max(MIN_POOL_THREADS, cores // workers)``:
   decoding releases the GIL, so one thread per core; at least two, so that one long decode (a 100-megapixel
   image takes seconds) does not hold up every other request's preprocessing.
+* **preprocessing threads' priority**: the process's, unless ``--preprocess-nice N`` lowers it for the inputs of
+  eager PyTorch forward passes on the CPU, so that when the cores are contended the forward pass runs first and
+  the decoders take what it leaves (docs/batching.md#the-forward-pass-goes-first); :func:`lower_thread_priority`.
 * **decode budget per process** (``--max-decode-bytes``): ``memory // DECODE_MEMORY_SHARE // workers``, where
   ``memory`` is the machine's RAM lowered by a cgroup v2 memory limit: a quarter of the memory for pixels
   being decoded, shared by the workers; the model copies, queues and the rest of the process keep the others.
@@ -33,6 +36,8 @@ import functools
 import importlib.metadata
 import logging
 import os
+import sys
+import threading
 from collections.abc import Callable
 from pathlib import Path
 from typing import cast
@@ -202,6 +207,20 @@ def apply_torch_threads(threads: int | None, workers: int = 1) -> int:
     log.info("torch intra-op threads: %d (%s)", count, "--torch-threads" if threads is not None else
              f"rule: {available_cores()} cores // {workers} worker(s)")
     return count
+
+
+def lower_thread_priority(increment: int) -> bool:
+    """Lower the calling thread's CPU priority by ``increment`` nice levels (Linux: a thread has its own nice value;
+    raising it needs no privilege). False, changing nothing, for an increment of 0, on another system (where the
+    call would change the whole process's) or when the kernel refuses."""
+    if increment <= 0 or not sys.platform.startswith("linux"):
+        return False
+    thread = threading.get_native_id()
+    try:
+        os.setpriority(os.PRIO_PROCESS, thread, min(19, os.getpriority(os.PRIO_PROCESS, thread) + increment))
+    except OSError:
+        return False
+    return True
 
 
 @functools.cache

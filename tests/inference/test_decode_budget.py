@@ -162,8 +162,9 @@ def png16(side: int) -> bytes:
 
 
 def version_of(spec: InputSpec) -> SimpleNamespace:
-    """The two attributes of a LoadedVersion that InputPreparer.prepare reads."""
-    return SimpleNamespace(manifest=SimpleNamespace(input=spec, tiling=None), decodes_on_device=False)
+    """The attributes of a LoadedVersion that InputPreparer.prepare reads (an eager PyTorch version on the CPU)."""
+    return SimpleNamespace(manifest=SimpleNamespace(input=spec, tiling=None), decodes_on_device=False,
+                           device=SimpleNamespace(type="cpu"), runtime=None)
 
 
 GREY = InputSpec(color="L", height=8, width=8, resize=8)

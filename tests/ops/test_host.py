@@ -148,3 +148,50 @@ def test_without_mallopt_the_allocator_is_left_as_it_is(monkeypatch: pytest.Monk
     assert host.keep_freed_memory() == "memory allocator left as it is (not glibc)"
     monkeypatch.setattr(host, "_mallopt", lambda: lambda param, value: 0)
     assert "glibc refused" in host.keep_freed_memory()
+
+
+def _own_nice() -> int:
+    import threading
+    return os.getpriority(os.PRIO_PROCESS, threading.get_native_id())
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="per-thread nice values are Linux's")
+def test_a_thread_lowers_its_own_priority_and_only_its_own() -> None:
+    from concurrent.futures import ThreadPoolExecutor
+
+    def lowered(increment: int) -> tuple[bool, int, int]:
+        before = _own_nice()
+        return host.lower_thread_priority(increment), before, _own_nice()
+
+    main_before = _own_nice()
+    with ThreadPoolExecutor(max_workers=1) as pool:
+        done, before, after = pool.submit(lowered, 3).result()
+        assert done and after == min(19, before + 3)
+        assert pool.submit(lowered, 0).result() == (False, after, after)  # 0: nothing changes
+    assert _own_nice() == main_before  # the calling thread of the pool is untouched
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="per-thread nice values are Linux's")
+def test_inputs_for_an_eager_cpu_forward_pass_are_prepared_at_a_lower_priority_and_others_not() -> None:
+    import asyncio
+    from types import SimpleNamespace
+
+    from server.inference.prepare import InputPreparer
+
+    eager = SimpleNamespace(device=torch.device("cpu"), runtime=None)
+    onnx = SimpleNamespace(device=torch.device("cpu"), runtime=SimpleNamespace(name="onnxruntime"))
+    gpu = SimpleNamespace(device=torch.device("cuda"), runtime=None)
+
+    async def nice_for(nice: int, version: object) -> int:
+        preparer = InputPreparer(workers=2, nice=nice)
+        try:
+            pool = preparer.pool_for(version)  # type: ignore[arg-type]
+            return await asyncio.get_running_loop().run_in_executor(pool, _own_nice)
+        finally:
+            preparer.shutdown()
+
+    base = _own_nice()
+    assert asyncio.run(nice_for(5, eager)) == min(19, base + 5)
+    assert asyncio.run(nice_for(5, onnx)) == base
+    assert asyncio.run(nice_for(5, gpu)) == base
+    assert asyncio.run(nice_for(0, eager)) == base
