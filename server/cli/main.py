@@ -343,9 +343,9 @@ def _add_process(parser: argparse.ArgumentParser) -> None:
                             f"to finish; queued ones that would not are UNAVAILABLE early (default: "
                             f"{DEFAULT_GRACE_S:g})")
     group.add_argument("--preprocess-nice", type=int, default=DEFAULT_PREPROCESS_NICE, metavar="N",
-                       help="prepare the inputs of eager PyTorch forward passes on the CPU on threads N nice levels "
-                            "lower (0-19), so that on contended cores the forward pass runs first (default: "
-                            f"{DEFAULT_PREPROCESS_NICE}, not; docs/batching.md#the-forward-pass-goes-first)")
+                       help="prepare the inputs of PyTorch forward passes on the CPU on threads N nice levels lower "
+                            "(0-19), so that on contended cores the forward pass runs first (default: "
+                            f"{DEFAULT_PREPROCESS_NICE}: off; docs/batching.md#the-forward-pass-goes-first)")
     group.add_argument("--port-file", type=Path,
                        help="write the bound port (useful with --port 0) to this file once the initial load is done "
                             "(every model tried); the ports answer earlier, with health NOT_SERVING")

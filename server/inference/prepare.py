@@ -15,6 +15,8 @@ bytes go back when the pool is done with the job, whatever its outcome, or when 
 from __future__ import annotations
 
 import asyncio
+import functools
+import logging
 from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
@@ -41,6 +43,7 @@ from server.inference.threads import without_team
 from server.ops.host import default_decode_bytes, default_pool_threads, lower_thread_priority, return_freed_memory
 
 T = TypeVar("T")
+log = logging.getLogger("classifyd")
 Tiles = list[tuple[Box, np.ndarray]]
 TRIM_AFTER_BYTES = 64 << 20
 """A decode that reserved this much hands its freed memory back to the system when done (a millisecond or so)."""
@@ -82,19 +85,27 @@ class _Held:
 
 def _pool_thread(nice: int) -> None:
     """A preprocessing thread's start: no OpenMP team of its own (only inference threads get one), and its CPU
-    priority ``nice`` levels below the process's."""
+    priority ``nice`` levels below the process's. A new thread starts at its creator's nice value: the pools'
+    threads are all started from the event loop's thread, which keeps the process's."""
     without_team()
-    lower_thread_priority(nice)
+    if nice > 0 and not lower_thread_priority(nice):
+        _cannot_lower(nice)
+
+
+@functools.cache
+def _cannot_lower(nice: int) -> None:
+    log.warning("--preprocess-nice %d has no effect here: this system does not let a thread lower its own "
+                "priority (Linux only)", nice)
 
 
 def forward_first(version: LoadedVersion) -> bool:
-    """Whether ``version``'s inputs are prepared at the lower priority of ``--preprocess-nice``: when eager PyTorch
-    computes it on the CPU. For a model like mobilenet_v3_small the forward pass is then the slower stage, and a
-    decoder that takes its core leaves it waiting with its batch: at concurrency 32 on one torch thread it served
-    292-299 images/s with the decoders 5 nice levels lower against 192-278 without. ONNX Runtime's forward pass is
-    quicker than decoding, so there the decoders must not wait: the same model served 367-374 images/s with them
-    lower against 415-422 (docs/batching.md#the-forward-pass-goes-first). On CUDA the forward pass waits on the
-    device, not on a core."""
+    """Whether ``version``'s inputs are prepared at the lower priority of ``--preprocess-nice``: when PyTorch computes
+    it on the CPU (eager, compiled, TorchScript or exported; eager is what was measured). For a model like
+    mobilenet_v3_small the forward pass is then the slower stage, and a decoder that takes its core leaves it
+    waiting with its batch: at concurrency 32 on one torch thread it served 292-299 images/s with the decoders 5
+    nice levels lower against 192-278 without. ONNX Runtime's forward pass is quicker than decoding, so there
+    the decoders must not wait: the same model served 367-374 images/s with them lower against 415-422
+    (docs/batching.md#the-forward-pass-goes-first). On CUDA the forward pass waits on the device, not on a core."""
     runtime = version.runtime
     return version.device.type == "cpu" and (runtime is None or runtime.name == "torch")
 
@@ -110,7 +121,6 @@ class InputPreparer:
     def __init__(self, workers: int | None = None, max_pixels: int = MAX_PIXELS,
                  budget: DecodeBudget | None = None, nice: int = DEFAULT_PREPROCESS_NICE) -> None:
         self.threads = workers or default_pool_threads()
-        self.nice = nice
         # two pools of the same size; a pool starts its threads on first use, so the one no model needs costs nothing
         self._pool = ThreadPoolExecutor(max_workers=self.threads, thread_name_prefix="classifyd-pre",
                                         initializer=_pool_thread, initargs=(0,))

@@ -53,7 +53,7 @@ def test_every_flag_lands_in_its_section() -> None:
                  "--log-level", "DEBUG", "--log-format", "json", "--metrics-port", "9100", "--metrics-host", "::",
                  "--metrics-port-file", "m", "--otlp-endpoint", "http://127.0.0.1:4317",
                  "--workers", "3", "--drain-seconds", "4", "--grace-seconds", "2", "--port-file", "p",
-                 "--preprocess-nice", "0")
+                 "--preprocess-nice", "5")
     assert got == ServerConfig(
         listen=ListenConfig(host="0.0.0.0", port=7000, http_port=7001, reuse_port=True, max_connection_age_s=30.0),
         batching=BatchingDefaults(max_batch_size=DEFAULT_MAX_BATCH_SIZE, max_delay_ms=4.0, max_queue=99,
@@ -69,7 +69,7 @@ def test_every_flag_lands_in_its_section() -> None:
         observability=ObservabilityConfig(metrics_port=9100, metrics_host="::", metrics_port_file=Path("m"),
                                           log_level="DEBUG", log_format="json",
                                           otlp_endpoint="http://127.0.0.1:4317"),
-        process=ProcessConfig(workers=3, drain_s=4.0, grace_s=2.0, port_file=Path("p"), preprocess_nice=0),
+        process=ProcessConfig(workers=3, drain_s=4.0, grace_s=2.0, port_file=Path("p"), preprocess_nice=5),
     )
 
 

@@ -195,3 +195,27 @@ def test_inputs_for_an_eager_cpu_forward_pass_are_prepared_at_a_lower_priority_a
     assert asyncio.run(nice_for(5, onnx)) == base
     assert asyncio.run(nice_for(5, gpu)) == base
     assert asyncio.run(nice_for(0, eager)) == base
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="per-thread nice values are Linux's")
+def test_prepare_decodes_an_eager_version_s_input_on_the_lower_pool(monkeypatch: pytest.MonkeyPatch) -> None:
+    import asyncio
+    from types import SimpleNamespace
+
+    from server.inference import prepare
+
+    base = _own_nice()
+    if base > 14:
+        pytest.skip("the test process is already near the lowest priority")
+    monkeypatch.setattr(prepare, "_prepare", lambda held, *args: _own_nice())  # what prepare() runs in the pool
+    version = SimpleNamespace(device=torch.device("cpu"), runtime=None, decodes_on_device=False,
+                              manifest=SimpleNamespace(input=SimpleNamespace(), tiling=None))
+
+    async def nice_of_prepare() -> int:
+        preparer = prepare.InputPreparer(workers=1, nice=5)
+        try:
+            return await preparer.prepare(b"not an image", version)  # type: ignore[arg-type,return-value]
+        finally:
+            preparer.shutdown()
+
+    assert asyncio.run(nice_of_prepare()) == base + 5
