@@ -29,7 +29,7 @@ from server.edges.grpc.calls import CallInterceptor
 from server.edges.grpc.classifier import ClassifierServicer, HealthReporter
 from server.edges.grpc.drain import WATCH_METHODS, DrainGate
 from server.edges.grpc.registration import GenericOnly
-from server.edges.grpc.security import AdminInterceptor, AuthInterceptor, server_credentials
+from server.edges.grpc.security import AdminCheck, TokenCheck, server_credentials
 from server.edges.http.classify import HttpContext
 from server.edges.http.security import http_ssl_context, token_middleware
 from server.edges.http.server import HttpServer, build_app
@@ -185,8 +185,8 @@ class Daemon:
         """One interceptor: the drain gate around every call, then who may call what (the token first, then model
         control), with the error mapping (server/edges/grpc/calls.py)."""
         # Operators' tokens are good for every call; clients' ones not for model control.
-        auth = [AuthInterceptor(self._tokens + self._admin_tokens)] if self._tokens else []
-        admin = AdminInterceptor(self._admin_tokens, self._tokens,
+        auth = [TokenCheck(self._tokens + self._admin_tokens)] if self._tokens else []
+        admin = AdminCheck(self._admin_tokens, self._tokens,
                                  allow_remote=self.config.security.allow_remote_admin)
         return [CallInterceptor(self.gate, [*auth, admin])]
 

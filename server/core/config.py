@@ -48,8 +48,8 @@ DEFAULT_LOG_LEVEL = "INFO"
 DEFAULT_LOG_FORMAT = "text"
 DEFAULT_GRACE_S = 10.0
 DEFAULT_PREPROCESS_NICE = 0
-"""How much lower the CPU priority of the threads that prepare inputs for an eager PyTorch forward pass on the CPU
-is (a nice increment; 0: the same). Off by default: docs/batching.md#the-forward-pass-goes-first says why."""
+"""How much lower the CPU priority of the threads that prepare inputs for a PyTorch forward pass on the CPU is (a
+nice increment; 0: the same). Off by default: docs/batching.md#the-forward-pass-goes-first says why."""
 DEFAULT_DRAIN_S = 0.0  # on SIGTERM, NOT_SERVING but still serving this long (load balancers move away meanwhile)
 
 

@@ -115,7 +115,7 @@ class InputPreparer:
 
     ``workers``: the pool's threads (None: the host rule, :func:`server.ops.host.default_pool_threads`);
     ``budget``: the decode budget (None: one of :func:`server.ops.host.default_decode_bytes`); ``nice``: how much
-    lower the CPU priority of the threads that prepare inputs for an eager PyTorch forward pass on the CPU is
+    lower the CPU priority of the threads that prepare inputs for a PyTorch forward pass on the CPU is
     (:func:`forward_first`; 0: the same)."""
 
     def __init__(self, workers: int | None = None, max_pixels: int = MAX_PIXELS,

@@ -18,7 +18,7 @@ The rule:
   decoding releases the GIL, so one thread per core; at least two, so that one long decode (a 100-megapixel
   image takes seconds) does not hold up every other request's preprocessing.
 * **preprocessing threads' priority**: the process's, unless ``--preprocess-nice N`` lowers it for the inputs of
-  eager PyTorch forward passes on the CPU, so that when the cores are contended the forward pass runs first and
+  PyTorch forward passes on the CPU, so that when the cores are contended the forward pass runs first and
   the decoders take what it leaves (docs/batching.md#the-forward-pass-goes-first); :func:`lower_thread_priority`.
 * **decode budget per process** (``--max-decode-bytes``): ``memory // DECODE_MEMORY_SHARE // workers``, where
   ``memory`` is the machine's RAM lowered by a cgroup v2 memory limit: a quarter of the memory for pixels

@@ -16,7 +16,7 @@ from server.core.errors import ModelNotFound
 from server.edges.grpc.calls import CallInterceptor
 from server.edges.grpc.common import failure_status
 from server.edges.grpc.drain import DrainGate
-from server.edges.grpc.security import AdminInterceptor, AuthInterceptor
+from server.edges.grpc.security import AdminCheck, TokenCheck
 
 RELOAD = "/classifier.v1.Classifier/ReloadModel"
 CLASSIFY = "/classifier.v1.Classifier/Classify"
@@ -65,7 +65,7 @@ class Service:
 def _interceptor(gate: DrainGate) -> CallInterceptor:
     """Client tokens and no admin tokens: model control only from this machine, so a remote call with a wrong token
     is refused by both checks, and the status says which ran first."""
-    return CallInterceptor(gate, [AuthInterceptor(["client"]), AdminInterceptor((), ["client"])])
+    return CallInterceptor(gate, [TokenCheck(["client"]), AdminCheck((), ["client"])])
 
 
 async def _call(interceptor: CallInterceptor, service: Service, method: str, token: str = "",

@@ -27,7 +27,7 @@ from client import AsyncClassifierClient, ClassifierClient
 from client.__main__ import main as client_main
 from server.daemon import Daemon
 from server.edges.common.auth import SecurityConfigError
-from server.edges.grpc.security import ADMIN_METHODS, AdminInterceptor, is_local_peer
+from server.edges.grpc.security import ADMIN_METHODS, AdminCheck, is_local_peer
 from tests.support.kit import REPO, local_config, running_daemon
 
 pytestmark = pytest.mark.timeout(120)
@@ -138,7 +138,7 @@ def test_token_auth_refuses_missing_and_wrong_tokens_but_health_answers(tmp_path
                     assert caught.value.code() is grpc.StatusCode.UNAUTHENTICATED
                     assert words in caught.value.details()
         # a refusal is a handler made for its call: the good token's calls that follow must not get it
-        # (the interceptors reuse their wrappers per method: server/edges/grpc/wrapped.py)
+        # (the interceptor reuses its wrappers per method: server/edges/grpc/wrapped.py)
         with ClassifierClient(daemon.target, token="new-token-5678") as client:
             assert client.classify_tensor(PIXELS, timeout=20).predictions
         with grpc.insecure_channel(daemon.target) as channel:
@@ -268,7 +268,7 @@ class Aborted(Exception):
 
 @dataclass
 class FakeContext:
-    """What the interceptor reads of a call's context: its peer; ``abort`` records the status."""
+    """What the check reads of a call's context: its peer; ``abort`` records the status."""
 
     address: str
     status: tuple[grpc.StatusCode, str] | None = None
@@ -287,8 +287,8 @@ class Details:
     invocation_metadata: tuple[tuple[str, str], ...] = ()
 
 
-def _call_through(interceptor: AdminInterceptor, method: str, peer: str) -> object:
-    """Call ``method`` through ``interceptor`` from ``peer``: the handler's answer, or the status it aborted with."""
+def _call_through(check: AdminCheck, method: str, peer: str) -> object:
+    """Call ``method`` through ``check`` from ``peer``: the handler's answer, or the status it aborted with."""
 
     async def handle(request: object, context: object) -> str:
         return "handled"
@@ -297,7 +297,7 @@ def _call_through(interceptor: AdminInterceptor, method: str, peer: str) -> obje
         return grpc.unary_unary_rpc_method_handler(handle)
 
     async def call() -> object:
-        handler = await interceptor.intercept_service(continuation, Details(method))
+        handler = check.checked(await continuation(Details(method)), Details(method))
         context = FakeContext(peer)
         try:
             return await handler.unary_unary(None, context)
@@ -316,12 +316,12 @@ def _call_through(interceptor: AdminInterceptor, method: str, peer: str) -> obje
 def test_without_admin_tokens_model_control_is_for_local_peers_unless_remote_admin_is_allowed(peer: str,
                                                                                               local: bool) -> None:
     assert is_local_peer(peer) is local
-    answer = _call_through(AdminInterceptor(), RELOAD, peer)
+    answer = _call_through(AdminCheck(), RELOAD, peer)
     if local:
         assert answer == "handled"
     else:
         assert isinstance(answer, tuple) and answer[0] is grpc.StatusCode.PERMISSION_DENIED
         assert f"not from {peer}" in answer[1] and "--admin-token-file" in answer[1]
-    assert _call_through(AdminInterceptor(allow_remote=True), RELOAD, peer) == "handled"
-    assert _call_through(AdminInterceptor(), "/classifier.v1.Classifier/Classify", peer) == "handled"
+    assert _call_through(AdminCheck(allow_remote=True), RELOAD, peer) == "handled"
+    assert _call_through(AdminCheck(), "/classifier.v1.Classifier/Classify", peer) == "handled"
     assert RELOAD in ADMIN_METHODS

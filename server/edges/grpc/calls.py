@@ -3,7 +3,7 @@
 grpc.aio runs each server interceptor as a coroutine of its own for every call, and each wrapper an interceptor
 puts around a handler adds a coroutine to every step of the call. Here the drain gate, the token check, the
 model-control check and the error mapping are one interceptor: the checks are plain calls on the call's metadata
-(:class:`~server.edges.grpc.security.AuthInterceptor`, :class:`~server.edges.grpc.security.AdminInterceptor`
+(:class:`~server.edges.grpc.security.TokenCheck`, :class:`~server.edges.grpc.security.AdminCheck`
 ``.checked``), and the drain gate's wrapper, made once per method, also maps errors to statuses
 (:meth:`~server.edges.grpc.drain.DrainGate.wrap` with :func:`~server.edges.grpc.common.abort_for`). A call the
 checks refuse, and a model-control call (its check needs the call's peer), gets a handler made for it alone, as

@@ -2,12 +2,12 @@
 who may make model-control calls (:data:`ADMIN_METHODS`).
 
 See docs/security.md for the threat model and the table of who may call what. Reading the files blocks (start-up
-only); the interceptors run on the event loop and never block.
+only); the checks run on the event loop (in the daemon's one interceptor) and never block.
 """
 
 from __future__ import annotations
 
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 from urllib.parse import unquote
@@ -26,7 +26,7 @@ ADMIN_METHODS = frozenset({"/classifier.v1.Classifier/ReloadModel", "/classifier
                            "/inference.GRPCInferenceService/RepositoryModelLoad",
                            "/inference.GRPCInferenceService/RepositoryModelUnload"})
 """Model-control calls: they change what the daemon serves and cost seconds of the shared inference thread, so only
-operators may make them (:class:`AdminInterceptor`). Every model-control method is listed here, and only here."""
+operators may make them (:class:`AdminCheck`). Every model-control method is listed here, and only here."""
 Refusal = tuple[grpc.StatusCode, str]
 
 
@@ -40,16 +40,13 @@ def server_credentials(cert: Path, key: Path, client_ca: Path | None = None) -> 
     return grpc.ssl_server_credentials([pair], root_certificates=root, require_client_auth=root is not None)
 
 
-class AuthInterceptor(grpc.aio.ServerInterceptor):
-    """Requires ``authorization: Bearer <token>`` on every call except health checks → UNAUTHENTICATED."""
+class TokenCheck:
+    """Requires ``authorization: Bearer <token>`` on every call except health checks → UNAUTHENTICATED. A check of
+    the daemon's one interceptor (:mod:`server.edges.grpc.calls`)."""
 
     def __init__(self, tokens: Sequence[str], exempt_prefixes: Sequence[str] = (HEALTH_PREFIX,)) -> None:
         self._checker = TokenChecker(tokens)
         self._exempt = tuple(exempt_prefixes)
-
-    async def intercept_service(self, continuation: Callable[[Any], Awaitable[Any]],
-                                handler_call_details: grpc.HandlerCallDetails) -> Any:
-        return self.checked(await continuation(handler_call_details), handler_call_details)
 
     def checked(self, handler: grpc.RpcMethodHandler | None,
                 details: grpc.HandlerCallDetails) -> grpc.RpcMethodHandler | None:
@@ -61,18 +58,15 @@ class AuthInterceptor(grpc.aio.ServerInterceptor):
         return handler if problem is None else _checked(handler, lambda _: (grpc.StatusCode.UNAUTHENTICATED, problem))
 
 
-class AdminInterceptor(grpc.aio.ServerInterceptor):
+class AdminCheck:
     """The model-control rule (:class:`server.edges.common.auth.AdminRule`) for the calls of :data:`ADMIN_METHODS`.
-    Client tokens, when configured, are checked by :class:`AuthInterceptor` as for every call."""
+    Client tokens, when configured, are checked by :class:`TokenCheck` as for every call. A check of the daemon's
+    one interceptor (:mod:`server.edges.grpc.calls`)."""
 
     def __init__(self, admin_tokens: Sequence[str] = (), client_tokens: Sequence[str] = (), *,
                  allow_remote: bool = False, methods: frozenset[str] = ADMIN_METHODS) -> None:
         self._rule = AdminRule(admin_tokens, client_tokens, allow_remote=allow_remote)
         self._methods = methods
-
-    async def intercept_service(self, continuation: Callable[[Any], Awaitable[Any]],
-                                handler_call_details: grpc.HandlerCallDetails) -> Any:
-        return self.checked(await continuation(handler_call_details), handler_call_details)
 
     def checked(self, handler: grpc.RpcMethodHandler | None,
                 details: grpc.HandlerCallDetails) -> grpc.RpcMethodHandler | None:
